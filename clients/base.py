@@ -1,0 +1,139 @@
+"""The training client every method builds on: a Flower ``NumPyClient`` with a local SGD loop.
+
+A method client overrides the hooks, not ``fit``:
+
+* ``load_downlink(arrays, config)``: turn what the server sent into the local model
+  (default: a full-precision wire state);
+* ``make_optimizer()`` / ``training_step(...)``: what is trained and how (default: plain SGD on
+  the model's parameters with cross-entropy);
+* ``encode_uplink(config)``: what goes back (default: the full-precision wire state).
+
+Per-client state that must outlive a round (error residuals, virtual-bit magnitudes) belongs in
+``self.context.state``: Flower keeps the node's ``Context`` across rounds in simulation and in
+deployment, whereas this object is rebuilt for every message.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from flwr.client import NumPyClient
+from flwr.common import Context, NDArrays, Scalar
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from fl_app.config import RunConfig
+from fl_app.torch_utils import (
+    derive_seed,
+    evaluate_model,
+    get_wire_state,
+    iterate_minibatches,
+    seed_everything,
+    select_device,
+    set_wire_state,
+)
+
+
+class TrainingClient(NumPyClient):
+    """Local training on one partition; full-precision in and out unless a subclass says otherwise."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        context: Context,
+        model: nn.Module,
+        train_set: TensorDataset,
+        partition_id: int,
+    ) -> None:
+        self.cfg = cfg
+        self.context = context
+        self.partition_id = partition_id
+        self.device = select_device(cfg.device)
+        self.model = model.to(self.device)
+        self.train_set = train_set
+
+    # ----------------------------------------------------------------- hooks for methods
+    def load_downlink(self, arrays: NDArrays, config: dict[str, Scalar]) -> None:
+        """Install the server's message into ``self.model``."""
+        set_wire_state(self.model, arrays)
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """Optimizer over what this method trains; default: all model parameters."""
+        return torch.optim.SGD(
+            self.model.parameters(),
+            lr=float(self.cfg["learning-rate"]),
+            momentum=float(self.cfg["momentum"]),
+            weight_decay=float(self.cfg["weight-decay"]),
+        )
+
+    def training_step(
+        self, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
+        step: int, total_steps: int,
+    ) -> float:
+        """One optimisation step; returns the batch loss. ``step`` counts from 0 within the round."""
+        optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(self.model(images), labels)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    def encode_uplink(self, config: dict[str, Scalar]) -> NDArrays:
+        """Arrays sent back to the server."""
+        return get_wire_state(self.model)
+
+    # ----------------------------------------------------------------- Flower NumPyClient API
+    def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
+        return get_wire_state(self.model)
+
+    def fit(
+        self, parameters: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        server_round = int(config.get("server-round", 0))
+        self.load_downlink(parameters, config)
+        started = time.perf_counter()
+        train_loss = self.train(server_round)
+        train_seconds = time.perf_counter() - started
+        payload = self.encode_uplink(config)
+        metrics: dict[str, Scalar] = {
+            "partition-id": self.partition_id,
+            "train-loss": train_loss,
+            "train-seconds": train_seconds,
+        }
+        return payload, len(self.train_set), metrics
+
+    def evaluate(
+        self, parameters: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[float, int, dict[str, Scalar]]:
+        """Loss/accuracy of the received model on this client's data (federated evaluation)."""
+        self.load_downlink(parameters, config)
+        loss, accuracy = evaluate_model(self.model, self.train_set, self.device)
+        return loss, len(self.train_set), {"accuracy": accuracy, "partition-id": self.partition_id}
+
+    # ----------------------------------------------------------------- local SGD loop
+    def train(self, server_round: int) -> float:
+        """``local-epochs`` passes over the partition; returns the mean batch loss.
+
+        The shuffling and any randomness in the step depend on (seed, partition, round) only,
+        so a run repeats exactly whatever Ray worker executes this client.
+        """
+        seed = derive_seed(self.cfg.seed, self.partition_id, server_round)
+        seed_everything(seed)
+        generator = torch.Generator().manual_seed(seed)
+        epochs = int(self.cfg["local-epochs"])
+        batch_size = int(self.cfg["batch-size"])
+        steps_per_epoch = -(-len(self.train_set) // batch_size)
+        total_steps = epochs * steps_per_epoch
+        optimizer = self.make_optimizer()
+        self.model.train()
+        losses: list[float] = []
+        step = 0
+        for _ in range(epochs):
+            for images, labels in iterate_minibatches(
+                self.train_set, batch_size, generator, self.device
+            ):
+                losses.append(self.training_step(images, labels, optimizer, step, total_steps))
+                step += 1
+        return float(np.mean(losses)) if losses else float("nan")

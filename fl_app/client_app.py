@@ -1,0 +1,49 @@
+"""ClientApp: builds the configured method's ``NumPyClient`` for the node that got the message."""
+
+from __future__ import annotations
+
+from flwr.client import Client, ClientApp
+from flwr.common import Context
+
+from fl_app.config import ConfigError, parse_run_config
+from fl_app.data import DATASETS, load_partition
+from fl_app.methods import METHODS, all_config_keys
+from fl_app.models import build_model
+
+
+def client_fn(context: Context) -> Client:
+    """Flower calls this for every message; data loading is cached per process in ``fl_app.data``."""
+    cfg = parse_run_config(context.run_config, all_config_keys())
+    try:
+        partition_id = int(context.node_config["partition-id"])
+        num_partitions = int(context.node_config["num-partitions"])
+    except KeyError as err:
+        raise ConfigError(
+            f"node config lacks {err}; start each SuperNode with "
+            '--node-config "partition-id=<i> num-partitions=<n>"'
+        ) from None
+    spec = DATASETS.get(cfg.dataset)
+    train_set = load_partition(
+        cfg.dataset,
+        partition_id,
+        num_partitions,
+        partitioner=cfg.partitioner,
+        alpha=float(cfg["dirichlet-alpha"]),
+        labels_per_client=int(cfg["labels-per-client"]),
+        seed=cfg.seed,
+        data_files=str(cfg["data-files"]),
+    )
+    model = build_model(
+        cfg.model,
+        in_channels=spec.in_channels,
+        num_classes=spec.num_classes,
+        image_size=spec.image_size,
+    )
+    client_cls = METHODS.get(cfg.strategy).client
+    client = client_cls(
+        cfg, context=context, model=model, train_set=train_set, partition_id=partition_id
+    )
+    return client.to_client()
+
+
+app = ClientApp(client_fn=client_fn)

@@ -1,0 +1,166 @@
+"""Run the app once on a local simulation federation and report honestly whether it worked.
+
+``flwr run . --stream`` alone is not enough for scripts and CI: it starts a detached SuperLink that
+outlives the run, and it exits 0 even when the ServerApp crashed. This launcher (used by
+``make run`` and the end-to-end test) sets the offline environment, runs ``flwr run``, asks the
+SuperLink for the run's final status, stops the SuperLink it started, and exits non-zero unless
+the run finished successfully.
+
+    python -m fl_app.launch [--num-supernodes 10] [--run-config "k=v ..."] [--federation-config ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+RUN_ID_PATTERN = re.compile(r"run (?:ID )?(\d{3,})", re.IGNORECASE)
+RESULTS_PATTERN = re.compile(r"results of this run go to (\S+)")
+
+
+def offline_environment(flwr_home: Path) -> dict[str, str]:
+    """Environment for a local run with no network: no dependency install, no update check."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "HF_DATASETS_OFFLINE": "1",
+            "HF_HUB_OFFLINE": "1",
+            "MPLCONFIGDIR": str(flwr_home / "mplconfig"),
+            "UV_CACHE_DIR": str(flwr_home / "uv-cache"),
+            "RAY_DEDUP_LOGS": env.get("RAY_DEDUP_LOGS", "0"),
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        }
+    )
+    # flwr starts ``flower-superlink`` by name: the venv's scripts must be on PATH.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # Make the project importable by the ServerApp/ClientApp processes whatever their cwd.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def superlink_pids() -> set[int]:
+    """PIDs of running ``flower-superlink`` processes (Linux /proc)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"flower-superlink" in cmdline:
+            pids.add(int(entry.name))
+    return pids
+
+
+def stop_processes(pids: set[int], timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL what is still alive after ``timeout`` seconds."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    alive = set(pids)
+    while alive and time.monotonic() < deadline:
+        alive = {pid for pid in alive if Path(f"/proc/{pid}").exists()}
+        time.sleep(0.2)
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def run_status(flwr: str, run_id: int, env: dict[str, str]) -> str:
+    """The run's status string from the SuperLink, e.g. ``finished:completed``."""
+    listing = subprocess.run(
+        [flwr, "ls", "--run-id", str(run_id), "--format", "json"],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, check=False,
+    )
+    try:
+        runs = json.loads(listing.stdout).get("runs", [])
+    except json.JSONDecodeError:
+        return f"unknown (flwr ls said: {listing.stdout.strip() or listing.stderr.strip()})"
+    for run in runs:
+        if str(run.get("run-id")) == str(run_id):
+            return str(run.get("status", "unknown"))
+    return "unknown (run not listed)"
+
+
+def launch(
+    run_config: str = "",
+    num_supernodes: int = 10,
+    federation_config: str = "",
+    flwr_home: Path | None = None,
+    log_path: Path | None = None,
+) -> tuple[int, str, Path | None]:
+    """Run the app; returns (exit code, run status, results folder)."""
+    flwr_home = flwr_home or PROJECT_ROOT / ".flwr"
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    env = offline_environment(flwr_home)
+    flwr = str(Path(sys.executable).parent / "flwr")
+    federation = federation_config or (
+        f"num-supernodes={num_supernodes} client-resources-num-cpus=1"
+    )
+    command = [flwr, "run", str(PROJECT_ROOT), "--stream", "--federation-config", federation]
+    if run_config:
+        command += ["--run-config", run_config]
+    before = superlink_pids()
+    run_id: int | None = None
+    results_dir: Path | None = None
+    log_file = log_path.open("w") if log_path else None
+    try:
+        process = subprocess.Popen(
+            command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )
+        assert process.stdout is not None
+        for line in process.stdout:
+            sys.stdout.write(line)
+            if log_file:
+                log_file.write(line)
+            if run_id is None and (match := RUN_ID_PATTERN.search(line)):
+                run_id = int(match.group(1))
+            if match := RESULTS_PATTERN.search(line):
+                results_dir = Path(match.group(1))
+        returncode = process.wait()
+        status = run_status(flwr, run_id, env) if run_id is not None else "unknown (no run id)"
+    finally:
+        if log_file:
+            log_file.close()
+        stop_processes(superlink_pids() - before)
+    ok = returncode == 0 and status == "finished:completed"
+    return (0 if ok else 1), status, results_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-config", default="", help="TOML overrides, e.g. \"strategy='fedavg'\"")
+    parser.add_argument("--num-supernodes", type=int, default=10)
+    parser.add_argument("--federation-config", default="", help="overrides --num-supernodes")
+    parser.add_argument("--log", type=Path, default=None, help="also write the run's log here")
+    args = parser.parse_args(argv)
+    code, status, results_dir = launch(
+        args.run_config, args.num_supernodes, args.federation_config, log_path=args.log
+    )
+    print(f"\nrun status: {status}")
+    if results_dir is not None:
+        print(f"results: {results_dir}/rounds.csv and {results_dir}/summary.json")
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,194 @@
+"""Model zoo for the federated experiments, looked up by name from ``--run-config``.
+
+Every model is built by a factory taking ``(in_channels, num_classes, image_size)`` so one
+registry serves every dataset: the server and all clients call :func:`build_model` with the
+same arguments and therefore get identical architectures whose weights can be averaged.
+Factories never reseed, so ``torch.manual_seed`` before the call fixes the initial weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, ResNet
+
+from fl_app.registry import Registry
+
+ModelFactory = Callable[[int, int, int], nn.Module]
+"""``(in_channels, num_classes, image_size) -> model``."""
+
+MODELS: Registry[ModelFactory] = Registry("model")
+
+
+def build_model(name: str, *, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """Build model ``name`` for inputs of shape ``(in_channels, image_size, image_size)``.
+
+    Raises ``UnknownNameError`` (a ``ValueError``) listing the valid names for an unknown model,
+    and ``ValueError`` when the model cannot take the requested input, so a bad run config
+    fails at start-up rather than deep inside the first training round.
+    """
+    factory = MODELS.get(name)
+    for arg, value in (
+        ("in_channels", in_channels),
+        ("num_classes", num_classes),
+        ("image_size", image_size),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"model {name!r}: {arg} must be a positive integer, got {value!r}")
+    return factory(in_channels, num_classes, image_size)
+
+
+def _require_min_size(name: str, image_size: int, minimum: int, why: str) -> None:
+    """Fail with an explanation instead of a shape error from inside ``forward``."""
+    if image_size < minimum:
+        raise ValueError(f"model {name!r} needs image_size >= {minimum} ({why}), got {image_size}")
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
+    """3x3 same-size conv; no bias because the following BatchNorm has its own shift."""
+    return [
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    ]
+
+
+@MODELS.register("digits-cnn")
+def digits_cnn(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """Small plain CNN (~52k params with 10 classes) for the 8x8 scikit-learn digits.
+
+    No BatchNorm on purpose: it keeps the state_dict to weights and biases only, which makes
+    this the simplest model for checking aggregation and compression code.
+    """
+    _require_min_size("digits-cnn", image_size, 8, "it is designed for 8x8 digits")
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 32, kernel_size=3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(32, 64, kernel_size=3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        # Identity for 8x8 inputs; for larger ones it keeps the classifier at 64x4x4 inputs.
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(64 * 4 * 4, 32),
+        nn.ReLU(inplace=True),
+        nn.Linear(32, num_classes),
+    )
+
+
+@MODELS.register("cnn4")
+def cnn4(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """Four conv-BN-ReLU-maxpool blocks (32/64/128/256 channels), as the FedBAT paper's CNN.
+
+    Global average pooling before the linear layer makes the classifier independent of the
+    image size (28x28 ends at 1x1, 32x32 at 2x2), so one definition serves all datasets.
+    """
+    _require_min_size("cnn4", image_size, 16, "four 2x2 max-pools")
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for width in (32, 64, 128, 256):
+        layers += [*_conv_bn_relu(channels, width), nn.MaxPool2d(2)]
+        channels = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
+    return nn.Sequential(*layers)
+
+
+# VGG-11 ("A") layout with every width halved (64 -> 32, ..., 512 -> 256): ~2.4M params instead
+# of ~9M, which is the "VGG11 light" scale used by FedBiF on SVHN. "M" is a 2x2 max-pool.
+_VGG11_LIGHT = (32, "M", 64, "M", 128, 128, "M", 256, 256, "M", 256, 256, "M")
+
+
+@MODELS.register("vgg11-light")
+def vgg11_light(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """VGG-11 with halved widths, BatchNorm, and a 256-256-classes head for 32x32 images."""
+    _require_min_size("vgg11-light", image_size, 32, "five 2x2 max-pools")
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for item in _VGG11_LIGHT:
+        if isinstance(item, int):
+            layers += _conv_bn_relu(channels, item)
+            channels = item
+        else:
+            layers.append(nn.MaxPool2d(2))
+    layers += [
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(channels, 256),
+        nn.ReLU(inplace=True),
+        nn.Linear(256, num_classes),
+    ]
+    return nn.Sequential(*layers)
+
+
+def _cifar_resnet(layers: list[int], in_channels: int, num_classes: int) -> nn.Module:
+    """torchvision's ResNet with the small-image stem used for CIFAR-sized inputs.
+
+    The ImageNet stem (7x7 stride-2 conv + max-pool) would shrink a 32x32 image to 8x8 before
+    the first block; a 3x3 stride-1 conv without the pool keeps the resolution, as is usual
+    for CIFAR ResNets. The global average pool makes any input size work.
+    """
+    model = ResNet(BasicBlock, layers, num_classes=num_classes)
+    model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    # Match the Kaiming init torchvision gave the stem it replaced.
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.maxpool = nn.Identity()
+    return model
+
+
+@MODELS.register("resnet10")
+def resnet10(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """CIFAR-style ResNet-10: one BasicBlock per stage."""
+    return _cifar_resnet([1, 1, 1, 1], in_channels, num_classes)
+
+
+@MODELS.register("resnet18")
+def resnet18(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """CIFAR-style ResNet-18 (~11.17M params with 10 classes)."""
+    return _cifar_resnet([2, 2, 2, 2], in_channels, num_classes)
+
+
+@MODELS.register("resnet34")
+def resnet34(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """CIFAR-style ResNet-34."""
+    return _cifar_resnet([3, 4, 6, 3], in_channels, num_classes)
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 with ReLU and max-pooling; the first conv pads by 2 so 28x28 works unchanged.
+
+    The flattened size is computed from ``image_size``, so 28x28 gives the classic 16x5x5
+    features and 32x32 gives 16x6x6.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int) -> None:
+        super().__init__()
+        # conv1 keeps the size, pool halves it, conv2 (5x5, no pad) loses 4, pool halves it.
+        side = (image_size // 2 - 4) // 2
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 6, kernel_size=5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, kernel_size=5),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(16 * side * side, 120),
+            nn.ReLU(inplace=True),
+            nn.Linear(120, 84),
+            nn.ReLU(inplace=True),
+            nn.Linear(84, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+@MODELS.register("lenet5")
+def lenet5(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """Classic LeNet-5 for 28x28 and 32x32 images."""
+    # The second pool needs at least a 2x2 map: image_size // 2 - 4 >= 2.
+    _require_min_size("lenet5", image_size, 12, "two 5x5 convs and two 2x2 max-pools")
+    return LeNet5(in_channels, num_classes, image_size)

@@ -1,0 +1,68 @@
+"""Results files of a run: ``rounds.csv`` (one row per round) and ``summary.json``.
+
+Column and field names are part of the user-facing interface (the experiment harness and users'
+notebooks read them): add new ones, never rename. ``summary.json`` is rewritten after every round,
+so a crashed or interrupted run still leaves a valid summary with ``completed: false``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+ROUND_COLUMNS: tuple[str, ...] = (
+    "round",
+    "accuracy",
+    "loss",
+    "train_loss",
+    "uplink_bytes",
+    "downlink_bytes",
+    "uplink_bpp",
+    "downlink_bpp",
+    "clients",
+    "failures",
+    "rejected",
+    "seconds",
+)
+
+
+class ResultsWriter:
+    """Writes the results folder of one run; creates it, and starts ``rounds.csv`` afresh."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.rounds_path = run_dir / "rounds.csv"
+        self.summary_path = run_dir / "summary.json"
+        with self.rounds_path.open("w", newline="") as handle:
+            csv.writer(handle).writerow(ROUND_COLUMNS)
+
+    def write_round(self, row: Mapping[str, Any]) -> None:
+        """Append one round; every column of ``ROUND_COLUMNS`` must be present."""
+        missing = [c for c in ROUND_COLUMNS if c not in row]
+        if missing:
+            raise KeyError(f"round row lacks columns {missing}")
+        with self.rounds_path.open("a", newline="") as handle:
+            csv.writer(handle).writerow([_format(row[c]) for c in ROUND_COLUMNS])
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        """Atomically replace ``summary.json`` (write to a temp file, then rename)."""
+        tmp = self.summary_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, self.summary_path)
+
+
+def _format(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+def read_rounds(path: Path) -> list[dict[str, float]]:
+    """Read a ``rounds.csv`` back as numbers (used by tests and the experiment harness)."""
+    with path.open(newline="") as handle:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]

@@ -1,0 +1,39 @@
+"""ServerApp: validates the run config, then runs the configured method's strategy."""
+
+from __future__ import annotations
+
+from functools import partial
+from logging import INFO
+
+from flwr.common import Context
+from flwr.common.logger import log
+from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+
+from fl_app.config import parse_run_config
+from fl_app.data import DATASETS, load_test_set
+from fl_app.methods import METHODS, all_config_keys
+from fl_app.models import build_model
+from fl_app.results import ResultsWriter
+
+
+def server_fn(context: Context) -> ServerAppComponents:
+    """Fail fast on a bad config, load the server's test set, build the strategy."""
+    cfg = parse_run_config(context.run_config, all_config_keys())
+    method = METHODS.get(cfg.strategy)
+    spec = DATASETS.get(cfg.dataset)
+    model_fn = partial(
+        build_model,
+        cfg.model,
+        in_channels=spec.in_channels,
+        num_classes=spec.num_classes,
+        image_size=spec.image_size,
+    )
+    model_fn()  # an unsupported model/dataset pair fails here, before any client runs
+    test_set = load_test_set(cfg.dataset, data_files=str(cfg["data-files"]))
+    results = ResultsWriter(cfg.run_dir())
+    log(INFO, "results of this run go to %s", results.run_dir)
+    strategy = method.strategy(cfg, model_fn=model_fn, test_set=test_set, results=results)
+    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.num_rounds))
+
+
+app = ServerApp(server_fn=server_fn)

@@ -1,0 +1,120 @@
+"""Tests for the model registry: every (model, dataset shape) pair the experiments use must build
+and run, and builds must be reproducible so server and clients start from the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fl_app.models import MODELS, build_model
+
+EXPECTED_NAMES = {
+    "digits-cnn",
+    "cnn4",
+    "vgg11-light",
+    "resnet10",
+    "resnet18",
+    "resnet34",
+    "lenet5",
+}
+
+# (model, in_channels, image_size, num_classes) combinations used by the experiments.
+SUPPORTED = [
+    ("digits-cnn", 1, 8, 10),
+    ("cnn4", 1, 28, 10),
+    ("cnn4", 3, 32, 10),
+    ("cnn4", 3, 32, 100),
+    ("vgg11-light", 3, 32, 10),
+    ("resnet10", 3, 32, 10),
+    ("resnet10", 1, 28, 10),
+    ("resnet10", 3, 32, 100),
+    ("resnet18", 3, 32, 10),
+    ("resnet18", 1, 28, 10),
+    ("resnet18", 3, 32, 100),
+    ("resnet34", 3, 32, 10),
+    ("resnet34", 1, 28, 10),
+    ("resnet34", 3, 32, 100),
+    ("lenet5", 1, 28, 10),
+    ("lenet5", 3, 32, 10),
+]
+
+
+def _build(name: str, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+    return build_model(
+        name, in_channels=in_channels, num_classes=num_classes, image_size=image_size
+    )
+
+
+def _num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(("name", "in_channels", "image_size", "num_classes"), SUPPORTED)
+def test_forward_shape(name: str, in_channels: int, image_size: int, num_classes: int) -> None:
+    torch.manual_seed(0)
+    model = _build(name, in_channels, image_size, num_classes).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, in_channels, image_size, image_size))
+    assert out.shape == (2, num_classes)
+    assert torch.isfinite(out).all()
+
+
+def test_registered_names() -> None:
+    assert set(MODELS.names()) == EXPECTED_NAMES
+
+
+def test_digits_cnn_param_count() -> None:
+    assert 20_000 <= _num_params(_build("digits-cnn", 1, 8, 10)) <= 80_000
+
+
+def test_resnet18_param_count_matches_cifar_resnet18() -> None:
+    assert 11_000_000 <= _num_params(_build("resnet18", 3, 32, 10)) <= 11_300_000
+
+
+def test_resnet_depths_are_ordered() -> None:
+    counts = [_num_params(_build(n, 3, 32, 10)) for n in ("resnet10", "resnet18", "resnet34")]
+    assert counts[0] < counts[1] < counts[2]
+
+
+@pytest.mark.parametrize(
+    ("name", "in_channels", "image_size"), [("digits-cnn", 1, 8), ("cnn4", 3, 32)]
+)
+def test_backward_reaches_every_parameter(name: str, in_channels: int, image_size: int) -> None:
+    torch.manual_seed(0)
+    model = _build(name, in_channels, image_size, 10).train()
+    x = torch.randn(2, in_channels, image_size, image_size)
+    loss = nn.functional.cross_entropy(model(x), torch.tensor([0, 1]))
+    loss.backward()
+    for param_name, param in model.named_parameters():
+        assert param.grad is not None, param_name
+
+
+def test_unknown_name_lists_valid_choices() -> None:
+    with pytest.raises(ValueError) as excinfo:
+        build_model("nope", in_channels=1, num_classes=10, image_size=8)
+    message = str(excinfo.value)
+    assert "digits-cnn" in message
+    assert "resnet18" in message
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_NAMES))
+def test_same_seed_gives_same_weights(name: str) -> None:
+    torch.manual_seed(0)
+    first = _build(name, 3, 32, 10).state_dict()
+    torch.manual_seed(0)
+    second = _build(name, 3, 32, 10).state_dict()
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+@pytest.mark.parametrize(("name", "image_size"), [("vgg11-light", 8), ("cnn4", 8), ("lenet5", 8)])
+def test_too_small_image_is_rejected(name: str, image_size: int) -> None:
+    with pytest.raises(ValueError, match="image_size"):
+        _build(name, 3, image_size, 10)
+
+
+def test_non_positive_arguments_are_rejected() -> None:
+    with pytest.raises(ValueError, match="num_classes"):
+        build_model("cnn4", in_channels=3, num_classes=0, image_size=32)
