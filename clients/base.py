@@ -37,7 +37,7 @@ from fl_app.torch_utils import (
 
 
 class TrainingClient(NumPyClient):
-    """Local training on one partition; full-precision in and out unless a subclass says otherwise."""
+    """Local training on one partition; full precision both ways unless a subclass says so."""
 
     def __init__(
         self,
@@ -70,10 +70,14 @@ class TrainingClient(NumPyClient):
         )
 
     def training_step(
-        self, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
-        step: int, total_steps: int,
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        step: int,
+        total_steps: int,
     ) -> float:
-        """One optimisation step; returns the batch loss. ``step`` counts from 0 within the round."""
+        """One optimisation step; returns the batch loss. ``step`` counts from 0 in the round."""
         optimizer.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(self.model(images), labels)
         loss.backward()

@@ -12,7 +12,7 @@ from fl_app.models import build_model
 
 
 def client_fn(context: Context) -> Client:
-    """Flower calls this for every message; data loading is cached per process in ``fl_app.data``."""
+    """Called for every message; ``fl_app.data`` caches data loading per process."""
     cfg = parse_run_config(context.run_config, all_config_keys())
     try:
         partition_id = int(context.node_config["partition-id"])

@@ -120,22 +120,33 @@ COMMON_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("dataset", str, "digits", "dataset name", choices=_dataset_names),
     ConfigKey("model", str, "digits-cnn", "model name", choices=_model_names),
     ConfigKey("partitioner", str, "dirichlet", "how data is split", choices=_partitioner_names),
-    ConfigKey("dirichlet-alpha", float, 0.5, "Dirichlet concentration", min=0.0,
-              min_inclusive=False),
+    ConfigKey(
+        "dirichlet-alpha", float, 0.5, "Dirichlet concentration", min=0.0, min_inclusive=False
+    ),
     ConfigKey("labels-per-client", int, 2, "classes per client (label-count)", min=1),
-    ConfigKey("data-files", str, "", "local copy of a hub dataset: DIR or train=PATH,test=PATH"),
+    ConfigKey("data-files", str, "", "folder with local train.*/test.* files of a hub dataset"),
     ConfigKey("num-server-rounds", int, 20, "federated rounds", min=1),
-    ConfigKey("fraction-fit", float, 1.0, "share of clients sampled per round", min=0.0,
-              max=1.0, min_inclusive=False),
+    ConfigKey(
+        "fraction-fit",
+        float,
+        1.0,
+        "share of clients sampled per round",
+        min=0.0,
+        max=1.0,
+        min_inclusive=False,
+    ),
     ConfigKey("min-available-clients", int, 2, "clients to wait for before a round", min=1),
     ConfigKey("local-epochs", int, 2, "local epochs per round", min=1),
     ConfigKey("batch-size", int, 32, "local mini-batch size", min=1),
-    ConfigKey("learning-rate", float, 0.05, "client SGD learning rate", min=0.0,
-              min_inclusive=False),
+    ConfigKey(
+        "learning-rate", float, 0.05, "client SGD learning rate", min=0.0, min_inclusive=False
+    ),
     ConfigKey("momentum", float, 0.9, "client SGD momentum", min=0.0, max=1.0),
     ConfigKey("weight-decay", float, 0.0, "client SGD weight decay", min=0.0),
     ConfigKey("seed", int, 42, "seed for data split, init, sampling and training", min=0),
-    ConfigKey("device", str, "auto", "where to train and evaluate", choices=("auto", "cpu", "cuda")),
+    ConfigKey(
+        "device", str, "auto", "where to train and evaluate", choices=("auto", "cpu", "cuda")
+    ),
     ConfigKey("results-dir", str, "results", "folder for results (relative: to the launch dir)"),
     ConfigKey("run-name", str, "", "results sub-folder; empty: derived from the config"),
 )

@@ -88,7 +88,11 @@ def run_status(flwr: str, run_id: int, env: dict[str, str]) -> str:
     """The run's status string from the SuperLink, e.g. ``finished:completed``."""
     listing = subprocess.run(
         [flwr, "ls", "--run-id", str(run_id), "--format", "json"],
-        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, check=False,
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     try:
         runs = json.loads(listing.stdout).get("runs", [])
@@ -124,8 +128,12 @@ def launch(
     log_file = log_path.open("w") if log_path else None
     try:
         process = subprocess.Popen(
-            command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True,
+            command,
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         assert process.stdout is not None
         for line in process.stdout:
@@ -148,7 +156,9 @@ def launch(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-config", default="", help="TOML overrides, e.g. \"strategy='fedavg'\"")
+    parser.add_argument(
+        "--run-config", default="", help="TOML overrides, e.g. \"strategy='fedavg'\""
+    )
     parser.add_argument("--num-supernodes", type=int, default=10)
     parser.add_argument("--federation-config", default="", help="overrides --num-supernodes")
     parser.add_argument("--log", type=Path, default=None, help="also write the run's log here")

@@ -47,19 +47,13 @@ class ResultsWriter:
         if missing:
             raise KeyError(f"round row lacks columns {missing}")
         with self.rounds_path.open("a", newline="") as handle:
-            csv.writer(handle).writerow([_format(row[c]) for c in ROUND_COLUMNS])
+            csv.writer(handle).writerow([row[c] for c in ROUND_COLUMNS])  # full precision
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """Atomically replace ``summary.json`` (write to a temp file, then rename)."""
         tmp = self.summary_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
         os.replace(tmp, self.summary_path)
-
-
-def _format(value: Any) -> Any:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return value
 
 
 def read_rounds(path: Path) -> list[dict[str, float]]:

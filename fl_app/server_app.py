@@ -9,16 +9,16 @@ from flwr.common import Context
 from flwr.common.logger import log
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 
-from fl_app.config import parse_run_config
+from fl_app.config import RunConfig, parse_run_config
 from fl_app.data import DATASETS, load_test_set
 from fl_app.methods import METHODS, all_config_keys
 from fl_app.models import build_model
 from fl_app.results import ResultsWriter
+from strategies.base import CommunicationStrategy
 
 
-def server_fn(context: Context) -> ServerAppComponents:
-    """Fail fast on a bad config, load the server's test set, build the strategy."""
-    cfg = parse_run_config(context.run_config, all_config_keys())
+def build_strategy(cfg: RunConfig) -> CommunicationStrategy:
+    """The configured method's strategy with the server's test set and results writer."""
     method = METHODS.get(cfg.strategy)
     spec = DATASETS.get(cfg.dataset)
     model_fn = partial(
@@ -32,7 +32,13 @@ def server_fn(context: Context) -> ServerAppComponents:
     test_set = load_test_set(cfg.dataset, data_files=str(cfg["data-files"]))
     results = ResultsWriter(cfg.run_dir())
     log(INFO, "results of this run go to %s", results.run_dir)
-    strategy = method.strategy(cfg, model_fn=model_fn, test_set=test_set, results=results)
+    return method.strategy(cfg, model_fn=model_fn, test_set=test_set, results=results)
+
+
+def server_fn(context: Context) -> ServerAppComponents:
+    """Fail fast on a bad config, then hand Flower the strategy and the number of rounds."""
+    cfg = parse_run_config(context.run_config, all_config_keys())
+    strategy = build_strategy(cfg)
     return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.num_rounds))
 
 

@@ -19,7 +19,7 @@ from torch.utils.data import TensorDataset
 
 
 def select_device(preference: str) -> torch.device:
-    """``auto`` picks CUDA when present; ``cuda`` without a GPU fails loudly instead of falling back."""
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU fails instead of falling back."""
     if preference == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if preference == "cuda" and not torch.cuda.is_available():

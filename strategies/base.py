@@ -176,7 +176,7 @@ class CommunicationStrategy(Strategy):
         raise NotImplementedError
 
     def evaluation_state(self) -> list[np.ndarray]:
-        """Model evaluated centrally; methods with a lossy downlink may evaluate what clients get."""
+        """Model evaluated centrally; a lossy-downlink method may evaluate what clients get."""
         return self.global_state
 
     # ----------------------------------------------------------------- Flower Strategy API
@@ -217,8 +217,13 @@ class CommunicationStrategy(Strategy):
                 updates.append(self._decode(server_round, client.cid, fit_res))
             except PayloadError as err:
                 traffic.rejected += 1
-                log(WARNING, "round %d: rejected payload of client %s: %s", server_round,
-                    client.cid, err)
+                log(
+                    WARNING,
+                    "round %d: rejected payload of client %s: %s",
+                    server_round,
+                    client.cid,
+                    err,
+                )
         # A fixed order makes float sums, and so the whole run, independent of arrival order.
         updates.sort(key=lambda u: (u.partition_id, u.cid))
         if updates:
@@ -268,7 +273,7 @@ class CommunicationStrategy(Strategy):
         return [available[cids[i]] for i in chosen]
 
     def downlink_parameters(self, server_round: int, cid: str) -> Parameters:
-        """Serialized downlink for ``cid``; serialized once per round when it is the same for all."""
+        """Serialized downlink for ``cid``; serialized once a round when it is the same for all."""
         arrays = self.downlink_arrays(server_round, cid)
         if arrays is self.global_state:
             if self._downlink_cache is None or self._downlink_cache[0] != server_round:
@@ -358,9 +363,17 @@ class CommunicationStrategy(Strategy):
             INFO,
             "[%s] round %d/%d | acc %.4f | loss %.4f | up %.3f MB | down %.3f MB | "
             "bpp up %.3f | bpp down %.3f | clients %d | %.1f s",
-            self.cfg.strategy, server_round, self.cfg.num_rounds, accuracy, loss,
-            row["uplink_bytes"] / mb, row["downlink_bytes"] / mb, row["uplink_bpp"],
-            row["downlink_bpp"], row["clients"], row["seconds"],
+            self.cfg.strategy,
+            server_round,
+            self.cfg.num_rounds,
+            accuracy,
+            loss,
+            row["uplink_bytes"] / mb,
+            row["downlink_bytes"] / mb,
+            row["uplink_bpp"],
+            row["downlink_bpp"],
+            row["clients"],
+            row["seconds"],
         )
         if self.results is not None:
             self.results.write_round(row)

@@ -6,7 +6,12 @@ from __future__ import annotations
 import numpy as np
 from flwr.common import FitRes
 
-from strategies.base import ClientUpdate, CommunicationStrategy, decode_float_arrays, weighted_average
+from strategies.base import (
+    ClientUpdate,
+    CommunicationStrategy,
+    decode_float_arrays,
+    weighted_average,
+)
 
 
 class FedAvgStrategy(CommunicationStrategy):

@@ -1,0 +1,469 @@
+"""Datasets, federated partitions and their conversion to tensors.
+
+Every client asks for its slice of the training data once per round, and the server evaluates
+on one fixed held-out split. Both come back as ``TensorDataset``s of normalised float32 images
+``(N, C, H, W)`` and int64 labels ``(N,)``, so training loops never run per-sample transforms.
+
+* ``digits`` is built from scikit-learn and works offline; it is the default.
+* The other datasets are read through ``flwr_datasets.FederatedDataset``: from the Hugging Face
+  Hub, or, when ``data_files`` is set, from local files with the same columns.
+
+``data_files`` convention: a directory that holds the train split as ``train.<ext>`` (or shards
+``train-*.<ext>``) and the test split as ``test.<ext>`` (or ``test-*.<ext>``), with ``<ext>`` one
+of parquet, arrow, csv, json, jsonl, all files in one format. A Hub download's ``plain_text/``
+(or subset) folder, e.g. ``train-00000-of-00001.parquet``, already has this layout.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from flwr_datasets import FederatedDataset
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    Partitioner,
+    PathologicalPartitioner,
+)
+from torch.utils.data import TensorDataset
+
+from fl_app.registry import Registry
+
+# Partitions are materialised once per process; per-call progress bars only clutter run logs.
+datasets.disable_progress_bars()
+
+PARTITIONERS: tuple[str, ...] = ("iid", "dirichlet", "label-count")
+
+# The digits test split never depends on the run seed, so every run is scored on the same images.
+_DIGITS_SPLIT_SEED = 0
+_DIGITS_TEST_FRACTION = 0.2
+# The hub/local test split is loaded with this fixed seed for the same reason.
+_TEST_SEED = 0
+# File extension -> ``datasets`` packaged builder used for local ``data_files``.
+_BUILDERS = {
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".csv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What the rest of the app needs to know about a dataset (shape, classes, where it lives)."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]  # per-channel normalisation, applied after scaling to [0, 1]
+    std: tuple[float, ...]
+    hf_path: str | None  # Hub id for FederatedDataset; None for digits
+    hf_subset: str | None  # Hub subset ("name" in datasets.load_dataset)
+    image_column: str
+    label_column: str
+    test_split: str = "test"
+
+
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
+
+# digits mean/std: load_digits() images / 16 over all pixels of the 1,437-image train split
+# (stratified 80/20 split, seed _DIGITS_SPLIT_SEED), numpy .mean()/.std(), rounded to 4 decimals.
+DATASETS.add(
+    "digits", DatasetSpec("digits", 10, 1, 8, (0.3055,), (0.3764,), None, None, "image", "label")
+)
+DATASETS.add(
+    "cifar10",
+    DatasetSpec(
+        "cifar10",
+        10,
+        3,
+        32,
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+        "uoft-cs/cifar10",
+        None,
+        "img",
+        "label",
+    ),
+)
+DATASETS.add(
+    "cifar100",
+    DatasetSpec(
+        "cifar100",
+        100,
+        3,
+        32,
+        (0.5071, 0.4865, 0.4409),
+        (0.2673, 0.2564, 0.2762),
+        "uoft-cs/cifar100",
+        None,
+        "img",
+        "fine_label",
+    ),
+)
+DATASETS.add(
+    "svhn",
+    DatasetSpec(
+        "svhn",
+        10,
+        3,
+        32,
+        (0.4377, 0.4438, 0.4728),
+        (0.1980, 0.2010, 0.1970),
+        "ufldl-stanford/svhn",
+        "cropped_digits",
+        "image",
+        "label",
+    ),
+)
+DATASETS.add(
+    "fmnist",
+    DatasetSpec(
+        "fmnist",
+        10,
+        1,
+        28,
+        (0.2860,),
+        (0.3530,),
+        "zalando-datasets/fashion_mnist",
+        None,
+        "image",
+        "label",
+    ),
+)
+
+
+# --------------------------------------------------------------------------- partitioners
+
+
+def make_partitioner(
+    kind: str,
+    num_partitions: int,
+    *,
+    label_column: str,
+    alpha: float,
+    labels_per_client: int,
+    seed: int,
+) -> Partitioner:
+    """Build the flwr-datasets partitioner for ``kind``; arguments it does not use are ignored.
+
+    Only the arguments a kind uses are validated, so e.g. an ``iid`` run is not rejected over an
+    unused ``alpha``. ``iid`` has no seed of its own: the dataset is shuffled with the run seed
+    before it is cut into contiguous shards.
+    """
+    if num_partitions < 1:
+        raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
+    if kind == "iid":
+        return IidPartitioner(num_partitions=num_partitions)
+    if kind == "dirichlet":
+        if not alpha > 0:  # also rejects NaN
+            raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
+        # min_partition_size=0: the partitioner resamples (at most 10 times, then raises) until
+        # every client has that many samples, which small data with many clients and a low
+        # alpha cannot meet. With 0 it never resamples, so a client may get an empty partition.
+        return DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by=label_column,
+            alpha=float(alpha),
+            min_partition_size=0,
+            self_balancing=False,
+            seed=seed,
+        )
+    if kind == "label-count":
+        if labels_per_client < 1:
+            raise ValueError(f"labels_per_client must be >= 1, got {labels_per_client}")
+        # "first-deterministic" gives client i class i % num_classes first, so every class is
+        # used when there are at least as many clients as classes; the other classes are random.
+        return PathologicalPartitioner(
+            num_partitions=num_partitions,
+            partition_by=label_column,
+            num_classes_per_partition=labels_per_client,
+            class_assignment_mode="first-deterministic",
+            seed=seed,
+        )
+    raise ValueError(f"unknown partitioner {kind!r}; valid choices: {', '.join(PARTITIONERS)}")
+
+
+# --------------------------------------------------------------------------- sources
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_splits() -> datasets.DatasetDict:
+    """scikit-learn digits as a Dataset (pixels scaled to [0, 1]) with a fixed stratified split."""
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    features = datasets.Features(
+        {
+            "image": datasets.Array2D(shape=(8, 8), dtype="float32"),
+            "label": datasets.ClassLabel(names=[str(i) for i in range(10)]),
+        }
+    )
+    full = datasets.Dataset.from_dict(
+        {"image": (raw.images / 16.0).astype(np.float32), "label": raw.target.astype(np.int64)},
+        features=features,
+    )
+    return full.train_test_split(
+        test_size=_DIGITS_TEST_FRACTION, seed=_DIGITS_SPLIT_SEED, stratify_by_column="label"
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _digits_partitioner(
+    partitioner: str, num_partitions: int, alpha: float, labels_per_client: int, seed: int
+) -> Partitioner:
+    """Digits train split, shuffled with the run seed (as FederatedDataset does), partitioned."""
+    part = make_partitioner(
+        partitioner,
+        num_partitions,
+        label_column="label",
+        alpha=alpha,
+        labels_per_client=labels_per_client,
+        seed=seed,
+    )
+    part.dataset = _digits_splits()["train"].shuffle(seed=seed)
+    return part
+
+
+def _local_data_files(spec: DatasetSpec, data_files: str) -> tuple[str, dict[str, list[str]]]:
+    """Resolve the ``data_files`` directory into a builder name and per-split file lists."""
+    root = Path(data_files).expanduser()
+    layout = (
+        f"a directory holding train.<ext> (or train-*.<ext>) and {spec.test_split}.<ext> "
+        f"(or {spec.test_split}-*.<ext>), <ext> one of {', '.join(_BUILDERS)}"
+    )
+    if not root.is_dir():
+        raise ValueError(f"data_files must be {layout}; {data_files!r} is not a directory")
+    files: dict[str, list[str]] = {}
+    for split in ("train", spec.test_split):
+        found = sorted(
+            str(p)
+            for p in root.iterdir()
+            if p.is_file()
+            and p.suffix in _BUILDERS
+            and (p.stem == split or p.stem.startswith(f"{split}-"))
+        )
+        if not found:
+            raise ValueError(f"data_files must be {layout}; no {split!r} files in {str(root)!r}")
+        files[split] = found
+    builders = {_BUILDERS[Path(f).suffix] for split_files in files.values() for f in split_files}
+    if len(builders) != 1:
+        raise ValueError(
+            f"data_files in {str(root)!r} mix formats ({', '.join(sorted(builders))});"
+            " keep one format per directory"
+        )
+    return builders.pop(), files
+
+
+@functools.lru_cache(maxsize=4)
+def _federated_dataset(
+    dataset: str,
+    data_files: str,
+    partitioner: str,
+    num_partitions: int,
+    alpha: float,
+    labels_per_client: int,
+    seed: int,
+) -> FederatedDataset:
+    """The one place a FederatedDataset is built, for the Hub and for local ``data_files`` alike.
+
+    The data is loaded here (not lazily on first use) so that a failure is raised, not cached.
+    """
+    spec = DATASETS.get(dataset)
+    part = make_partitioner(
+        partitioner,
+        num_partitions,
+        label_column=spec.label_column,
+        alpha=alpha,
+        labels_per_client=labels_per_client,
+        seed=seed,
+    )
+    if data_files:
+        builder, files = _local_data_files(spec, data_files)
+        fds = FederatedDataset(
+            dataset=builder, partitioners={"train": part}, seed=seed, data_files=files
+        )
+        fds.partitioners  # noqa: B018 - property access triggers the load
+        return fds
+    assert spec.hf_path is not None, f"{dataset} has no Hub id"
+    fds = FederatedDataset(
+        dataset=spec.hf_path, subset=spec.hf_subset, partitioners={"train": part}, seed=seed
+    )
+    try:
+        fds.partitioners  # noqa: B018 - property access triggers the download
+    except Exception as exc:
+        exc.add_note(
+            f"could not load {spec.hf_path!r} from the Hugging Face Hub; without "
+            "network, point the data-files setting at a local copy (see fl_app.data)"
+        )
+        raise
+    return fds
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _to_arrays(ds: datasets.Dataset, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Decode a whole split/partition at once into (N, C, H, W) pixels and int64 labels.
+
+    Pixels keep their stored dtype (uint8 for images, float32 for digits) so caches stay small.
+    """
+    missing = {spec.image_column, spec.label_column} - set(ds.column_names)
+    if missing:
+        raise ValueError(
+            f"{spec.name}: missing column(s) {sorted(missing)}; available: {ds.column_names}"
+        )
+    shape = (spec.in_channels, spec.image_size, spec.image_size)
+    if len(ds) == 0:  # possible with extreme Dirichlet skew
+        return np.zeros((0, *shape), dtype=np.uint8), np.zeros(0, dtype=np.int64)
+    cols = ds.with_format("numpy", columns=[spec.image_column, spec.label_column])[:]
+    images = cols[spec.image_column]
+    if images.dtype == object:  # ragged decode: stack, failing loudly on mixed sizes
+        try:
+            images = np.stack([np.asarray(img) for img in images])
+        except ValueError as exc:
+            raise ValueError(f"{spec.name}: images do not all have the same shape") from exc
+    if images.ndim == 3:  # grayscale (N, H, W)
+        images = images[:, None, :, :]
+    elif images.ndim == 4:  # channel-last (N, H, W, C), as PIL decodes
+        images = images.transpose(0, 3, 1, 2)
+    else:
+        raise ValueError(f"{spec.name}: cannot read images of shape {images.shape[1:]}")
+    if images.shape[1:] != shape:
+        raise ValueError(
+            f"{spec.name}: expected images of shape {shape} (C, H, W), got {images.shape[1:]}"
+        )
+    labels = np.asarray(cols[spec.label_column]).astype(np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= spec.num_classes):
+        raise ValueError(
+            f"{spec.name}: labels must lie in 0..{spec.num_classes - 1}, "
+            f"found {labels.min()}..{labels.max()}"
+        )
+    return np.ascontiguousarray(images), labels
+
+
+def _to_tensors(images: np.ndarray, labels: np.ndarray, spec: DatasetSpec) -> TensorDataset:
+    """Scale to [0, 1] (integer pixels / 255; float pixels are already scaled) and normalise."""
+    x = torch.tensor(images, dtype=torch.float32)
+    if np.issubdtype(images.dtype, np.integer):
+        x /= 255.0
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
+    return TensorDataset((x - mean) / std, torch.tensor(labels, dtype=torch.int64))
+
+
+# --------------------------------------------------------------------------- public loaders
+
+
+def _check_data_files(spec: DatasetSpec, data_files: str) -> None:
+    if data_files and spec.hf_path is None:
+        raise ValueError(f"{spec.name} is built in and takes no data_files (got {data_files!r})")
+
+
+@functools.lru_cache(maxsize=256)
+def _partition_arrays(
+    dataset: str,
+    partition_id: int,
+    num_partitions: int,
+    partitioner: str,
+    alpha: float,
+    labels_per_client: int,
+    seed: int,
+    data_files: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded pixels of one partition, cached so later rounds skip image decoding."""
+    spec = DATASETS.get(dataset)
+    if spec.hf_path is None:
+        part = _digits_partitioner(partitioner, num_partitions, alpha, labels_per_client, seed)
+        ds = part.load_partition(partition_id)
+    else:
+        fds = _federated_dataset(
+            dataset, data_files, partitioner, num_partitions, alpha, labels_per_client, seed
+        )
+        ds = fds.load_partition(partition_id, "train")
+    return _to_arrays(ds, spec)
+
+
+def load_partition(
+    dataset: str,
+    partition_id: int,
+    num_partitions: int,
+    *,
+    partitioner: str,
+    alpha: float,
+    labels_per_client: int,
+    seed: int,
+    data_files: str = "",
+) -> TensorDataset:
+    """One client's training data: normalised float32 ``(N, C, H, W)`` images, int64 labels.
+
+    The same ``seed`` gives the same partitions; it seeds the shuffle and the partitioner.
+    """
+    spec = DATASETS.get(dataset)
+    _check_data_files(spec, data_files)
+    if num_partitions < 1:
+        raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition_id must be in 0..{num_partitions - 1}, got {partition_id}")
+    if partitioner not in PARTITIONERS:
+        raise ValueError(
+            f"unknown partitioner {partitioner!r}; valid choices: {', '.join(PARTITIONERS)}"
+        )
+    if partitioner == "label-count" and not 1 <= labels_per_client <= spec.num_classes:
+        raise ValueError(
+            f"labels_per_client must be in 1..{spec.num_classes} for {dataset}, "
+            f"got {labels_per_client}"
+        )
+    if partitioner == "dirichlet" and not alpha > 0:
+        raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
+    images, labels = _partition_arrays(
+        dataset,
+        partition_id,
+        num_partitions,
+        partitioner,
+        float(alpha),
+        int(labels_per_client),
+        seed,
+        data_files,
+    )
+    return _to_tensors(images, labels, spec)
+
+
+@functools.lru_cache(maxsize=4)
+def _test_set(dataset: str, data_files: str) -> TensorDataset:
+    spec = DATASETS.get(dataset)
+    if spec.hf_path is None:
+        split = _digits_splits()["test"]
+    else:
+        fds = _federated_dataset(dataset, data_files, "iid", 1, 1.0, 1, _TEST_SEED)
+        split = fds.load_split(spec.test_split)
+    return _to_tensors(*_to_arrays(split, spec), spec)
+
+
+def load_test_set(dataset: str, *, data_files: str = "") -> TensorDataset:
+    """The server's held-out test split (same for every run), in the training tensor format.
+
+    The result is cached and shared between callers, who must not modify it in place.
+    """
+    spec = DATASETS.get(dataset)
+    _check_data_files(spec, data_files)
+    return _test_set(dataset, data_files)
+
+
+def clear_caches() -> None:
+    """Drop every cached dataset, partitioner and tensor (tests, or to free memory)."""
+    for cached in (
+        _digits_splits,
+        _digits_partitioner,
+        _federated_dataset,
+        _partition_arrays,
+        _test_set,
+    ):
+        cached.cache_clear()

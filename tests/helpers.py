@@ -1,0 +1,36 @@
+"""Small builders shared by the strategy and client tests."""
+
+from __future__ import annotations
+
+from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+
+
+class StubProxy(ClientProxy):
+    """A client proxy that is only ever sampled, never called."""
+
+    def fit(self, ins, timeout, group_id):  # pragma: no cover - never called
+        raise NotImplementedError
+
+    evaluate = get_parameters = get_properties = reconnect = fit
+
+
+def manager_with(num_clients: int) -> SimpleClientManager:
+    manager = SimpleClientManager()
+    for index in range(num_clients):
+        manager.register(StubProxy(str(1000 + index)))
+    return manager
+
+
+def fit_res(
+    arrays_or_parameters, num_examples: int = 10, partition_id: int | None = 0, **metrics
+) -> FitRes:
+    parameters = (
+        arrays_or_parameters
+        if isinstance(arrays_or_parameters, Parameters)
+        else ndarrays_to_parameters(arrays_or_parameters)
+    )
+    if partition_id is not None:
+        metrics["partition-id"] = partition_id
+    return FitRes(Status(Code.OK, ""), parameters, num_examples, metrics)

@@ -1,0 +1,116 @@
+"""Run-config schema: defaults, validation messages, and agreement with pyproject.toml."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fl_app.config import ConfigError, parse_run_config
+from fl_app.methods import METHODS, all_config_keys
+
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+
+def parse(**overrides):
+    return parse_run_config(
+        {k.replace("_", "-"): v for k, v in overrides.items()}, all_config_keys()
+    )
+
+
+def test_pyproject_defaults_match_the_schema_exactly():
+    declared = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    schema = {key.name: key.default for key in all_config_keys()}
+    assert declared == schema
+
+
+def test_every_default_is_valid():
+    cfg = parse()
+    assert cfg.strategy == "fedavg" and cfg.dataset == "digits" and cfg.model == "digits-cnn"
+    assert cfg.num_rounds == 20 and cfg.device == "auto"
+
+
+def test_required_keys_exist():
+    names = {key.name for key in all_config_keys()}
+    required = {
+        "strategy",
+        "dataset",
+        "model",
+        "partitioner",
+        "dirichlet-alpha",
+        "labels-per-client",
+        "num-server-rounds",
+        "fraction-fit",
+        "local-epochs",
+        "batch-size",
+        "learning-rate",
+        "momentum",
+        "weight-decay",
+        "seed",
+        "device",
+        "results-dir",
+        "run-name",
+    }
+    assert required <= names
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "listed"),
+    [
+        ("strategy", "fedavgg", "one of 'fedavg'"),
+        ("dataset", "mnist", "'cifar10', 'cifar100', 'digits', 'fmnist', 'svhn'"),
+        ("model", "resnet50", "'resnet18'"),
+        ("partitioner", "shards", "'iid', 'dirichlet', 'label-count'"),
+        ("device", "gpu", "'auto', 'cpu', 'cuda'"),
+    ],
+)
+def test_bad_choice_lists_valid_choices(key, value, listed):
+    with pytest.raises(ConfigError) as err:
+        parse_run_config({key: value}, all_config_keys())
+    message = str(err.value)
+    assert key in message and repr(value) in message and listed in message
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("num-server-rounds", 0),
+        ("num-server-rounds", 2.5),
+        ("num-server-rounds", "3"),
+        ("fraction-fit", 0.0),
+        ("fraction-fit", 1.5),
+        ("learning-rate", -0.1),
+        ("dirichlet-alpha", 0),
+        ("momentum", True),
+        ("batch-size", True),
+        ("learning-rate", float("nan")),
+    ],
+)
+def test_bad_numbers_are_rejected(key, value):
+    with pytest.raises(ConfigError, match=key):
+        parse_run_config({key: value}, all_config_keys())
+
+
+def test_int_is_accepted_for_float_keys():
+    cfg = parse(learning_rate=1, fraction_fit=1)
+    assert cfg["learning-rate"] == 1.0 and isinstance(cfg["learning-rate"], float)
+
+
+def test_unknown_key_and_several_errors_reported_together():
+    with pytest.raises(ConfigError) as err:
+        parse_run_config({"lr": 0.1, "seed": -1, "device": "tpu"}, all_config_keys())
+    message = str(err.value)
+    assert "unknown key 'lr'" in message and "seed" in message and "device" in message
+
+
+def test_run_dir_is_absolute_and_named_from_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = parse(results_dir="out", seed=7)
+    assert cfg.run_dir() == tmp_path / "out" / "fedavg-digits-digits-cnn-dirichlet-seed7"
+    assert parse(results_dir="out", run_name="mine").run_dir() == tmp_path / "out" / "mine"
+
+
+def test_strategy_names_are_lower_case_hyphenated():
+    for name in METHODS.names():
+        assert name == name.lower() and "_" not in name and " " not in name
