@@ -33,21 +33,22 @@ ROUND_COLUMNS: tuple[str, ...] = (
 class ResultsWriter:
     """Writes the results folder of one run; creates it, and starts ``rounds.csv`` afresh."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, extra_columns: tuple[str, ...] = ()) -> None:
         self.run_dir = run_dir
+        self.columns = ROUND_COLUMNS + tuple(c for c in extra_columns if c not in ROUND_COLUMNS)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rounds_path = run_dir / "rounds.csv"
         self.summary_path = run_dir / "summary.json"
         with self.rounds_path.open("w", newline="") as handle:
-            csv.writer(handle).writerow(ROUND_COLUMNS)
+            csv.writer(handle).writerow(self.columns)
 
     def write_round(self, row: Mapping[str, Any]) -> None:
-        """Append one round; every column of ``ROUND_COLUMNS`` must be present."""
-        missing = [c for c in ROUND_COLUMNS if c not in row]
+        """Append one round; every column (common and method-specific) must be present."""
+        missing = [c for c in self.columns if c not in row]
         if missing:
             raise KeyError(f"round row lacks columns {missing}")
         with self.rounds_path.open("a", newline="") as handle:
-            csv.writer(handle).writerow([row[c] for c in ROUND_COLUMNS])  # full precision
+            csv.writer(handle).writerow([row[c] for c in self.columns])  # full precision
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """Atomically replace ``summary.json`` (write to a temp file, then rename)."""

@@ -30,7 +30,7 @@ def build_strategy(cfg: RunConfig) -> CommunicationStrategy:
     )
     model_fn()  # an unsupported model/dataset pair fails here, before any client runs
     test_set = load_test_set(cfg.dataset, data_files=str(cfg["data-files"]))
-    results = ResultsWriter(cfg.run_dir())
+    results = ResultsWriter(cfg.run_dir(), extra_columns=method.strategy.extra_columns)
     log(INFO, "results of this run go to %s", results.run_dir)
     return method.strategy(cfg, model_fn=model_fn, test_set=test_set, results=results)
 

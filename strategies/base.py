@@ -128,8 +128,8 @@ def weighted_average(updates: list[ClientUpdate]) -> list[np.ndarray]:
 class CommunicationStrategy(Strategy):
     """Base strategy; subclasses implement ``decode_uplink`` and ``aggregate``."""
 
-    #: run-config name; set by ``fl_app.methods`` registration for log lines and summaries.
-    name: str = "base"
+    #: method-specific ``rounds.csv`` columns that ``round_row`` adds.
+    extra_columns: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -153,7 +153,8 @@ class CommunicationStrategy(Strategy):
         self.num_clients = 0
         self.started = time.perf_counter()
         self._round_started = self.started
-        self._downlink_cache: tuple[int, Parameters] | None = None
+        # (round, arrays, serialized): holding the list keeps its identity from being reused.
+        self._downlink_cache: tuple[int, list[np.ndarray], Parameters] | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(strategy={self.cfg.strategy!r})"
@@ -273,13 +274,13 @@ class CommunicationStrategy(Strategy):
         return [available[cids[i]] for i in chosen]
 
     def downlink_parameters(self, server_round: int, cid: str) -> Parameters:
-        """Serialized downlink for ``cid``; serialized once a round when it is the same for all."""
+        """Serialized downlink for ``cid``; a list object returned for several clients of a round
+        is serialized once (the bytes still count once per client)."""
         arrays = self.downlink_arrays(server_round, cid)
-        if arrays is self.global_state:
-            if self._downlink_cache is None or self._downlink_cache[0] != server_round:
-                self._downlink_cache = (server_round, ndarrays_to_parameters(arrays))
-            return self._downlink_cache[1]
-        return ndarrays_to_parameters(arrays)
+        cache = self._downlink_cache
+        if cache is None or cache[0] != server_round or cache[1] is not arrays:
+            cache = self._downlink_cache = (server_round, arrays, ndarrays_to_parameters(arrays))
+        return cache[2]
 
     def _decode(self, server_round: int, cid: str, fit_res: FitRes) -> ClientUpdate:
         if fit_res.num_examples <= 0:
