@@ -9,10 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from clients.base import TrainingClient
+from clients.fedbif import FedBiFClient
 from fl_app.config import COMMON_KEYS, ConfigKey
 from fl_app.registry import Registry
 from strategies.base import CommunicationStrategy
 from strategies.fedavg import FedAvgStrategy
+from strategies.fedbif import CONFIG_KEYS as FEDBIF_KEYS
+from strategies.fedbif import FedBiFStrategy
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class Method:
 METHODS: Registry[Method] = Registry("strategy")
 
 METHODS.add("fedavg", Method(FedAvgStrategy, TrainingClient, "FedAvg, fp32 both ways"))
+METHODS.add("fedbif", Method(FedBiFStrategy, FedBiFClient, "FedBiF bits freezing", FEDBIF_KEYS))
 
 
 def all_config_keys() -> tuple[ConfigKey, ...]:

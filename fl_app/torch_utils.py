@@ -101,3 +101,14 @@ def evaluate_model(
         correct += (logits.argmax(dim=1) == y).sum().item()
     count = max(len(labels), 1)
     return total_loss / count, correct / count
+
+
+def conv_linear_weight_keys(model: nn.Module) -> list[str]:
+    """``state_dict`` keys of Conv2d and Linear weights: the tensors quantization methods encode.
+    Biases and BatchNorm tensors stay in floating point (``wire_keys`` minus these)."""
+    keys = {
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Conv2d | nn.Linear)
+    }
+    return [key for key in wire_keys(model) if key in keys]

@@ -1,0 +1,209 @@
+"""FedBiF client: trains only the activated bits of each quantized weight through virtual bits.
+
+Every Conv2d/Linear weight is rebuilt from the m bits the server sent. For the s activated bit
+positions the client holds real-valued *virtual bits* v_i; the weight used in the forward pass is
+
+    w = alpha * value(b_0, .., h(v_i), .., b_(m-1)),   h(v) = 1 if v > 0 else 0,
+
+with the frozen bits as constants (``compression.bits.BitLayout.value_from_bits``). The step h
+is straight-through. With ``fedbif-ste = identity`` (default) the gradient reaching v_i is the
+chain-rule one divided by the bit's place value alpha * 2^i, i.e. exactly dL/dw for the offset
+layout ("dtheta/dv_i = 1"); ``chain`` keeps the plain chain rule (dL/dw * alpha * 2^i), which
+barely flips bits at ordinary learning rates (measured, see IMPLEMENTATION-NOTES.md).
+
+Virtual bits inheritance (VBI): the magnitudes |v| of all m virtual bits of every weight are kept
+in the node's ``context.state`` (float16, m * d * 2 bytes per client) between the rounds the
+client takes part in; a round starts from those magnitudes with signs set by the received bits.
+The first time (or with VBI off) magnitudes are |Kaiming-normal| draws.
+Biases and BatchNorm tensors are trained as usual and sent as the extras vector.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from flwr.common import Array, ArrayRecord, NDArrays, Scalar
+from torch import nn
+from torch.func import functional_call
+
+from clients.base import TrainingClient
+from compression.bits import bit_planes, step_ste
+from compression.fedbif_codec import concat_flat, decode_downlink, encode_uplink, split_flat
+from fl_app.torch_utils import derive_seed, wire_keys
+from strategies.fedbif import bit_layout, mask_to_positions, model_split
+
+STATE_KEY = "fedbif"
+MIN_MAGNITUDE = 1e-4  # keeps sign(v) meaningful after a float16 round trip
+
+
+def kaiming_magnitudes(
+    shape: tuple[int, ...], bits: int, generator: torch.Generator
+) -> torch.Tensor:
+    """|N(0, 2 / fan_in)| draws for the m virtual bits of a weight tensor: (m, *shape)."""
+    fan_in = shape[1] * math.prod(shape[2:]) if len(shape) > 1 else shape[0]
+    std = math.sqrt(2.0 / max(fan_in, 1))
+    return torch.randn((bits, *shape), generator=generator).abs_().mul_(std)
+
+
+class FedBiFClient(TrainingClient):
+    """Bit-freezing local training; see the module docstring."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.layout = bit_layout(self.cfg)
+        self.q_index, self.e_index, self.split = model_split(self.model)
+        keys = wire_keys(self.model)
+        self.q_keys = [keys[i] for i in self.q_index]
+        self.e_keys = [keys[i] for i in self.e_index]
+        self.extras_dtype = str(self.cfg["fedbif-extras-dtype"])
+        self.positions: tuple[int, ...] = ()
+        self.steps: list[float] = []
+        self.frozen_planes: list[torch.Tensor] = []  # (m, *shape) float 0/1 per quantized tensor
+        self.virtual: list[nn.Parameter] = []  # (s, *shape) per quantized tensor
+        self.magnitudes: list[torch.Tensor] = []  # (m, *shape) |v| per quantized tensor
+
+    # ----------------------------------------------------------------- downlink
+    def load_downlink(self, arrays: NDArrays, config: dict[str, Scalar]) -> None:
+        words, steps, extras = decode_downlink(arrays, self.split, self.layout.bits)
+        self.positions = mask_to_positions(
+            int(config.get("fedbif-active-mask", 0)), self.layout.bits
+        )
+        if not self.positions:
+            raise ValueError("fedbif-active-mask is missing or selects no bit")
+        self.steps = [float(s) for s in steps]
+        state = self.model.state_dict()
+        with torch.no_grad():
+            for key, piece in zip(
+                self.e_keys, split_flat(extras, self.split.extra_shapes), strict=True
+            ):
+                state[key].copy_(torch.from_numpy(piece))
+        self.magnitudes = self._initial_magnitudes(int(config.get("server-round", 0)))
+        self.frozen_planes, self.virtual = [], []
+        word_pieces = split_flat(words, self.split.quantized_shapes)
+        for key, piece, step, magnitude in zip(
+            self.q_keys, word_pieces, self.steps, self.magnitudes, strict=True
+        ):
+            planes = bit_planes(torch.from_numpy(piece), self.layout.bits).to(self.device)
+            planes = planes.to(torch.float32)
+            active = planes[list(self.positions)]
+            # VBI: inherited magnitude, sign from the received bit.
+            virtual = torch.where(
+                active > 0, magnitude[list(self.positions)], -magnitude[list(self.positions)]
+            )
+            self.frozen_planes.append(planes)
+            self.virtual.append(nn.Parameter(virtual.contiguous()))
+            weight = step * self.layout.value_from_bits(planes)
+            state[key].copy_(weight)  # the module's weight is for evaluation; never trained
+
+    def _initial_magnitudes(self, server_round: int) -> list[torch.Tensor]:
+        """Magnitudes from this client's last round (VBI) or fresh Kaiming draws."""
+        record = self.context.state.get(STATE_KEY) if bool(self.cfg["fedbif-vbi"]) else None
+        if isinstance(record, ArrayRecord) and "magnitudes" in record:
+            flat = record["magnitudes"].numpy().astype(np.float32)
+            per_bit = flat.reshape(self.layout.bits, -1)
+            pieces = [split_flat(row, self.split.quantized_shapes) for row in per_bit]
+            return [
+                torch.from_numpy(np.stack([p[t] for p in pieces]))
+                .clamp_min_(MIN_MAGNITUDE)
+                .to(self.device)
+                for t in range(len(self.q_keys))
+            ]
+        generator = torch.Generator().manual_seed(
+            derive_seed(self.cfg.seed, self.partition_id, server_round, 0xB1F)
+        )
+        return [
+            kaiming_magnitudes(shape, self.layout.bits, generator)
+            .clamp_min_(MIN_MAGNITUDE)
+            .to(self.device)
+            for shape in self.split.quantized_shapes
+        ]
+
+    # ----------------------------------------------------------------- training
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        q_names = set(self.q_keys)
+        others = [p for name, p in self.model.named_parameters() if name not in q_names]
+        momentum = float(self.cfg["momentum"])
+        return torch.optim.SGD(
+            [
+                {"params": self.virtual, "lr": float(self.cfg["fedbif-lr"]), "weight_decay": 0.0},
+                {
+                    "params": others,
+                    "lr": float(self.cfg["learning-rate"]),
+                    "weight_decay": float(self.cfg["weight-decay"]),
+                },
+            ],
+            momentum=momentum,
+        )
+
+    def current_weights(self) -> dict[str, torch.Tensor]:
+        """The quantized weights rebuilt from frozen bits and activated virtual bits."""
+        identity = self.cfg["fedbif-ste"] == "identity"
+        weights = {}
+        positions = list(self.positions)
+        for key, planes, virtual, step in zip(
+            self.q_keys, self.frozen_planes, self.virtual, self.steps, strict=True
+        ):
+            rows = list(planes.unbind(0))
+            for row, position in enumerate(positions):
+                scale = 1.0 / (step * 2.0**position) if identity else 1.0
+                rows[position] = step_ste(virtual[row], scale)
+            weights[key] = step * self.layout.value_from_bits(torch.stack(rows))
+        return weights
+
+    def training_step(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        step: int,
+        total_steps: int,
+    ) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        logits = functional_call(self.model, self.current_weights(), (images,), strict=False)
+        loss = nn.functional.cross_entropy(logits, labels)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    # ----------------------------------------------------------------- uplink
+    def activated_codes(self) -> np.ndarray:
+        """Per quantized scalar, its s trained bits as one s-bit code (uint8, wire order)."""
+        codes = []
+        for virtual in self.virtual:
+            bits = (virtual.detach() > 0).to(torch.uint8).cpu()
+            code = torch.zeros(bits.shape[1:], dtype=torch.uint8)
+            for j in range(bits.shape[0]):
+                code |= bits[j] << j
+            codes.append(code.reshape(-1).numpy())
+        return np.concatenate(codes) if codes else np.zeros(0, dtype=np.uint8)
+
+    def encode_uplink(self, config: dict[str, Scalar]) -> NDArrays:
+        self._save_magnitudes()
+        self._sync_model_weights()
+        state = self.model.state_dict()
+        extras = concat_flat(
+            [state[k].detach().cpu().numpy() for k in self.e_keys], self.extras_dtype
+        )
+        return encode_uplink(self.activated_codes(), extras, len(self.positions))
+
+    def _save_magnitudes(self) -> None:
+        """Store |v| of all m bits (trained ones updated) as float16 in ``context.state``."""
+        if not bool(self.cfg["fedbif-vbi"]):
+            return
+        positions = list(self.positions)
+        per_tensor = []
+        for magnitude, virtual in zip(self.magnitudes, self.virtual, strict=True):
+            updated = magnitude.clone()
+            updated[positions] = virtual.detach().abs()
+            per_tensor.append(updated.reshape(self.layout.bits, -1))
+        flat = torch.cat(per_tensor, dim=1).to(torch.float16).cpu().numpy().reshape(-1)
+        self.context.state[STATE_KEY] = ArrayRecord({"magnitudes": Array(flat)})
+
+    def _sync_model_weights(self) -> None:
+        """Write the trained quantized weights into the module (for local evaluation)."""
+        with torch.no_grad():
+            state = self.model.state_dict()
+            for key, weight in self.current_weights().items():
+                state[key].copy_(weight)

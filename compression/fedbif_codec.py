@@ -1,0 +1,136 @@
+"""Wire format of FedBiF messages (pure NumPy; both ends know the model's tensor shapes).
+
+A model's wire tensors split into *quantized* ones (Conv2d/Linear weights) and *extras* (biases,
+BatchNorm affine parameters and running statistics). All quantized tensors are flattened in wire
+order and concatenated into one vector of d scalars; all extras likewise into one vector of e.
+Few large arrays keep the ~128-byte ``.npy`` header per array negligible.
+
+Downlink, server -> client (3 arrays):
+    0. uint8  ``pack_codes(words, m)``: the m-bit unsigned word of every quantized scalar,
+       ceil(d * m / 8) bytes (``compression.bits`` says how a word encodes the integer);
+    1. float32 (L,): the step size alpha_l of each of the L quantized tensors (Eq. 5);
+    2. float16 or float32 (e,): the extras.
+Uplink, client -> server (2 arrays):
+    0. uint8  ``pack_codes(codes, s)``: per quantized scalar, its s activated bits as one s-bit
+       code (bit j = the j-th activated position, ascending), ceil(d * s / 8) bytes;
+    1. float16 or float32 (e,): the client's trained extras.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from compression.packing import pack_codes, packed_size, unpack_codes
+
+EXTRAS_DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class SplitLayout:
+    """Shapes of the quantized tensors and of the extras, in wire order."""
+
+    quantized_shapes: tuple[tuple[int, ...], ...]
+    extra_shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def quantized_sizes(self) -> list[int]:
+        return [int(np.prod(s)) for s in self.quantized_shapes]
+
+    @property
+    def num_quantized(self) -> int:
+        return sum(self.quantized_sizes)
+
+    @property
+    def num_extras(self) -> int:
+        return sum(int(np.prod(s)) for s in self.extra_shapes)
+
+
+def concat_flat(arrays: Sequence[np.ndarray], dtype: str | np.dtype) -> np.ndarray:
+    """One 1-D array of ``dtype`` holding every array flattened, in order."""
+    if not arrays:
+        return np.zeros(0, dtype=dtype)
+    return np.concatenate([np.asarray(a).reshape(-1) for a in arrays]).astype(dtype, copy=False)
+
+
+def split_flat(flat: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
+    """Inverse of ``concat_flat``: views of ``flat`` reshaped to ``shapes``."""
+    sizes = [int(np.prod(s)) for s in shapes]
+    if flat.size != sum(sizes):
+        raise ValueError(f"expected {sum(sizes)} scalars, got {flat.size}")
+    pieces = np.split(flat, np.cumsum(sizes)[:-1]) if sizes else []
+    return [piece.reshape(shape) for piece, shape in zip(pieces, shapes, strict=True)]
+
+
+def encode_downlink(
+    words: np.ndarray, steps: np.ndarray, extras: np.ndarray, bits: int
+) -> list[np.ndarray]:
+    """Downlink arrays from the concatenated words, per-tensor steps and concatenated extras."""
+    return [pack_codes(words, bits), np.asarray(steps, dtype=np.float32), extras]
+
+
+def decode_downlink(
+    arrays: Sequence[np.ndarray], layout: SplitLayout, bits: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(words (d,), steps (L,), extras (e,) as float32); ``ValueError`` says what is wrong."""
+    if len(arrays) != 3:
+        raise ValueError(f"FedBiF downlink has 3 arrays, got {len(arrays)}")
+    packed, steps, extras = arrays
+    words = unpack_codes(packed, bits, layout.num_quantized)
+    steps = _check_float(steps, len(layout.quantized_shapes), "steps")
+    if np.any(steps <= 0):
+        raise ValueError("steps must be positive")
+    return words, steps, _check_float(extras, layout.num_extras, "extras")
+
+
+def encode_uplink(codes: np.ndarray, extras: np.ndarray, active_bits: int) -> list[np.ndarray]:
+    """Uplink arrays from the s-bit activated-bit codes (d,) and the extras (e,)."""
+    return [pack_codes(codes, active_bits), extras]
+
+
+def decode_uplink(
+    arrays: Sequence[np.ndarray], layout: SplitLayout, active_bits: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(codes (d,) uint8, extras (e,) float32); ``ValueError`` says what is wrong."""
+    if len(arrays) != 2:
+        raise ValueError(f"FedBiF uplink has 2 arrays, got {len(arrays)}")
+    packed, extras = arrays
+    codes = unpack_codes(packed, active_bits, layout.num_quantized)
+    return codes, _check_float(extras, layout.num_extras, "extras")
+
+
+def uplink_nbytes_payload(layout: SplitLayout, active_bits: int, extras_dtype: str) -> int:
+    """Payload bytes of an uplink message before serialization headers."""
+    return (
+        packed_size(layout.num_quantized, active_bits)
+        + layout.num_extras * np.dtype(extras_dtype).itemsize
+    )
+
+
+def spread_codes(codes: np.ndarray, positions: Sequence[int]) -> np.ndarray:
+    """Place bit j of each s-bit code at bit ``positions[j]`` of an m-bit word (uint8)."""
+    words = np.zeros(codes.shape, dtype=np.uint8)
+    for j, position in enumerate(positions):
+        words |= ((codes >> j) & 1).astype(np.uint8) << np.uint8(position)
+    return words
+
+
+def gather_codes(words: np.ndarray, positions: Sequence[int]) -> np.ndarray:
+    """Inverse of ``spread_codes``: the bits at ``positions`` of each word as an s-bit code."""
+    codes = np.zeros(words.shape, dtype=np.uint8)
+    for j, position in enumerate(positions):
+        codes |= ((words >> np.uint8(position)) & 1).astype(np.uint8) << np.uint8(j)
+    return codes
+
+
+def _check_float(array: np.ndarray, size: int, name: str) -> np.ndarray:
+    array = np.asarray(array)
+    if array.dtype.name not in EXTRAS_DTYPES:
+        raise ValueError(f"{name} must be float16 or float32, got {array.dtype}")
+    if array.ndim != 1 or array.size != size:
+        raise ValueError(f"{name} must hold {size} values, got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{name} contain NaN or infinity")
+    return array.astype(np.float32)

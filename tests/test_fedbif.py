@@ -1,0 +1,289 @@
+"""FedBiF: selectors, Eq. 6 aggregation, virtual bits, VBI state, wire bytes, ablation wiring."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from flwr.common import FitIns, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+
+from clients.fedbif import STATE_KEY, FedBiFClient
+from compression.fedbif_codec import gather_codes, spread_codes
+from compression.packing import packed_size
+from fl_app.client_app import client_fn
+from fl_app.config import parse_run_config
+from fl_app.inprocess import make_contexts, run_inprocess
+from fl_app.methods import all_config_keys
+from fl_app.server_app import build_strategy
+from strategies.fedbif import mask_to_positions, select_active_bits
+from tests.helpers import fit_res, manager_with
+
+BASE = {
+    "strategy": "fedbif",
+    "device": "cpu",
+    "min-available-clients": 1,
+    "local-epochs": 1,
+    "partitioner": "iid",
+}
+
+
+def strategy_for(tmp_path, **overrides):
+    raw = {**BASE, "results-dir": str(tmp_path), **overrides}
+    return build_strategy(parse_run_config(raw, all_config_keys()))
+
+
+def npy_bytes(array: np.ndarray) -> int:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return len(buffer.getvalue())
+
+
+# ------------------------------------------------------------------------------ selectors
+@pytest.mark.parametrize(("bits", "active"), [(4, 1), (4, 2), (8, 2), (6, 3), (3, 3)])
+def test_sequential_selector_covers_every_bit_within_m_over_s_rounds(bits, active):
+    rounds = bits // active
+    seen = [select_active_bits("sequential", r, bits, active, 0, 0) for r in range(1, rounds + 1)]
+    assert sorted(p for window in seen for p in window) == list(range(bits))  # no overlap
+    assert seen[0][-1] == bits - 1  # MSB first
+    assert select_active_bits("sequential", rounds + 1, bits, active, 0, 0) == seen[0]
+
+
+def test_fixed_and_random_selectors():
+    assert select_active_bits("fixed", 7, 4, 1, 2, 0) == (2,)
+    assert select_active_bits("fixed", 7, 4, 2, 2, 0) == (1, 2)
+    draws = {select_active_bits("random", r, 8, 2, 0, seed=5) for r in range(1, 30)}
+    assert len(draws) > 5 and all(len(d) == 2 and d[0] < d[1] for d in draws)
+    assert select_active_bits("random", 3, 8, 2, 0, 5) == select_active_bits(
+        "random", 3, 8, 2, 0, 5
+    )
+    with pytest.raises(ValueError, match="divisible"):
+        select_active_bits("sequential", 1, 4, 3, 0, 0)
+
+
+def test_bad_selector_setting_fails_at_start(tmp_path):
+    with pytest.raises(ValueError, match="divisible"):
+        strategy_for(tmp_path, **{"fedbif-active-bits": 3})
+
+
+def test_spread_and_gather_codes_are_inverse():
+    codes = np.arange(4, dtype=np.uint8)
+    words = spread_codes(codes, (1, 3))
+    assert words.tolist() == [0, 0b0010, 0b1000, 0b1010]
+    np.testing.assert_array_equal(gather_codes(words, (1, 3)), codes)
+
+
+# ------------------------------------------------------------------------------ aggregation
+def test_eq6_aggregation_equals_recover_then_average(tmp_path):
+    strategy = strategy_for(tmp_path)
+    proxies = [p for p, _ in strategy.configure_fit(1, Parameters([], ""), manager_with(3))]
+    words, steps, positions = strategy._words, strategy._steps, strategy._positions
+    m, d = strategy.layout.bits, strategy.split.num_quantized
+    rng = np.random.default_rng(0)
+    uploads = [rng.integers(0, 2 ** len(positions), d, dtype=np.uint8) for _ in range(3)]
+    extras = [rng.normal(size=strategy.split.num_extras).astype(np.float16) for _ in range(3)]
+    results = [
+        (
+            proxy,
+            fit_res(
+                strategy_encode(strategy, codes, ex), num_examples=10 * (k + 1), partition_id=k
+            ),
+        )
+        for k, (proxy, codes, ex) in enumerate(zip(proxies, uploads, extras, strict=True))
+    ]
+    strategy.aggregate_fit(1, results, [])
+    got = np.concatenate([strategy.global_state[i].reshape(-1) for i in strategy.q_index])
+
+    # Eq. 6 literally: alpha * (mean_k sum_{i in S} 2^i b_ik + sum_{j not in S} 2^j b_j - 2^(m-1))
+    alpha = np.repeat(steps.astype(np.float64), strategy.split.quantized_sizes)
+    frozen = sum(
+        ((words >> j) & 1).astype(np.float64) * 2**j for j in range(m) if j not in positions
+    )
+    active = np.mean(
+        [
+            sum(((codes >> k) & 1).astype(np.float64) * 2**p for k, p in enumerate(positions))
+            for codes in uploads
+        ],
+        axis=0,
+    )
+    eq6 = alpha * (active + frozen - 2 ** (m - 1))
+    np.testing.assert_allclose(got, eq6, rtol=0, atol=1e-6)
+
+    # Recover every client's model, then average.
+    models = [
+        alpha
+        * (
+            spread_codes(codes, positions) | (words & ~np.uint8(sum(1 << p for p in positions)))
+        ).astype(np.float64)
+        - alpha * 2 ** (m - 1)
+        for codes in uploads
+    ]
+    np.testing.assert_allclose(got, np.mean(models, axis=0), rtol=0, atol=1e-6)
+    got_extras = np.concatenate([strategy.global_state[i].reshape(-1) for i in strategy.e_index])
+    np.testing.assert_allclose(
+        got_extras, np.mean([e.astype(np.float32) for e in extras], 0), atol=1e-6
+    )
+
+
+def strategy_encode(strategy, codes, extras):
+    from compression.fedbif_codec import encode_uplink
+
+    return encode_uplink(codes, extras, len(strategy._positions))
+
+
+def test_examples_weighting_changes_weights(tmp_path):
+    uniform = strategy_for(tmp_path / "u")
+    weighted = strategy_for(tmp_path / "w", **{"fedbif-weighting": "examples"})
+    updates = [type("U", (), {"num_examples": n})() for n in (10, 30)]
+    np.testing.assert_allclose(uniform.client_weights(updates), [0.5, 0.5])
+    np.testing.assert_allclose(weighted.client_weights(updates), [0.25, 0.75])
+
+
+def test_malformed_uplinks_are_rejected(tmp_path):
+    strategy = strategy_for(tmp_path)
+    ((proxy, _),) = strategy.configure_fit(1, Parameters([], ""), manager_with(1))
+    d, e = strategy.split.num_quantized, strategy.split.num_extras
+    good_codes = np.zeros(packed_size(d, 1), dtype=np.uint8)
+    bad = [
+        [good_codes[:-1], np.zeros(e, np.float16)],
+        [good_codes, np.zeros(e + 1, np.float16)],
+        [good_codes, np.zeros(e, np.int16)],
+        [good_codes],
+        [good_codes.astype(np.int8), np.zeros(e, np.float16)],
+    ]
+    before = [a.copy() for a in strategy.global_state]
+    strategy.aggregate_fit(1, [(proxy, fit_res(arrays)) for arrays in bad], [])
+    assert strategy.traffic[1].rejected == len(bad)
+    for got, want in zip(strategy.global_state, before, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+# ------------------------------------------------------------------------------ client
+def downlink_for(tmp_path, **overrides):
+    strategy = strategy_for(tmp_path, **overrides)
+    ((proxy, ins),) = strategy.configure_fit(1, Parameters([], ""), manager_with(1))
+    return strategy, ins
+
+
+def make_client(context) -> FedBiFClient:
+    return client_fn(context).numpy_client  # type: ignore[attr-defined]
+
+
+def test_virtual_bits_get_the_weight_gradient_and_frozen_bits_none(tmp_path):
+    strategy, ins = downlink_for(tmp_path)
+    context = make_contexts({**BASE, "results-dir": str(tmp_path)}, 2)[0]
+    client = make_client(context)
+    client.load_downlink(parameters_to_ndarrays(ins.parameters), ins.config)
+    weights = client.current_weights()
+    for weight in weights.values():
+        weight.retain_grad()
+    images, labels = client.train_set.tensors
+    logits = torch.func.functional_call(client.model, weights, (images[:16],), strict=False)
+    torch.nn.functional.cross_entropy(logits, labels[:16]).backward()
+    for key, virtual, planes in zip(
+        client.q_keys, client.virtual, client.frozen_planes, strict=True
+    ):
+        assert virtual.shape[0] == len(client.positions) == 1
+        torch.testing.assert_close(virtual.grad[0], weights[key].grad, rtol=1e-6, atol=1e-12)
+        assert not planes.requires_grad and planes.grad is None
+
+
+def test_client_uplink_bytes_and_vbi_state(tmp_path):
+    strategy, ins = downlink_for(tmp_path)
+    context = make_contexts({**BASE, "results-dir": str(tmp_path)}, 2)[0]
+    res = client_fn(context).fit(ins)
+    d, e = strategy.split.num_quantized, strategy.split.num_extras
+    arrays = parameters_to_ndarrays(res.parameters)
+    # ceil(d * s / 8) code bytes + float16 extras + one .npy header per array
+    payload = packed_size(d, 1) + 2 * e
+    sent = sum(len(t) for t in res.parameters.tensors)
+    assert sent == payload + sum(npy_bytes(a) - a.nbytes for a in arrays)
+    assert sent == payload + 2 * 128
+
+    # VBI state: float16 magnitudes of all m bits of every quantized weight.
+    record = context.state[STATE_KEY]
+    magnitudes = record["magnitudes"].numpy()
+    assert magnitudes.dtype == np.float16 and magnitudes.size == strategy.layout.bits * d
+    assert record.count_bytes() <= magnitudes.nbytes + 256
+
+    # Next round: magnitudes inherited, signs from the received bits.
+    strategy.aggregate_fit(1, [(manager_with(1).all()["1000"], res)], [])
+    ((_, ins2),) = strategy.configure_fit(2, Parameters([], ""), manager_with(1))
+    client = make_client(context)
+    client.load_downlink(parameters_to_ndarrays(ins2.parameters), ins2.config)
+    stored = magnitudes.astype(np.float32).reshape(strategy.layout.bits, -1)
+    offset = 0
+    for virtual, planes in zip(client.virtual, client.frozen_planes, strict=True):
+        size = virtual[0].numel()
+        for row, position in enumerate(client.positions):
+            expected = np.maximum(stored[position, offset : offset + size], 1e-4)
+            np.testing.assert_allclose(
+                virtual[row].detach().abs().reshape(-1).numpy(), expected, rtol=1e-6
+            )
+            received = planes[position].reshape(-1).numpy()
+            assert np.array_equal(virtual[row].detach().reshape(-1).numpy() > 0, received > 0)
+        offset += size
+
+
+def test_no_vbi_keeps_no_state(tmp_path):
+    _, ins = downlink_for(tmp_path, **{"fedbif-vbi": False})
+    context = make_contexts({**BASE, "results-dir": str(tmp_path), "fedbif-vbi": False}, 2)[0]
+    client_fn(context).fit(ins)
+    assert STATE_KEY not in context.state
+
+
+def test_sign_bit_ablation_uses_sign_magnitude(tmp_path):
+    strategy, ins = downlink_for(tmp_path, **{"fedbif-sign-bit": True})
+    assert strategy.layout.kind == "sign-magnitude" and strategy.layout.scale_levels == 7
+    # with the sequential selector the first round trains the MSB, i.e. the sign bit
+    assert mask_to_positions(int(ins.config["fedbif-active-mask"]), 4) == (3,)
+    context = make_contexts({**BASE, "results-dir": str(tmp_path), "fedbif-sign-bit": True}, 2)[0]
+    res = client_fn(context).fit(ins)
+    strategy.aggregate_fit(1, [(manager_with(1).all()["1000"], res)], [])
+    assert all(np.all(np.isfinite(a)) for a in strategy.global_state)
+
+
+def test_client_reproduces_received_model_before_training(tmp_path):
+    strategy, ins = downlink_for(tmp_path, **{"fedbif-extras-dtype": "float32"})
+    context = make_contexts({**BASE, "results-dir": str(tmp_path)}, 2)[0]
+    client = make_client(context)
+    client.load_downlink(parameters_to_ndarrays(ins.parameters), ins.config)
+    rebuilt = client.current_weights()
+    for key, index in zip(client.q_keys, strategy.q_index, strict=True):
+        sent = torch.from_numpy(strategy.global_state[index])
+        step = strategy._steps[strategy.q_index.index(index)]
+        # the received weight is the global weight quantized: within one step of it
+        assert torch.all((rebuilt[key].detach() - sent).abs() <= step * 1.0001)
+
+
+# ------------------------------------------------------------------------------ runs
+def test_fedbif_short_run_measures_about_1_and_4_bpp(tmp_path):
+    strategy = run_inprocess(
+        {**BASE, "results-dir": str(tmp_path), "run-name": "fb", "num-server-rounds": 3},
+        num_clients=4,
+    )
+    summary = strategy.summary()
+    assert 1.0 < summary["uplink_bpp"] < 1.15 and 4.0 < summary["downlink_bpp"] < 4.15
+    rows = (tmp_path / "fb" / "rounds.csv").read_text().splitlines()
+    assert rows[0].endswith("sparsity,active_bits") and len(rows) == 5
+    assert strategy.history[-1]["accuracy"] > 0.3
+    assert 0.0 <= strategy.history[-1]["sparsity"] < 1.0
+
+
+def test_fedbif_lr_key_reaches_the_optimizer(tmp_path):
+    _, ins = downlink_for(tmp_path)
+    context = make_contexts({**BASE, "results-dir": str(tmp_path), "fedbif-lr": 0.7}, 2)[0]
+    client = make_client(context)
+    client.load_downlink(parameters_to_ndarrays(ins.parameters), ins.config)
+    optimizer = client.make_optimizer()
+    assert optimizer.param_groups[0]["lr"] == 0.7
+    assert optimizer.param_groups[0]["params"] == client.virtual
+
+
+def test_fit_ins_round_trip(tmp_path):
+    strategy, ins = downlink_for(tmp_path)
+    arrays = parameters_to_ndarrays(ins.parameters)
+    assert len(arrays) == 3 and arrays[0].dtype == np.uint8
+    assert arrays[0].size == packed_size(strategy.split.num_quantized, 4)
+    assert FitIns(ndarrays_to_parameters(arrays), ins.config).config["server-round"] == 1
