@@ -118,7 +118,7 @@ def _partitioner_names() -> list[str]:
 COMMON_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("strategy", str, "fedavg", "method to run", choices=_strategy_names),
     ConfigKey("dataset", str, "digits", "dataset name", choices=_dataset_names),
-    ConfigKey("model", str, "digits-cnn", "model name", choices=_model_names),
+    ConfigKey("model", str, "digits-cnn-bn", "model name", choices=_model_names),
     ConfigKey("partitioner", str, "dirichlet", "how data is split", choices=_partitioner_names),
     ConfigKey(
         "dirichlet-alpha", float, 0.5, "Dirichlet concentration", min=0.0, min_inclusive=False

@@ -27,7 +27,7 @@ def test_pyproject_defaults_match_the_schema_exactly():
 
 def test_every_default_is_valid():
     cfg = parse()
-    assert cfg.strategy == "fedavg" and cfg.dataset == "digits" and cfg.model == "digits-cnn"
+    assert cfg.strategy == "fedavg" and cfg.dataset == "digits" and cfg.model == "digits-cnn-bn"
     assert cfg.num_rounds == 20 and cfg.device == "auto"
 
 
@@ -107,7 +107,7 @@ def test_unknown_key_and_several_errors_reported_together():
 def test_run_dir_is_absolute_and_named_from_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = parse(results_dir="out", seed=7)
-    assert cfg.run_dir() == tmp_path / "out" / "fedavg-digits-digits-cnn-dirichlet-seed7"
+    assert cfg.run_dir() == tmp_path / "out" / "fedavg-digits-digits-cnn-bn-dirichlet-seed7"
     assert parse(results_dir="out", run_name="mine").run_dir() == tmp_path / "out" / "mine"
 
 

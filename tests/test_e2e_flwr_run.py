@@ -41,3 +41,18 @@ def test_flwr_run_reports_a_failed_server_app(tmp_path):
     assert code != 0
     assert status.startswith("finished:failed")
     assert "batch-size must be int >= 1" in (tmp_path / "run.log").read_text()
+
+
+def test_flwr_run_fedbif(tmp_path):
+    code, status, results_dir = launch(
+        run_config=f"strategy='fedbif' num-server-rounds=2 results-dir='{tmp_path}' "
+        "run-name='fedbif' device='cpu'",
+        num_supernodes=2,
+        flwr_home=tmp_path / "flwr-home",
+        log_path=tmp_path / "run.log",
+    )
+    assert code == 0, (tmp_path / "run.log").read_text()[-3000:]
+    assert status == "finished:completed"
+    summary = json.loads((results_dir / "summary.json").read_text())
+    assert summary["strategy"] == "fedbif" and summary["completed"]
+    assert 1.0 < summary["uplink_bpp"] < 1.2 and 4.0 < summary["downlink_bpp"] < 4.2

@@ -11,6 +11,7 @@ from fl_app.models import MODELS, build_model
 
 EXPECTED_NAMES = {
     "digits-cnn",
+    "digits-cnn-bn",
     "cnn4",
     "vgg11-light",
     "resnet10",
@@ -22,6 +23,7 @@ EXPECTED_NAMES = {
 # (model, in_channels, image_size, num_classes) combinations used by the experiments.
 SUPPORTED = [
     ("digits-cnn", 1, 8, 10),
+    ("digits-cnn-bn", 1, 8, 10),
     ("cnn4", 1, 28, 10),
     ("cnn4", 3, 32, 10),
     ("cnn4", 3, 32, 100),
