@@ -33,7 +33,7 @@ from flwr.server.client_proxy import ClientProxy
 from fl_app.client_app import client_fn as default_client_fn
 from fl_app.config import parse_run_config
 from fl_app.methods import all_config_keys
-from fl_app.server_app import build_strategy
+from fl_app.server_app import build_server
 from strategies.base import CommunicationStrategy
 
 ClientFn = Callable[[Context], Client]
@@ -93,12 +93,11 @@ def run_inprocess(
     client_fn: ClientFn = default_client_fn,
     contexts: list[Context] | None = None,
 ) -> CommunicationStrategy:
-    """Run ``num-server-rounds`` rounds; returns the strategy (history, traffic, global model).
-
-    A client that raises counts as a failure of that round, as in Flower.
+    """Run ``num-server-rounds`` rounds (those left after ``resume-from``); returns the strategy
+    (history, traffic, global model). A client that raises is a failure of that round, as in Flower.
     """
     cfg = parse_run_config(run_config, all_config_keys())
-    strategy = build_strategy(cfg)
+    strategy, rounds = build_server(cfg)
     contexts = contexts or make_contexts(cfg.as_dict(), num_clients)
     manager = SimpleClientManager()
     for context in contexts:
@@ -106,7 +105,7 @@ def run_inprocess(
     parameters = strategy.initialize_parameters(manager)
     assert parameters is not None
     strategy.evaluate(0, parameters)
-    for server_round in range(1, cfg.num_rounds + 1):
+    for server_round in range(1, rounds + 1):  # Flower's numbering; the strategy adds its offset
         instructions = strategy.configure_fit(server_round, parameters, manager)
         results: list[tuple[ClientProxy, FitRes]] = []
         failures: list[tuple[ClientProxy, FitRes] | BaseException] = []

@@ -50,6 +50,13 @@ class ResultsWriter:
         with self.rounds_path.open("a", newline="") as handle:
             csv.writer(handle).writerow([row[c] for c in self.columns])  # full precision
 
+    def rewrite_rounds(self, rows: list[Mapping[str, Any]]) -> None:
+        """Replace ``rounds.csv`` with ``rows`` (a resumed run continues after them)."""
+        with self.rounds_path.open("w", newline="") as handle:
+            csv.writer(handle).writerow(self.columns)
+        for row in rows:
+            self.write_round(row)
+
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """Atomically replace ``summary.json`` (write to a temp file, then rename)."""
         tmp = self.summary_path.with_suffix(".json.tmp")

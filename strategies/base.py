@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,7 @@ from flwr.server.strategy import Strategy
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from fl_app.checkpoint import load_checkpoint, save_checkpoint
 from fl_app.config import RunConfig
 from fl_app.results import ResultsWriter
 from fl_app.torch_utils import (
@@ -151,6 +153,8 @@ class CommunicationStrategy(Strategy):
         self.traffic: dict[int, RoundTraffic] = {}
         self.history: list[dict[str, Any]] = []
         self.num_clients = 0
+        # Rounds completed before this process started (resume); Flower counts from 1 again.
+        self.round_offset = 0
         self.started = time.perf_counter()
         self._round_started = self.started
         # (round, arrays, serialized): holding the list keeps its identity from being reused.
@@ -180,6 +184,13 @@ class CommunicationStrategy(Strategy):
         """Model evaluated centrally; a lossy-downlink method may evaluate what clients get."""
         return self.global_state
 
+    def method_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Method state a checkpoint must keep beyond the global model (arrays, JSON scalars)."""
+        return {}, {}
+
+    def load_method_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        """Inverse of ``method_state``."""
+
     # ----------------------------------------------------------------- Flower Strategy API
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return ndarrays_to_parameters(self.global_state)
@@ -187,6 +198,7 @@ class CommunicationStrategy(Strategy):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
+        server_round += self.round_offset
         self._round_started = time.perf_counter()
         clients = self.sample_clients(server_round, client_manager)
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
@@ -206,6 +218,7 @@ class CommunicationStrategy(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        server_round += self.round_offset
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
         traffic.failures += len(failures)
         for failure in failures:
@@ -227,10 +240,12 @@ class CommunicationStrategy(Strategy):
                 )
         # A fixed order makes float sums, and so the whole run, independent of arrival order.
         updates.sort(key=lambda u: (u.partition_id, u.cid))
-        if updates:
+        minimum = int(self.cfg["min-fit-results"])
+        if len(updates) >= minimum:
             self.global_state = self.aggregate(server_round, updates)
         else:
-            log(WARNING, "round %d: no usable client update, global model unchanged", server_round)
+            log(WARNING, "round %d: %d usable client updates (< min-fit-results %d): round "
+                "skipped, global model unchanged", server_round, len(updates), minimum)
         self._last_train_loss = _mean_metric(updates, "train-loss")
         return ndarrays_to_parameters(self.global_state), {"clients": len(updates)}
 
@@ -250,8 +265,11 @@ class CommunicationStrategy(Strategy):
     def evaluate(
         self, server_round: int, parameters: Parameters
     ) -> tuple[float, dict[str, Scalar]] | None:
+        server_round += self.round_offset
         if self.test_set is None:
             return None
+        if any(row["round"] == server_round for row in self.history):
+            return None  # round k of a resumed run: recorded before the restart
         set_wire_state(self.model, self.evaluation_state())
         loss, accuracy = evaluate_model(self.model, self.test_set, self.device)
         self._record_round(server_round, loss, accuracy)
@@ -379,6 +397,48 @@ class CommunicationStrategy(Strategy):
         if self.results is not None:
             self.results.write_round(row)
             self.results.write_summary(self.summary())
+            if bool(self.cfg["checkpoint"]):
+                self.save_checkpoint(server_round)
+
+    # ----------------------------------------------------------------- checkpoint and resume
+    def save_checkpoint(self, server_round: int) -> None:
+        """Global model, method state, results so far: all a restart needs to go on at +1."""
+        assert self.results is not None
+        method_arrays, method_meta = self.method_state()
+        arrays = {f"global/{i}": a for i, a in enumerate(self.global_state)}
+        arrays.update({f"method/{name}": a for name, a in method_arrays.items()})
+        meta = {
+            "round": server_round,
+            "history": self.history,
+            "traffic": {str(r): vars(t) for r, t in self.traffic.items()},
+            "num_clients": self.num_clients,
+            "wall_seconds": time.perf_counter() - self.started,
+            "method": method_meta,
+        }
+        save_checkpoint(self.results.run_dir, arrays, meta)
+
+    def restore(self, path: Path) -> int:
+        """Load a checkpoint; returns the number of rounds already done (the round offset)."""
+        arrays, meta = load_checkpoint(path)
+        state = [arrays[f"global/{i}"] for i in range(len(self.global_state))]
+        for index, (got, want) in enumerate(zip(state, self.global_state, strict=True)):
+            if got.shape != want.shape:
+                raise ValueError(f"checkpoint {path} does not match this model (array {index})")
+        self.global_state = state
+        self.load_method_state(
+            {k.removeprefix("method/"): v for k, v in arrays.items() if k.startswith("method/")},
+            meta["method"],
+        )
+        self.round_offset = int(meta["round"])
+        self.history = list(meta["history"])
+        self.traffic = {int(r): RoundTraffic(**t) for r, t in meta["traffic"].items()}
+        self.num_clients = int(meta["num_clients"])
+        self.started = time.perf_counter() - float(meta["wall_seconds"])
+        if self.results is not None:
+            self.results.rewrite_rounds(self.history)
+            self.results.write_summary(self.summary())
+        log(INFO, "resumed from %s after round %d", path, self.round_offset)
+        return self.round_offset
 
     _last_train_loss: float = float("nan")
 

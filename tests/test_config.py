@@ -58,7 +58,6 @@ def test_required_keys_exist():
 @pytest.mark.parametrize(
     ("key", "value", "listed"),
     [
-        ("strategy", "fedavgg", "one of 'fedavg'"),
         ("dataset", "mnist", "'cifar10', 'cifar100', 'digits', 'fmnist', 'svhn'"),
         ("model", "resnet50", "'resnet18'"),
         ("partitioner", "shards", "'iid', 'dirichlet', 'label-count'"),
@@ -109,6 +108,13 @@ def test_run_dir_is_absolute_and_named_from_config(tmp_path, monkeypatch):
     cfg = parse(results_dir="out", seed=7)
     assert cfg.run_dir() == tmp_path / "out" / "fedavg-digits-digits-cnn-bn-dirichlet-seed7"
     assert parse(results_dir="out", run_name="mine").run_dir() == tmp_path / "out" / "mine"
+
+
+def test_bad_strategy_lists_every_method():
+    with pytest.raises(ConfigError) as err:
+        parse_run_config({"strategy": "fedavgg"}, all_config_keys())
+    assert all(repr(name) in str(err.value) for name in METHODS.names())
+    assert "'fedavg'" in str(err.value) and "'fedbif'" in str(err.value)
 
 
 def test_strategy_names_are_lower_case_hyphenated():
