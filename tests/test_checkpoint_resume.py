@@ -16,8 +16,16 @@ COMPARED = ("round", "accuracy", "loss", "train_loss", "uplink_bytes", "downlink
 
 
 def config(tmp_path, name, **extra):
-    return {"device": "cpu", "num-server-rounds": 5, "fraction-fit": 0.6, "seed": 3,
-            "results-dir": str(tmp_path), "run-name": name, "local-epochs": 1, **extra}
+    return {
+        "device": "cpu",
+        "num-server-rounds": 5,
+        "fraction-fit": 0.6,
+        "seed": 3,
+        "results-dir": str(tmp_path),
+        "run-name": name,
+        "local-epochs": 1,
+        **extra,
+    }
 
 
 def killed_after(round_done: int):
@@ -47,15 +55,17 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     assert meta["round"] == 3
     assert [row["round"] for row in read_rounds(tmp_path / "cut" / "rounds.csv")] == [0, 1, 2, 3]
 
-    resumed = run_inprocess(config(tmp_path, "cut", **{"resume-from": str(tmp_path / "cut")}),
-                            num_clients=5)
+    resumed = run_inprocess(
+        config(tmp_path, "cut", **{"resume-from": str(tmp_path / "cut")}), num_clients=5
+    )
     rows = read_rounds(tmp_path / "cut" / "rounds.csv")
     clean_rows = read_rounds(tmp_path / "clean" / "rounds.csv")
     assert [row["round"] for row in rows] == [0, 1, 2, 3, 4, 5]
     for got, want in zip(rows, clean_rows, strict=True):
         for column in COMPARED:
-            assert got[column] == want[column] or (np.isnan(got[column]) and
-                                                   np.isnan(want[column])), column
+            assert got[column] == want[column] or (
+                np.isnan(got[column]) and np.isnan(want[column])
+            ), column
     for got, want in zip(resumed.global_state, clean.global_state, strict=True):
         np.testing.assert_array_equal(got, want)
     summary = resumed.summary()
@@ -66,16 +76,21 @@ def test_checkpoint_is_written_every_round_and_can_be_disabled(tmp_path):
     run_inprocess(config(tmp_path, "on", **{"num-server-rounds": 2}), num_clients=3)
     _, meta = load_checkpoint(tmp_path / "on" / CHECKPOINT_NAME)
     assert meta["round"] == 2 and len(meta["history"]) == 3
-    run_inprocess(config(tmp_path, "off", **{"num-server-rounds": 1, "checkpoint": False}),
-                  num_clients=3)
+    run_inprocess(
+        config(tmp_path, "off", **{"num-server-rounds": 1, "checkpoint": False}), num_clients=3
+    )
     assert not (tmp_path / "off" / CHECKPOINT_NAME).exists()
 
 
 def test_resuming_a_finished_run_is_a_clear_error(tmp_path):
     run_inprocess(config(tmp_path, "done", **{"num-server-rounds": 1}), num_clients=3)
     with pytest.raises(ConfigError, match="already holds 1 rounds"):
-        run_inprocess(config(tmp_path, "done", **{"num-server-rounds": 1,
-                                                  "resume-from": str(tmp_path / "done")}), 3)
+        run_inprocess(
+            config(
+                tmp_path, "done", **{"num-server-rounds": 1, "resume-from": str(tmp_path / "done")}
+            ),
+            3,
+        )
 
 
 def test_round_with_too_few_results_is_skipped(tmp_path):
@@ -85,9 +100,11 @@ def test_round_with_too_few_results_is_skipped(tmp_path):
         return client_fn(context)
 
     strategy = run_inprocess(
-        config(tmp_path, "few", **{"num-server-rounds": 2, "fraction-fit": 1.0,
-                                   "min-fit-results": 2}),
-        num_clients=3, client_fn=crash_two,
+        config(
+            tmp_path, "few", **{"num-server-rounds": 2, "fraction-fit": 1.0, "min-fit-results": 2}
+        ),
+        num_clients=3,
+        client_fn=crash_two,
     )
     initial = strategy.history[0]
     assert [row["clients"] for row in strategy.history[1:]] == [1, 1]
