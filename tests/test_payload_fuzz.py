@@ -17,7 +17,6 @@ from flwr.common import (
     FitIns,
     FitRes,
     Parameters,
-    Status,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
