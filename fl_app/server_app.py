@@ -59,7 +59,11 @@ def server_fn(context: Context) -> ServerAppComponents:
     """Fail fast on a bad config, then hand Flower the strategy and the number of rounds."""
     cfg = parse_run_config(context.run_config, all_config_keys())
     strategy, rounds = build_server(cfg)
-    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=rounds))
+    # A client that misses the timeout becomes a failure of that round, not a hang.
+    timeout = float(cfg["round-timeout"]) or None
+    return ServerAppComponents(
+        strategy=strategy, config=ServerConfig(num_rounds=rounds, round_timeout=timeout)
+    )
 
 
 app = ServerApp(server_fn=server_fn)
