@@ -124,6 +124,26 @@ DATASETS.add(
     ),
 )
 DATASETS.add(
+    "tiny-imagenet",
+    DatasetSpec(
+        "tiny-imagenet",
+        200,
+        3,
+        64,
+        (0.4802, 0.4481, 0.3975),
+        (0.2770, 0.2691, 0.2821),
+        "zh-plus/tiny-imagenet",
+        None,
+        "image",
+        "label",
+        test_split="valid",
+    ),
+)
+DATASETS.add(
+    "mnist",
+    DatasetSpec("mnist", 10, 1, 28, (0.1307,), (0.3081,), "ylecun/mnist", None, "image", "label"),
+)
+DATASETS.add(
     "fmnist",
     DatasetSpec(
         "fmnist",
@@ -327,7 +347,7 @@ def _to_arrays(ds: datasets.Dataset, spec: DatasetSpec) -> tuple[np.ndarray, np.
     images = cols[spec.image_column]
     if images.dtype == object:  # ragged decode: stack, failing loudly on mixed sizes
         try:
-            images = np.stack([np.asarray(img) for img in images])
+            images = np.stack([_with_channels(np.asarray(img), spec.in_channels) for img in images])
         except ValueError as exc:
             raise ValueError(f"{spec.name}: images do not all have the same shape") from exc
     if images.ndim == 3:  # grayscale (N, H, W)
@@ -347,6 +367,13 @@ def _to_arrays(ds: datasets.Dataset, spec: DatasetSpec) -> tuple[np.ndarray, np.
             f"found {labels.min()}..{labels.max()}"
         )
     return np.ascontiguousarray(images), labels
+
+
+def _with_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """A grayscale (H, W) image among RGB ones (Tiny-ImageNet has some) repeated to (H, W, 3)."""
+    if image.ndim == 2 and channels == 3:
+        return np.repeat(image[:, :, None], 3, axis=2)
+    return image
 
 
 def _to_tensors(images: np.ndarray, labels: np.ndarray, spec: DatasetSpec) -> TensorDataset:

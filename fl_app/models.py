@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock, ResNet
+from torchvision.models import mobilenet_v2
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.models.vision_transformer import VisionTransformer
 
 from fl_app.registry import Registry
 
@@ -141,14 +143,19 @@ def vgg11_light(in_channels: int, num_classes: int, image_size: int) -> nn.Modul
     return nn.Sequential(*layers)
 
 
-def _cifar_resnet(layers: list[int], in_channels: int, num_classes: int) -> nn.Module:
+def _cifar_resnet(
+    layers: list[int],
+    in_channels: int,
+    num_classes: int,
+    block: type[BasicBlock] | type[Bottleneck] = BasicBlock,
+) -> nn.Module:
     """torchvision's ResNet with the small-image stem used for CIFAR-sized inputs.
 
     The ImageNet stem (7x7 stride-2 conv + max-pool) would shrink a 32x32 image to 8x8 before
     the first block; a 3x3 stride-1 conv without the pool keeps the resolution, as is usual
     for CIFAR ResNets. The global average pool makes any input size work.
     """
-    model = ResNet(BasicBlock, layers, num_classes=num_classes)
+    model = ResNet(block, layers, num_classes=num_classes)
     model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     # Match the Kaiming init torchvision gave the stem it replaced.
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
@@ -212,3 +219,93 @@ def lenet5(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     # The second pool needs at least a 2x2 map: image_size // 2 - 4 >= 2.
     _require_min_size("lenet5", image_size, 12, "two 5x5 convs and two 2x2 max-pools")
     return LeNet5(in_channels, num_classes, image_size)
+
+
+@MODELS.register("resnet50")
+def resnet50(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """torchvision's Bottleneck ResNet-50 with the CIFAR stem (LBI-FL's larger model)."""
+    return _cifar_resnet([3, 4, 6, 3], in_channels, num_classes, block=Bottleneck)
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNet of He et al. (2016): three stages of n BasicBlocks at 16/32/64 channels.
+
+    Depth 6n + 2 (n = 3: ResNet-20). Projection (1x1 conv) shortcuts where the shape changes
+    instead of the paper's zero-padding, so torchvision's BasicBlock is reused unchanged.
+    """
+
+    def __init__(self, blocks_per_stage: int, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, 16, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(inplace=True),
+        )
+        blocks: list[nn.Module] = []
+        inplanes = 16
+        for stage, width in enumerate((16, 32, 64)):
+            for index in range(blocks_per_stage):
+                stride = 2 if stage > 0 and index == 0 else 1
+                shortcut = None
+                if stride != 1 or inplanes != width:
+                    shortcut = nn.Sequential(
+                        nn.Conv2d(inplanes, width, kernel_size=1, stride=stride, bias=False),
+                        nn.BatchNorm2d(width),
+                    )
+                blocks.append(BasicBlock(inplanes, width, stride, shortcut))
+                inplanes = width
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+@MODELS.register("resnet20")
+def resnet20(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """CIFAR ResNet-20 (~0.27M parameters), the clipped-UQ and LBI-FL papers' small ResNet."""
+    return CifarResNet(3, in_channels, num_classes)
+
+
+@MODELS.register("mobilenetv2")
+def mobilenetv2(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """torchvision's MobileNetV2 with a stride-1 stem, the usual adaptation to 32x32 inputs
+    (the ImageNet stem's stride 2 would leave 1x1 maps before the last stage)."""
+    model = mobilenet_v2(num_classes=num_classes)
+    stem = model.features[0][0]
+    model.features[0][0] = nn.Conv2d(
+        in_channels,
+        stem.out_channels,
+        kernel_size=3,
+        stride=1 if image_size <= 64 else 2,
+        padding=1,
+        bias=False,
+    )
+    nn.init.kaiming_normal_(model.features[0][0].weight, mode="fan_out")
+    return model
+
+
+@MODELS.register("vit-s")
+def vit_small(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """ViT-S (12 layers, 6 heads, width 384, MLP 1536) on torchvision's VisionTransformer,
+    with 4x4 patches for images up to 32 pixels and 8x8 above (64 patches either way)."""
+    patch = 4 if image_size <= 32 else 8
+    if image_size % patch:
+        raise ValueError(
+            f"model 'vit-s': image_size {image_size} is not a multiple of the {patch}-pixel patch"
+        )
+    model = VisionTransformer(
+        image_size=image_size,
+        patch_size=patch,
+        num_layers=12,
+        num_heads=6,
+        hidden_dim=384,
+        mlp_dim=1536,
+        num_classes=num_classes,
+    )
+    if in_channels != 3:
+        model.conv_proj = nn.Conv2d(in_channels, 384, kernel_size=patch, stride=patch)
+    return model

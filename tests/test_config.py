@@ -58,8 +58,12 @@ def test_required_keys_exist():
 @pytest.mark.parametrize(
     ("key", "value", "listed"),
     [
-        ("dataset", "mnist", "'cifar10', 'cifar100', 'digits', 'fmnist', 'svhn'"),
-        ("model", "resnet50", "'resnet18'"),
+        (
+            "dataset",
+            "emnist",
+            "'cifar10', 'cifar100', 'digits', 'fmnist', 'mnist', 'svhn', 'tiny-imagenet'",
+        ),
+        ("model", "resnet152", "'resnet18'"),
         ("partitioner", "shards", "'iid', 'dirichlet', 'label-count'"),
         ("device", "gpu", "'auto', 'cpu', 'cuda'"),
     ],

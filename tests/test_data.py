@@ -140,7 +140,15 @@ def _write_fake(
 
 def test_names() -> None:
     assert data.PARTITIONERS == ("iid", "dirichlet", "label-count")
-    assert data.DATASETS.names() == ["cifar10", "cifar100", "digits", "fmnist", "svhn"]
+    assert data.DATASETS.names() == [
+        "cifar10",
+        "cifar100",
+        "digits",
+        "fmnist",
+        "mnist",
+        "svhn",
+        "tiny-imagenet",
+    ]
     spec = data.DATASETS.get("digits")
     assert (spec.num_classes, spec.in_channels, spec.image_size, spec.hf_path) == (10, 1, 8, None)
 
@@ -246,11 +254,11 @@ def test_make_partitioner_kinds() -> None:
         (lambda: _digits(0, 4, partitioner="shards"), "valid choices: iid, dirichlet, label-count"),
         (
             lambda: data.load_partition(
-                "mnist", 0, 2, partitioner="iid", alpha=1.0, labels_per_client=2, seed=0
+                "emnist", 0, 2, partitioner="iid", alpha=1.0, labels_per_client=2, seed=0
             ),
-            "valid choices: cifar10, cifar100, digits, fmnist, svhn",
+            "valid choices: cifar10, cifar100, digits, fmnist, mnist, svhn, tiny-imagenet",
         ),
-        (lambda: data.load_test_set("mnist"), "valid choices: .*digits"),
+        (lambda: data.load_test_set("emnist"), "valid choices: .*digits"),
         (lambda: _digits(4, 4), r"partition_id must be in 0\.\.3"),
         (lambda: _digits(-1, 4), "partition_id"),
         (lambda: _digits(0, 0), "num_partitions must be >= 1"),
@@ -389,3 +397,43 @@ def test_wrong_channels_rejected(tmp_path: Path) -> None:
     _write_fake(tmp_path, spec, n_train=20, n_test=5, channels=1)  # grayscale "cifar10"
     with pytest.raises(ValueError, match=r"expected images of shape \(3, 32, 32\)"):
         data.load_test_set("cifar10", data_files=str(tmp_path))
+
+
+def test_tiny_imagenet_stand_in_with_grayscale_images(tmp_path: Path) -> None:
+    """Tiny-ImageNet's held-out split is 'valid' and a few of its images are grayscale."""
+    spec = data.DATASETS.get("tiny-imagenet")
+    rng = np.random.default_rng(0)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=200)}
+    )
+    for split, n in (("train", 12), ("valid", 4)):
+        images = [
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3) if i % 3 else (64, 64), np.uint8))
+            for i in range(n)
+        ]
+        ds = datasets.Dataset.from_dict(
+            {"image": images, "label": rng.integers(0, 200, n).tolist()}, features=features
+        )
+        ds.to_parquet(str(tmp_path / f"{split}.parquet"))
+    test = data.load_test_set("tiny-imagenet", data_files=str(tmp_path))
+    assert test.tensors[0].shape == (4, 3, 64, 64)
+    # Images 0 and 3 were grayscale: their three channels now carry one picture each.
+    raw = test.tensors[0] * torch.tensor(spec.std).view(1, -1, 1, 1) + torch.tensor(spec.mean).view(
+        1, -1, 1, 1
+    )
+    same = [
+        torch.allclose(img[0], img[1], atol=1e-5) and torch.allclose(img[1], img[2], atol=1e-5)
+        for img in raw
+    ]
+    assert sum(same) == 2
+    part = data.load_partition(
+        "tiny-imagenet",
+        0,
+        2,
+        partitioner="iid",
+        alpha=1.0,
+        labels_per_client=2,
+        seed=0,
+        data_files=str(tmp_path),
+    )
+    assert part.tensors[0].shape == (6, 3, 64, 64)

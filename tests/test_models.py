@@ -18,10 +18,23 @@ EXPECTED_NAMES = {
     "resnet18",
     "resnet34",
     "lenet5",
+    "resnet20",
+    "resnet50",
+    "mobilenetv2",
+    "vit-s",
 }
 
 # (model, in_channels, image_size, num_classes) combinations used by the experiments.
 SUPPORTED = [
+    ("resnet20", 3, 32, 10),
+    ("resnet20", 3, 32, 100),
+    ("resnet50", 3, 32, 100),
+    ("resnet50", 3, 64, 200),
+    ("mobilenetv2", 3, 32, 10),
+    ("mobilenetv2", 1, 28, 10),
+    ("vit-s", 3, 32, 10),
+    ("vit-s", 3, 64, 200),
+    ("vit-s", 1, 28, 10),
     ("digits-cnn", 1, 8, 10),
     ("digits-cnn-bn", 1, 8, 10),
     ("cnn4", 1, 28, 10),
