@@ -30,9 +30,10 @@ from torch.func import functional_call
 
 from clients.base import TrainingClient
 from compression.bits import bit_planes, step_ste
-from compression.fedbif_codec import concat_flat, decode_downlink, encode_uplink, split_flat
-from fl_app.torch_utils import derive_seed, wire_keys
-from strategies.fedbif import bit_layout, mask_to_positions, model_split
+from compression.fedbif_codec import decode_downlink, encode_uplink
+from compression.layout import concat_flat, split_flat
+from fl_app.torch_utils import derive_seed, quantized_split, wire_keys
+from strategies.fedbif import bit_layout, mask_to_positions
 
 STATE_KEY = "fedbif"
 MIN_MAGNITUDE = 1e-4  # keeps sign(v) meaningful after a float16 round trip
@@ -53,7 +54,7 @@ class FedBiFClient(TrainingClient):
     def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         super().__init__(*args, **kwargs)
         self.layout = bit_layout(self.cfg)
-        self.q_index, self.e_index, self.split = model_split(self.model)
+        self.q_index, self.e_index, self.split = quantized_split(self.model)
         keys = wire_keys(self.model)
         self.q_keys = [keys[i] for i in self.q_index]
         self.e_keys = [keys[i] for i in self.e_index]

@@ -149,8 +149,9 @@ COMMON_KEYS: tuple[ConfigKey, ...] = (
     ),
     ConfigKey("results-dir", str, "results", "folder for results (relative: to the launch dir)"),
     ConfigKey("run-name", str, "", "results sub-folder; empty: derived from the config"),
-    ConfigKey("round-timeout", float, 0.0, "seconds to wait for clients per round; 0 = no limit",
-              min=0.0),
+    ConfigKey(
+        "round-timeout", float, 0.0, "seconds to wait for clients per round; 0 = no limit", min=0.0
+    ),
     ConfigKey("min-fit-results", int, 1, "fewer valid client updates skip the round", min=1),
     ConfigKey("checkpoint", bool, True, "write checkpoint.npz to the run folder every round"),
     ConfigKey("resume-from", str, "", "a run folder (or its checkpoint.npz) to continue from"),

@@ -10,12 +10,14 @@ The number of scalars in the wire state is the denominator of every bpp figure.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
+
+from compression.layout import SplitLayout
 
 
 def select_device(preference: str) -> torch.device:
@@ -112,3 +114,32 @@ def conv_linear_weight_keys(model: nn.Module) -> list[str]:
         if isinstance(module, nn.Conv2d | nn.Linear)
     }
     return [key for key in wire_keys(model) if key in keys]
+
+
+def split_wire_state(
+    model: nn.Module, selected: Iterable[str]
+) -> tuple[list[int], list[int], SplitLayout]:
+    """Wire-state indices of the ``selected`` tensors and of the rest, with their shapes.
+
+    Codecs treat the two groups differently (e.g. quantized weights vs float extras).
+    """
+    keys = wire_keys(model)
+    chosen = set(selected)
+    state = model.state_dict()
+    first = [i for i, key in enumerate(keys) if key in chosen]
+    rest = [i for i, key in enumerate(keys) if key not in chosen]
+    layout = SplitLayout(
+        quantized_shapes=tuple(tuple(state[keys[i]].shape) for i in first),
+        extra_shapes=tuple(tuple(state[keys[i]].shape) for i in rest),
+    )
+    return first, rest, layout
+
+
+def quantized_split(model: nn.Module) -> tuple[list[int], list[int], SplitLayout]:
+    """Conv2d/Linear weights (quantized or binarized by the methods) vs every other tensor."""
+    return split_wire_state(model, conv_linear_weight_keys(model))
+
+
+def parameter_split(model: nn.Module) -> tuple[list[int], list[int], SplitLayout]:
+    """Trainable parameters vs buffers (BatchNorm running statistics)."""
+    return split_wire_state(model, (name for name, _ in model.named_parameters()))

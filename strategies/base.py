@@ -244,8 +244,14 @@ class CommunicationStrategy(Strategy):
         if len(updates) >= minimum:
             self.global_state = self.aggregate(server_round, updates)
         else:
-            log(WARNING, "round %d: %d usable client updates (< min-fit-results %d): round "
-                "skipped, global model unchanged", server_round, len(updates), minimum)
+            log(
+                WARNING,
+                "round %d: %d usable client updates (< min-fit-results %d): round "
+                "skipped, global model unchanged",
+                server_round,
+                len(updates),
+                minimum,
+            )
         self._last_train_loss = _mean_metric(updates, "train-loss")
         return ndarrays_to_parameters(self.global_state), {"clients": len(updates)}
 
@@ -408,11 +414,14 @@ class CommunicationStrategy(Strategy):
         arrays = {f"global/{i}": a for i, a in enumerate(self.global_state)}
         arrays.update({f"method/{name}": a for name, a in method_arrays.items()})
         meta = {
+            "strategy": self.cfg.strategy,
+            "model": self.cfg.model,
             "round": server_round,
             "history": self.history,
             "traffic": {str(r): vars(t) for r, t in self.traffic.items()},
             "num_clients": self.num_clients,
             "wall_seconds": time.perf_counter() - self.started,
+            "last_train_loss": self._last_train_loss,
             "method": method_meta,
         }
         save_checkpoint(self.results.run_dir, arrays, meta)
@@ -420,6 +429,12 @@ class CommunicationStrategy(Strategy):
     def restore(self, path: Path) -> int:
         """Load a checkpoint; returns the number of rounds already done (the round offset)."""
         arrays, meta = load_checkpoint(path)
+        for key in ("strategy", "model"):
+            if meta.get(key) != self.cfg[key]:
+                raise ValueError(
+                    f"checkpoint {path} was written by {key} {meta.get(key)!r}, "
+                    f"this run has {key} {self.cfg[key]!r}"
+                )
         state = [arrays[f"global/{i}"] for i in range(len(self.global_state))]
         for index, (got, want) in enumerate(zip(state, self.global_state, strict=True)):
             if got.shape != want.shape:
@@ -434,6 +449,7 @@ class CommunicationStrategy(Strategy):
         self.traffic = {int(r): RoundTraffic(**t) for r, t in meta["traffic"].items()}
         self.num_clients = int(meta["num_clients"])
         self.started = time.perf_counter() - float(meta["wall_seconds"])
+        self._last_train_loss = float(meta.get("last_train_loss", float("nan")))
         if self.results is not None:
             self.results.rewrite_rounds(self.history)
             self.results.write_summary(self.summary())

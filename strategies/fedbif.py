@@ -18,18 +18,11 @@ import torch
 from flwr.common import FitRes, Scalar, parameters_to_ndarrays
 
 from compression.bits import LAYOUTS, BitLayout
-from compression.fedbif_codec import (
-    EXTRAS_DTYPES,
-    SplitLayout,
-    concat_flat,
-    decode_uplink,
-    encode_downlink,
-    split_flat,
-    spread_codes,
-)
+from compression.fedbif_codec import EXTRAS_DTYPES, decode_uplink, encode_downlink, spread_codes
+from compression.layout import concat_flat, split_flat
 from compression.quantization import max_abs_step, quantize
 from fl_app.config import ConfigKey, RunConfig
-from fl_app.torch_utils import conv_linear_weight_keys, wire_keys
+from fl_app.torch_utils import quantized_split
 from strategies.base import ClientUpdate, CommunicationStrategy, PayloadError
 
 SELECTORS = ("sequential", "fixed", "random")
@@ -136,20 +129,6 @@ def mask_to_positions(mask: int, bits: int) -> tuple[int, ...]:
     return tuple(p for p in range(bits) if mask >> p & 1)
 
 
-def model_split(model: torch.nn.Module) -> tuple[list[int], list[int], SplitLayout]:
-    """Indices (into the wire state) of quantized tensors and extras, and their shapes."""
-    keys = wire_keys(model)
-    quantized = set(conv_linear_weight_keys(model))
-    state = model.state_dict()
-    q_index = [i for i, k in enumerate(keys) if k in quantized]
-    e_index = [i for i, k in enumerate(keys) if k not in quantized]
-    layout = SplitLayout(
-        quantized_shapes=tuple(tuple(state[keys[i]].shape) for i in q_index),
-        extra_shapes=tuple(tuple(state[keys[i]].shape) for i in e_index),
-    )
-    return q_index, e_index, layout
-
-
 class FedBiFStrategy(CommunicationStrategy):
     """Server side of FedBiF; see the module docstring."""
 
@@ -159,7 +138,7 @@ class FedBiFStrategy(CommunicationStrategy):
         super().__init__(cfg, **kwargs)
         self.layout = bit_layout(cfg)
         self.active = int(cfg["fedbif-active-bits"])
-        self.q_index, self.e_index, self.split = model_split(self.model)
+        self.q_index, self.e_index, self.split = quantized_split(self.model)
         self.extras_dtype = str(cfg["fedbif-extras-dtype"])
         # Fail at start, not in round 1, on an impossible selector setting.
         select_active_bits(

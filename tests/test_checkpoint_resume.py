@@ -46,17 +46,23 @@ def killed_after(round_done: int):
     return flaky
 
 
-def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
-    clean = run_inprocess(config(tmp_path, "clean"), num_clients=5)
+@pytest.mark.parametrize("strategy", ["fedavg", "dadaquant", "clipped-uq", "fedbat"])
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, strategy):
+    """Methods whose clients keep no state between rounds resume exactly (server state such as
+    DAdaQuant's levels is in the checkpoint)."""
+    clean = run_inprocess(config(tmp_path, "clean", strategy=strategy), num_clients=5)
 
     with pytest.raises(KeyboardInterrupt):
-        run_inprocess(config(tmp_path, "cut"), num_clients=5, client_fn=killed_after(3))
+        run_inprocess(
+            config(tmp_path, "cut", strategy=strategy), num_clients=5, client_fn=killed_after(3)
+        )
     arrays, meta = load_checkpoint(tmp_path / "cut")
     assert meta["round"] == 3
     assert [row["round"] for row in read_rounds(tmp_path / "cut" / "rounds.csv")] == [0, 1, 2, 3]
 
     resumed = run_inprocess(
-        config(tmp_path, "cut", **{"resume-from": str(tmp_path / "cut")}), num_clients=5
+        config(tmp_path, "cut", strategy=strategy, **{"resume-from": str(tmp_path / "cut")}),
+        num_clients=5,
     )
     rows = read_rounds(tmp_path / "cut" / "rounds.csv")
     clean_rows = read_rounds(tmp_path / "clean" / "rounds.csv")
@@ -70,6 +76,14 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
         np.testing.assert_array_equal(got, want)
     summary = resumed.summary()
     assert summary["completed"] and summary["uplink_bytes"] == clean.summary()["uplink_bytes"]
+
+
+def test_resuming_with_another_strategy_is_refused(tmp_path):
+    run_inprocess(config(tmp_path, "a", **{"num-server-rounds": 1}), num_clients=3)
+    with pytest.raises(ValueError, match="written by strategy 'fedavg'"):
+        run_inprocess(
+            config(tmp_path, "b", strategy="fedbat", **{"resume-from": str(tmp_path / "a")}), 3
+        )
 
 
 def test_checkpoint_is_written_every_round_and_can_be_disabled(tmp_path):

@@ -1,0 +1,97 @@
+"""Clipped-uniform-quantization client: train, then send B-bit codes, clips and per-layer SQE.
+
+Local training is plain SGD on float weights, or, with ``cuq-qat``, quantization-aware: every
+Conv2d/Linear weight goes through the clipped quantizer (MSE-optimal clip of its current values,
+the run's rounding) in the forward pass, with a straight-through gradient to the float shadow
+weights (``compression.clipped_quant.fake_quantize``), so the network learns to work with the
+quantized weights it will send. Biases and BatchNorm tensors train as usual and travel as the
+extras vector. Stochastic rounding of the uplink uses a generator seeded by (seed, partition,
+round), so runs repeat exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.common import NDArrays, Scalar
+from torch import nn
+from torch.func import functional_call
+
+from clients.base import TrainingClient
+from compression.clipped_quant import fake_quantize
+from compression.cuq_codec import decode, dequantize_layers, encode, quantize_layers
+from compression.layout import concat_flat, split_flat
+from fl_app.torch_utils import derive_seed, quantized_split, set_wire_state, wire_keys
+from strategies.cuq import downlink_layout, uplink_layout
+
+#: salt of the uplink rounding seed, so it differs from the training seed of the same round.
+UPLINK_SALT = 0xC0A
+
+
+class ClippedUQClient(TrainingClient):
+    """Client side of clipped uniform quantization; see the module docstring."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.q_index, self.e_index, self.split = quantized_split(self.model)
+        keys = wire_keys(self.model)
+        self.q_keys = [keys[i] for i in self.q_index]
+        self.e_keys = [keys[i] for i in self.e_index]
+        self.up = uplink_layout(self.cfg, self.model)
+        self.down = downlink_layout(self.cfg, self.model)
+        self.rounding = str(self.cfg["cuq-rounding"])
+        self.extras_dtype = str(self.cfg["cuq-extras-dtype"])
+        self.qat = bool(self.cfg["cuq-qat"])
+        self.last_errors = np.zeros(0)
+
+    # ----------------------------------------------------------------- downlink
+    def load_downlink(self, arrays: NDArrays, config: dict[str, Scalar]) -> None:
+        if self.down is None:
+            set_wire_state(self.model, arrays)
+            return
+        message = decode(arrays, self.down, with_errors=False)
+        weights = dequantize_layers(message, self.down)
+        extras = split_flat(message.extras, self.split.extra_shapes)
+        state = self.model.state_dict()
+        with torch.no_grad():
+            for key, array in zip(self.q_keys + self.e_keys, weights + extras, strict=True):
+                state[key].copy_(torch.from_numpy(np.ascontiguousarray(array)))
+
+    # ----------------------------------------------------------------- training
+    def training_step(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        step: int,
+        total_steps: int,
+    ) -> float:
+        if not self.qat:
+            return super().training_step(images, labels, optimizer, step, total_steps)
+        optimizer.zero_grad(set_to_none=True)
+        params = dict(self.model.named_parameters())
+        # The global torch RNG is seeded per (seed, partition, round) by ``train``.
+        quantized = {
+            key: fake_quantize(params[key], self.up.bits, self.rounding, self.up.granularity)
+            for key in self.q_keys
+        }
+        logits = functional_call(self.model, quantized, (images,), strict=False)
+        loss = nn.functional.cross_entropy(logits, labels)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    # ----------------------------------------------------------------- uplink
+    def encode_uplink(self, config: dict[str, Scalar]) -> NDArrays:
+        state = self.model.state_dict()
+        weights = [state[k].detach().cpu().float().numpy() for k in self.q_keys]
+        generator = torch.Generator().manual_seed(
+            derive_seed(self.cfg.seed, self.partition_id, int(config.get("server-round", 0)))
+            ^ UPLINK_SALT
+        )
+        codes, clips, errors, _ = quantize_layers(weights, self.up, self.rounding, generator)
+        self.last_errors = errors
+        extras = concat_flat(
+            [state[k].detach().cpu().numpy() for k in self.e_keys], self.extras_dtype
+        )
+        return encode(self.up, codes, clips, extras, errors)
