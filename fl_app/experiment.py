@@ -2,6 +2,7 @@
 
     python -m fl_app.experiment run experiments/digits.toml      # resumable; skips finished points
     python -m fl_app.experiment report experiments/digits.toml   # tables (Markdown, CSV) + PNGs
+    python -m fl_app.experiment run FILE --runner inprocess       # no Ray: quick sweeps
 
 An experiment file (TOML):
 
@@ -15,7 +16,8 @@ An experiment file (TOML):
     num-server-rounds = 20
     [federation]                    # flwr --federation-config
     num-supernodes = 10
-    [[grid.setting]]                # every combination of one entry per grid axis is a point
+    [[grid.setting]]                # an axis of tables (any name); every combination of one
+                                    # entry per axis is a point
     partitioner = "iid"
     [[grid.setting]]
     partitioner = "dirichlet"
@@ -111,14 +113,14 @@ def load_experiment(path: Path) -> Experiment:
         raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}")
     axes: list[list[dict[str, Any]]] = []
     for key, values in data.get("grid", {}).items():
-        if key == "setting":
-            if not all(isinstance(v, dict) for v in values):
-                raise ValueError(f"{path}: [[grid.setting]] entries must be tables")
-            axes.append([dict(v) for v in values])
-        elif isinstance(values, list) and values:
-            axes.append([{key: v} for v in values])
-        else:
+        if not isinstance(values, list) or not values:
             raise ValueError(f"{path}: grid.{key} must be a non-empty list")
+        if all(isinstance(v, dict) for v in values):  # [[grid.NAME]] tables: several keys each
+            axes.append([dict(v) for v in values])
+        elif any(isinstance(v, dict) for v in values):
+            raise ValueError(f"{path}: grid.{key} mixes tables and values")
+        else:
+            axes.append([{key: v} for v in values])
     output = Path(data.get("output", "results/experiments"))
     return Experiment(
         name=str(data.get("name", path.stem)),
@@ -175,6 +177,25 @@ def flwr_runner(experiment: Experiment) -> Runner:
             )
 
     return run
+
+
+def inprocess_runner(experiment: Experiment) -> Runner:
+    """Run a point in this process (``fl_app.inprocess``): no Ray or SuperLink start-up per
+    point, same strategy/client code and byte accounting; for quick sweeps on small data."""
+    from fl_app.inprocess import run_inprocess
+
+    clients = int(experiment.federation.get("num-supernodes", 10))
+
+    def run(point: Point, folder: Path) -> None:
+        run_inprocess(
+            {**point.config, "results-dir": str(folder), "run-name": point.name},
+            num_clients=clients,
+        )
+
+    return run
+
+
+RUNNERS = {"flwr": flwr_runner, "inprocess": inprocess_runner}
 
 
 def run_experiment(
@@ -349,16 +370,17 @@ def plot_group(runs: list[RunResult], title: str, path: Path) -> None:
         by_round.fill_between(rounds, low, high, color=line.get_color(), alpha=0.2)
         by_bytes.plot(uplink, mean, label=method, color=line.get_color())
         by_bytes.fill_between(uplink, low, high, color=line.get_color(), alpha=0.2)
-    by_round.set(xlabel="round", ylabel="test accuracy (%)", title=title)
+    by_round.set(xlabel="round", ylabel="test accuracy (%)", title="accuracy by round")
     by_bytes.set(
         xlabel="cumulative uplink (MB, all clients)",
         ylabel="test accuracy (%)",
         xscale="symlog",
-        title=title,
+        title="accuracy by uplink traffic",
     )
     by_round.legend(fontsize=8)
     by_round.grid(alpha=0.3)
     by_bytes.grid(alpha=0.3)
+    figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -398,6 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="run a grid of FL runs and report on it")
     parser.add_argument("command", choices=("run", "report", "list"))
     parser.add_argument("experiment", type=Path)
+    parser.add_argument(
+        "--runner",
+        choices=sorted(RUNNERS),
+        default="flwr",
+        help="flwr: every point through `flwr run` (default); inprocess: quick",
+    )
     args = parser.parse_args(argv)
     experiment = load_experiment(args.experiment)
     if args.command == "list":
@@ -406,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "run":
         try:
-            run_experiment(experiment)
+            run_experiment(experiment, RUNNERS[args.runner](experiment))
         except RuntimeError as err:
             print(f"experiment stopped: {err}", file=sys.stderr)
             return 1

@@ -124,3 +124,10 @@ def test_bad_strategy_lists_every_method():
 def test_strategy_names_are_lower_case_hyphenated():
     for name in METHODS.names():
         assert name == name.lower() and "_" not in name and " " not in name
+
+
+def test_readme_documents_every_key_and_strategy():
+    readme = (PYPROJECT.parent / "README.md").read_text()
+    missing = [key.name for key in all_config_keys() if f"`{key.name}`" not in readme]
+    missing += [name for name in METHODS.names() if f"`{name}`" not in readme]
+    assert not missing, f"README lacks {missing}"

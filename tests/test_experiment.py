@@ -164,3 +164,27 @@ def test_shipped_experiment_files_are_valid(path):
     keys = all_config_keys()
     for point in points:
         parse_run_config(point.config, keys)  # raises on an unknown key or a bad value
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.toml")), ids=lambda p: p.stem)
+def test_every_model_of_every_file_builds_on_its_dataset(path):
+    import torch
+
+    from fl_app.data import DATASETS
+    from fl_app.models import build_model
+
+    pairs = {
+        (p.config.get("model", "digits-cnn-bn"), p.config.get("dataset", "digits"))
+        for p in load_experiment(path).points()
+    }
+    for model_name, dataset in sorted(pairs):
+        spec = DATASETS.get(dataset)
+        model = build_model(
+            model_name,
+            in_channels=spec.in_channels,
+            num_classes=spec.num_classes,
+            image_size=spec.image_size,
+        ).eval()
+        with torch.no_grad():
+            out = model(torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size))
+        assert out.shape == (2, spec.num_classes), (model_name, dataset)
