@@ -4,8 +4,9 @@ A method client overrides the hooks, not ``fit``:
 
 * ``load_downlink(arrays, config)``: turn what the server sent into the local model
   (default: a full-precision wire state);
-* ``make_optimizer()`` / ``training_step(...)``: what is trained and how (default: plain SGD on
-  the model's parameters with cross-entropy);
+* ``make_optimizer()`` / ``weight_overrides(step, total)``: what is trained, and which tensors
+  replace the module's weights in the forward pass (default: plain SGD on the model's own
+  parameters with cross-entropy; ``training_step`` can be overridden whole if a method needs it);
 * ``encode_uplink(config)``: what goes back (default: the full-precision wire state).
 
 Per-client state that must outlive a round (error residuals, virtual-bit magnitudes) belongs in
@@ -22,6 +23,7 @@ import torch
 from flwr.client import NumPyClient
 from flwr.common import Context, NDArrays, Scalar
 from torch import nn
+from torch.func import functional_call
 from torch.utils.data import TensorDataset
 
 from fl_app.config import RunConfig
@@ -69,6 +71,12 @@ class TrainingClient(NumPyClient):
             weight_decay=float(self.cfg["weight-decay"]),
         )
 
+    def weight_overrides(self, step: int, total_steps: int) -> dict[str, torch.Tensor] | None:
+        """Tensors that stand in for module parameters in this step's forward pass (quantized,
+        binarized or rebuilt weights, through ``torch.func.functional_call``); None: the
+        module's own. ``step`` counts from 0 within the round."""
+        return None
+
     def training_step(
         self,
         images: torch.Tensor,
@@ -79,7 +87,12 @@ class TrainingClient(NumPyClient):
     ) -> float:
         """One optimisation step; returns the batch loss. ``step`` counts from 0 in the round."""
         optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(self.model(images), labels)
+        overrides = self.weight_overrides(step, total_steps)
+        if overrides is None:
+            logits = self.model(images)
+        else:
+            logits = functional_call(self.model, overrides, (images,), strict=False)
+        loss = nn.functional.cross_entropy(logits, labels)
         loss.backward()
         optimizer.step()
         return loss.item()

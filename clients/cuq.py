@@ -14,8 +14,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from flwr.common import NDArrays, Scalar
-from torch import nn
-from torch.func import functional_call
 
 from clients.base import TrainingClient
 from compression.clipped_quant import fake_quantize
@@ -58,28 +56,18 @@ class ClippedUQClient(TrainingClient):
                 state[key].copy_(torch.from_numpy(np.ascontiguousarray(array)))
 
     # ----------------------------------------------------------------- training
-    def training_step(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        optimizer: torch.optim.Optimizer,
-        step: int,
-        total_steps: int,
-    ) -> float:
+    def weight_overrides(self, step: int, total_steps: int) -> dict[str, torch.Tensor] | None:
+        """With QAT, the clipped-quantized weights (straight-through) replace the float ones.
+
+        The global torch RNG (stochastic rounding) is seeded per (seed, partition, round).
+        """
         if not self.qat:
-            return super().training_step(images, labels, optimizer, step, total_steps)
-        optimizer.zero_grad(set_to_none=True)
+            return None
         params = dict(self.model.named_parameters())
-        # The global torch RNG is seeded per (seed, partition, round) by ``train``.
-        quantized = {
+        return {
             key: fake_quantize(params[key], self.up.bits, self.rounding, self.up.granularity)
             for key in self.q_keys
         }
-        logits = functional_call(self.model, quantized, (images,), strict=False)
-        loss = nn.functional.cross_entropy(logits, labels)
-        loss.backward()
-        optimizer.step()
-        return loss.item()
 
     # ----------------------------------------------------------------- uplink
     def encode_uplink(self, config: dict[str, Scalar]) -> NDArrays:

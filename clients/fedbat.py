@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from flwr.common import NDArrays, Scalar
 from torch import nn
-from torch.func import functional_call
 
 from clients.base import TrainingClient
 from compression.binarize import (
@@ -130,24 +129,12 @@ class FedBATClient(TrainingClient):
             )
         }
 
-    def training_step(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        optimizer: torch.optim.Optimizer,
-        step: int,
-        total_steps: int,
-    ) -> float:
+    def weight_overrides(self, step: int, total_steps: int) -> dict[str, torch.Tensor] | None:
+        """w + u during warm-up, w + B(u, a) after it (the switch happens at ceil(phi * T))."""
         binarize = step >= warmup_steps(total_steps, self.phi)
         if binarize and self.alpha0 is None:
             self.start_binarization(step)
-        optimizer.zero_grad(set_to_none=True)
-        weights = self.current_weights(binarize)
-        logits = functional_call(self.model, weights, (images,), strict=False)
-        loss = nn.functional.cross_entropy(logits, labels)
-        loss.backward()
-        optimizer.step()
-        return loss.item()
+        return self.current_weights(binarize)
 
     # ----------------------------------------------------------------- uplink
     def final_binarization(self, server_round: int) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from flwr.common import Array, ArrayRecord, NDArrays, Scalar
 from torch import nn
-from torch.func import functional_call
 
 from clients.base import TrainingClient
 from compression.bits import bit_planes, step_ste
@@ -153,20 +152,8 @@ class FedBiFClient(TrainingClient):
             weights[key] = step * self.layout.value_from_bits(torch.stack(rows))
         return weights
 
-    def training_step(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        optimizer: torch.optim.Optimizer,
-        step: int,
-        total_steps: int,
-    ) -> float:
-        optimizer.zero_grad(set_to_none=True)
-        logits = functional_call(self.model, self.current_weights(), (images,), strict=False)
-        loss = nn.functional.cross_entropy(logits, labels)
-        loss.backward()
-        optimizer.step()
-        return loss.item()
+    def weight_overrides(self, step: int, total_steps: int) -> dict[str, torch.Tensor] | None:
+        return self.current_weights()
 
     # ----------------------------------------------------------------- uplink
     def activated_codes(self) -> np.ndarray:

@@ -25,7 +25,7 @@ import torch
 
 from compression.clipped_quant import clipped_dequantize, quantize_tensor
 from compression.clipping import num_clips
-from compression.layout import SplitLayout
+from compression.layout import SplitLayout, checked_floats
 from compression.packing import pack_codes, packed_size, unpack_codes
 
 EXTRAS_DTYPES = ("float16", "float32")
@@ -83,14 +83,14 @@ def decode(arrays: Sequence[np.ndarray], layout: CuqLayout, with_errors: bool) -
     packed, side, extras = arrays
     codes = unpack_codes(packed, layout.bits, layout.split.num_quantized)
     side_size = layout.num_clips + (layout.num_layers if with_errors else 0)
-    side = _float_vector(side, side_size, "clips/errors", ("float32",))
+    side = checked_floats(side, (side_size,), "clips/errors", ("float32",))
     clips = side[: layout.num_clips]
     if np.any(clips <= 0):
         raise ValueError("clips must be positive")
     errors = side[layout.num_clips :] if with_errors else None
     if errors is not None and np.any(errors < 0):
         raise ValueError("squared errors must be non-negative")
-    extras = _float_vector(extras, layout.split.num_extras, "extras", EXTRAS_DTYPES)
+    extras = checked_floats(extras, (layout.split.num_extras,), "extras", EXTRAS_DTYPES)
     return CuqMessage(codes=codes, clips=clips, errors=errors, extras=extras)
 
 
@@ -147,14 +147,3 @@ def dequantize_layers(message: CuqMessage, layout: CuqLayout) -> list[np.ndarray
         ).numpy()
         for code, clip, shape in zip(code_pieces, clip_pieces, shapes, strict=True)
     ]
-
-
-def _float_vector(array: np.ndarray, size: int, name: str, dtypes: Sequence[str]) -> np.ndarray:
-    array = np.asarray(array)
-    if array.dtype.name not in dtypes:
-        raise ValueError(f"{name} must be {' or '.join(dtypes)}, got {array.dtype}")
-    if array.ndim != 1 or array.size != size:
-        raise ValueError(f"{name} must hold {size} values, got shape {array.shape}")
-    if not np.all(np.isfinite(array)):
-        raise ValueError(f"{name} contain NaN or infinity")
-    return array.astype(np.float32)

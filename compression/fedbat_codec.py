@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from compression.layout import SplitLayout
+from compression.layout import SplitLayout, checked_floats
 from compression.packing import pack_codes, packed_size, unpack_codes
 
 EXTRAS_DTYPES = ("float16", "float32")
@@ -40,16 +40,10 @@ def decode_uplink(
         raise ValueError(f"FedBAT uplink has {NUM_ARRAYS} arrays, got {len(arrays)}")
     packed, alphas, extras = arrays
     bits = unpack_codes(packed, 1, layout.num_quantized)
-    alphas = np.asarray(alphas)
-    if alphas.dtype != np.float32:
-        raise ValueError(f"alphas must be float32, got {alphas.dtype}")
-    alphas = _check_vector(alphas, len(layout.quantized_shapes), "alphas")
+    alphas = checked_floats(alphas, (len(layout.quantized_shapes),), "alphas", ("float32",))
     if np.any(alphas <= 0):
         raise ValueError("alphas must be positive")
-    extras = np.asarray(extras)
-    if extras.dtype.name not in EXTRAS_DTYPES:
-        raise ValueError(f"extras must be float16 or float32, got {extras.dtype}")
-    extras = _check_vector(extras, layout.num_extras, "extras").astype(np.float32)
+    extras = checked_floats(extras, (layout.num_extras,), "extras", EXTRAS_DTYPES)
     return bits, alphas, extras
 
 
@@ -68,11 +62,3 @@ def uplink_payload_bytes(layout: SplitLayout, extras_dtype: str) -> dict[str, in
         "alphas": 4 * len(layout.quantized_shapes),
         "extras": layout.num_extras * np.dtype(extras_dtype).itemsize,
     }
-
-
-def _check_vector(array: np.ndarray, size: int, name: str) -> np.ndarray:
-    if array.ndim != 1 or array.size != size:
-        raise ValueError(f"{name} must hold {size} values, got shape {array.shape}")
-    if not np.all(np.isfinite(array)):
-        raise ValueError(f"{name} contain NaN or infinity")
-    return array

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from compression.layout import SplitLayout
+from compression.layout import SplitLayout, checked_floats
 from compression.packing import pack_codes, packed_size, unpack_codes
 
 EXTRAS_DTYPES = ("float16", "float32")
@@ -43,10 +43,10 @@ def decode_downlink(
         raise ValueError(f"FedBiF downlink has 3 arrays, got {len(arrays)}")
     packed, steps, extras = arrays
     words = unpack_codes(packed, bits, layout.num_quantized)
-    steps = _check_float(steps, len(layout.quantized_shapes), "steps")
+    steps = checked_floats(steps, (len(layout.quantized_shapes),), "steps")
     if np.any(steps <= 0):
         raise ValueError("steps must be positive")
-    return words, steps, _check_float(extras, layout.num_extras, "extras")
+    return words, steps, checked_floats(extras, (layout.num_extras,), "extras")
 
 
 def encode_uplink(codes: np.ndarray, extras: np.ndarray, active_bits: int) -> list[np.ndarray]:
@@ -62,7 +62,7 @@ def decode_uplink(
         raise ValueError(f"FedBiF uplink has 2 arrays, got {len(arrays)}")
     packed, extras = arrays
     codes = unpack_codes(packed, active_bits, layout.num_quantized)
-    return codes, _check_float(extras, layout.num_extras, "extras")
+    return codes, checked_floats(extras, (layout.num_extras,), "extras")
 
 
 def uplink_nbytes_payload(layout: SplitLayout, active_bits: int, extras_dtype: str) -> int:
@@ -87,14 +87,3 @@ def gather_codes(words: np.ndarray, positions: Sequence[int]) -> np.ndarray:
     for j, position in enumerate(positions):
         codes |= ((words >> np.uint8(position)) & 1).astype(np.uint8) << np.uint8(j)
     return codes
-
-
-def _check_float(array: np.ndarray, size: int, name: str) -> np.ndarray:
-    array = np.asarray(array)
-    if array.dtype.name not in EXTRAS_DTYPES:
-        raise ValueError(f"{name} must be float16 or float32, got {array.dtype}")
-    if array.ndim != 1 or array.size != size:
-        raise ValueError(f"{name} must hold {size} values, got shape {array.shape}")
-    if not np.all(np.isfinite(array)):
-        raise ValueError(f"{name} contain NaN or infinity")
-    return array.astype(np.float32)

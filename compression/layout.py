@@ -47,3 +47,25 @@ def split_flat(flat: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> list[np.n
         raise ValueError(f"expected {sum(sizes)} scalars, got {flat.size}")
     pieces = np.split(flat, np.cumsum(sizes)[:-1]) if sizes else []
     return [piece.reshape(shape) for piece, shape in zip(pieces, shapes, strict=True)]
+
+
+FLOAT_DTYPES = ("float16", "float32")
+
+
+def checked_floats(
+    array: np.ndarray, shape: tuple[int, ...], name: str, dtypes: Sequence[str] = FLOAT_DTYPES
+) -> np.ndarray:
+    """A received float array as float32, after checking its dtype, shape and finiteness.
+
+    Every codec's decoder validates its side arrays (scales, clips, extras) here, so a malformed
+    client payload fails with one kind of message naming the array and what is wrong.
+    """
+    array = np.asarray(array)
+    if array.dtype.name not in dtypes:
+        raise ValueError(f"{name} must be {' or '.join(dtypes)}, got {array.dtype}")
+    if array.shape != tuple(shape):
+        expected = f"{shape[0]} values" if len(shape) == 1 else f"shape {tuple(shape)}"
+        raise ValueError(f"{name} must hold {expected}, got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{name} contain NaN or infinity")
+    return array.astype(np.float32, copy=False)

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from compression.layout import checked_floats
 from compression.packing import MAX_BITS, pack_codes, packed_size, unpack_codes
 from compression.quantization import quantize, stochastic_round
 
@@ -44,15 +45,6 @@ def _pieces(flat: np.ndarray, sizes: Sequence[int]) -> list[np.ndarray]:
     if flat.size != sum(sizes):
         raise ValueError(f"expected {sum(sizes)} scalars, got {flat.size}")
     return np.split(flat, np.cumsum(sizes)[:-1]) if len(sizes) else []
-
-
-def _check_float32(array: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
-    array = np.asarray(array)
-    if array.dtype != np.float32 or array.shape != shape:
-        raise ValueError(f"{name} must be float32 {shape}, got {array.dtype} {array.shape}")
-    if not np.all(np.isfinite(array)):
-        raise ValueError(f"{name} contain NaN or infinity")
-    return array
 
 
 # ------------------------------------------------------------------ symmetric (FedPAQ, DAdaQuant)
@@ -88,7 +80,7 @@ def decode_symmetric(
     codes = unpack_codes(packed, bits, int(sum(sizes))).astype(np.int32) - levels
     if codes.size and codes.max() > levels:
         raise ValueError(f"code above {levels} levels")
-    steps = _check_float32(steps, (len(sizes),), "steps")
+    steps = checked_floats(steps, (len(sizes),), "steps", ("float32",))
     if np.any(steps <= 0):
         raise ValueError("steps must be positive")
     return (codes * np.repeat(steps, sizes)).astype(np.float32)
@@ -139,7 +131,7 @@ def decode_qsgd(
     mags = unpack_codes(magnitudes, bits, count).astype(np.float32)
     if mags.size and mags.max() > levels:
         raise ValueError(f"magnitude above {levels} levels")
-    norms = _check_float32(norms, (-(-count // bucket),), "norms")
+    norms = checked_floats(norms, (-(-count // bucket),), "norms", ("float32",))
     if np.any(norms < 0):
         raise ValueError("norms must be non-negative")
     per_scalar = np.repeat(norms, bucket)[:count]
@@ -184,7 +176,7 @@ def decode_fixed_step(
     stream: np.ndarray, params: np.ndarray, widths: np.ndarray, sizes: Sequence[int]
 ) -> np.ndarray:
     """float32 (d,) from ``encode_fixed_step``'s arrays; checks every length exactly."""
-    params = _check_float32(params, (len(sizes), 2), "params")
+    params = checked_floats(params, (len(sizes), 2), "params", ("float32",))
     widths = np.asarray(widths)
     if widths.dtype != np.uint8 or widths.shape != (len(sizes),):
         raise ValueError(f"widths must be uint8 ({len(sizes)},), got {widths.dtype} {widths.shape}")
