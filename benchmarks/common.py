@@ -1,0 +1,115 @@
+"""One real round of any method on synthetic data: the building block of the benchmarks.
+
+Runs the method's own strategy and client classes (from the registry) for one round on random
+images of the model's input shape, through Flower's client serialization, and returns what was
+measured: bytes and bpp per direction, the serialized arrays, and the client's fit time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.common import Context, FitIns, Parameters, RecordDict, parameters_to_ndarrays
+from flwr.server.client_manager import SimpleClientManager
+from torch.utils.data import TensorDataset
+
+from fl_app.config import parse_run_config
+from fl_app.inprocess import InProcessClientProxy
+from fl_app.methods import METHODS, all_config_keys
+from fl_app.models import build_model
+
+INPUT_SHAPES = {
+    "digits-cnn": (1, 8),
+    "digits-cnn-bn": (1, 8),
+    "cnn4": (3, 32),
+    "resnet18": (3, 32),
+    "resnet10": (3, 32),
+    "vgg11-light": (3, 32),
+}
+
+
+@dataclass
+class RoundMeasure:
+    method: str
+    model: str
+    num_scalars: int
+    uplink_bytes: int
+    downlink_bytes: int
+    uplink_bpp: float
+    downlink_bpp: float
+    fit_seconds: float
+    steps: int
+    downlink: list[np.ndarray]
+    uplink: list[np.ndarray]
+    client_state_bytes: int
+
+
+def one_round(
+    method: str, model_name: str, samples: int = 128, batch: int = 32, **overrides: Any
+) -> RoundMeasure:
+    """Run round 1 of ``method`` with one client; ``overrides`` are run-config keys."""
+    channels, size = INPUT_SHAPES[model_name]
+    raw = {
+        "strategy": method,
+        "model": model_name,
+        "device": "cpu",
+        "local-epochs": 1,
+        "min-available-clients": 1,
+        "batch-size": batch,
+        "checkpoint": False,
+        **overrides,
+    }
+    cfg = parse_run_config(raw, all_config_keys())
+    entry = METHODS.get(method)
+
+    def model_fn() -> torch.nn.Module:
+        return build_model(model_name, in_channels=channels, num_classes=10, image_size=size)
+
+    strategy = entry.strategy(cfg, model_fn=model_fn, test_set=None, results=None)
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(
+        torch.randn(samples, channels, size, size, generator=generator),
+        torch.randint(0, 10, (samples,), generator=generator),
+    )
+    context = Context(
+        run_id=0,
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": 1},
+        state=RecordDict(),
+        run_config=cfg.as_dict(),
+    )
+
+    def client_fn(ctx: Context):
+        return entry.client(
+            cfg, context=ctx, model=model_fn(), train_set=data, partition_id=0
+        ).to_client()
+
+    manager = SimpleClientManager()
+    manager.register(InProcessClientProxy("1", context, client_fn))
+    ((proxy, ins),) = strategy.configure_fit(1, Parameters([], ""), manager)
+    started = time.perf_counter()
+    res = proxy.fit(FitIns(ins.parameters, ins.config), timeout=None, group_id=1)
+    fit_seconds = time.perf_counter() - started
+    strategy.aggregate_fit(1, [(proxy, res)], [])
+    row = strategy.round_row(1, 0.0, 0.0)
+    state_bytes = sum(
+        record.count_bytes() for record in context.state.values() if hasattr(record, "count_bytes")
+    )
+    return RoundMeasure(
+        method,
+        model_name,
+        strategy.num_scalars,
+        row["uplink_bytes"],
+        row["downlink_bytes"],
+        row["uplink_bpp"],
+        row["downlink_bpp"],
+        fit_seconds,
+        -(-samples // batch),
+        parameters_to_ndarrays(ins.parameters),
+        parameters_to_ndarrays(res.parameters),
+        state_bytes,
+    )

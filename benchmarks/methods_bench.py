@@ -1,0 +1,59 @@
+"""Wire efficiency and local-training overhead of every method, in one run.
+
+For each model: one round of each method on the same synthetic batch stream (one client), the
+measured uplink/downlink bpp against the method's nominal bit-width, and the client's local
+training time relative to FedAvg's on the same model and data (training overhead ratio).
+
+    python benchmarks/methods_bench.py [--models digits-cnn-bn cnn4 resnet18] [--samples 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from benchmarks.common import one_round
+
+# Nominal bits per parameter (uplink, downlink) at the defaults; None = adaptive.
+NOMINAL = {
+    "fedavg": (32, 32),
+    "fedbif": (1, 4),
+    "fedbat": (1, 32),
+    "clipped-uq": (4, 32),
+    "signsgd": (1, 32),
+    "ef-signsgd": (1, 32),
+    "fedpaq": (4, 32),
+    "qsgd": (None, 32),
+    "feddq": (None, 32),
+    "dadaquant": (None, 32),
+}
+
+
+def ratio(measured: float, nominal: int | None) -> str:
+    return "adaptive" if nominal is None else f"{measured / nominal - 1:+.1%}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["digits-cnn-bn", "cnn4", "resnet18"])
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--methods", nargs="+", default=list(NOMINAL))
+    args = parser.parse_args()
+    print("| model | method | up bpp (vs nominal) | down bpp (vs nominal) | fit s | x FedAvg |")
+    print("|---|---|---|---|---|---|")
+    for model in args.models:
+        one_round("fedavg", model, samples=32)  # warm-up: first-call costs out of the timings
+        base = None
+        for method in args.methods:
+            measure = one_round(method, model, samples=args.samples)
+            base = base or measure.fit_seconds
+            up, down = NOMINAL[method]
+            print(
+                f"| {model} | {method} | {measure.uplink_bpp:.3f} ({ratio(measure.uplink_bpp, up)})"
+                f" | {measure.downlink_bpp:.3f} ({ratio(measure.downlink_bpp, down)}) | "
+                f"{measure.fit_seconds:.2f} | {measure.fit_seconds / base:.2f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
