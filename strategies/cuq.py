@@ -207,7 +207,7 @@ class ClippedUQStrategy(CommunicationStrategy):
         # Evaluation after this round shows the model of the next downlink, even if no update
         # arrived (then it is the unchanged global, quantized afresh).
         # (Flower's round number; the base adds the offset of a resumed run.)
-        self._next_round = server_round + getattr(self, "round_offset", 0) + 1
+        self._next_round = server_round + self.round_offset + 1
         return super().aggregate_fit(server_round, results, failures)
 
     def method_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

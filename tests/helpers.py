@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
 from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -34,3 +37,20 @@ def fit_res(
     if partition_id is not None:
         metrics["partition-id"] = partition_id
     return FitRes(Status(Code.OK, ""), parameters, num_examples, metrics)
+
+
+def build_test_strategy(base: dict, tmp_path, **overrides):  # noqa: ANN001, ANN201
+    """The configured strategy with ``base`` run config, results under ``tmp_path``."""
+    from fl_app.config import parse_run_config
+    from fl_app.methods import all_config_keys
+    from fl_app.server_app import build_strategy
+
+    raw = {**base, "results-dir": str(tmp_path), **overrides}
+    return build_strategy(parse_run_config(raw, all_config_keys()))
+
+
+def npy_bytes(array: np.ndarray) -> int:
+    """Serialized size of ``array`` as Flower sends it (``np.save``, header included)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return len(buffer.getvalue())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
@@ -21,12 +20,9 @@ from compression.binarize import (
 from compression.fedbat_codec import rebuild_update
 from compression.packing import packed_size
 from fl_app.client_app import client_fn
-from fl_app.config import parse_run_config
 from fl_app.inprocess import make_contexts, run_inprocess
-from fl_app.methods import all_config_keys
-from fl_app.server_app import build_strategy
 from strategies.base import PayloadError
-from tests.helpers import fit_res, manager_with
+from tests.helpers import build_test_strategy, fit_res, manager_with, npy_bytes
 
 BASE = {
     "strategy": "fedbat",
@@ -38,14 +34,7 @@ BASE = {
 
 
 def strategy_for(tmp_path, **overrides):
-    raw = {**BASE, "results-dir": str(tmp_path), **overrides}
-    return build_strategy(parse_run_config(raw, all_config_keys()))
-
-
-def npy_bytes(array: np.ndarray) -> int:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return len(buffer.getvalue())
+    return build_test_strategy(BASE, tmp_path, **overrides)
 
 
 # ------------------------------------------------------------------------------ operator

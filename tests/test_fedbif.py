@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
@@ -13,12 +11,9 @@ from clients.fedbif import STATE_KEY, FedBiFClient
 from compression.fedbif_codec import gather_codes, spread_codes
 from compression.packing import packed_size
 from fl_app.client_app import client_fn
-from fl_app.config import parse_run_config
 from fl_app.inprocess import make_contexts, run_inprocess
-from fl_app.methods import all_config_keys
-from fl_app.server_app import build_strategy
 from strategies.fedbif import mask_to_positions, select_active_bits
-from tests.helpers import fit_res, manager_with
+from tests.helpers import build_test_strategy, fit_res, manager_with, npy_bytes
 
 BASE = {
     "strategy": "fedbif",
@@ -30,14 +25,7 @@ BASE = {
 
 
 def strategy_for(tmp_path, **overrides):
-    raw = {**BASE, "results-dir": str(tmp_path), **overrides}
-    return build_strategy(parse_run_config(raw, all_config_keys()))
-
-
-def npy_bytes(array: np.ndarray) -> int:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return len(buffer.getvalue())
+    return build_test_strategy(BASE, tmp_path, **overrides)
 
 
 # ------------------------------------------------------------------------------ selectors

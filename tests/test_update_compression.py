@@ -3,8 +3,6 @@ EF residual, FedDQ widths, DAdaQuant levels, SignSGD's 1-bit downlink, bad paylo
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
@@ -40,16 +38,10 @@ from fl_app.server_app import build_strategy
 from fl_app.torch_utils import wire_keys
 from strategies.base import PayloadError
 from strategies.dadaquant import PlateauDoubler, client_levels
-from tests.helpers import fit_res
+from tests.helpers import fit_res, npy_bytes
 
 METHOD_NAMES = ("signsgd", "ef-signsgd", "fedpaq", "qsgd", "feddq", "dadaquant")
 SIZES = [300, 7, 1, 500]
-
-
-def npy_bytes(array: np.ndarray) -> int:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return len(buffer.getvalue())
 
 
 def gen(seed: int = 0) -> torch.Generator:
