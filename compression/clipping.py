@@ -51,15 +51,6 @@ def noise_coefficient(bits: int, rounding: str = "deterministic", nominal: bool 
     return share * step_over_s**2
 
 
-def modelled_error(x: torch.Tensor, clip: float, coef: float) -> float:
-    """J(s) of the module docstring for one tensor (float64): what the recursion minimises."""
-    magnitude = x.detach().abs().double().reshape(-1)
-    inside = (magnitude > 0) & (magnitude <= clip)
-    outside = magnitude > clip
-    clipped = (magnitude[outside] - clip).pow(2).sum()
-    return float(coef * clip**2 * inside.sum() + clipped)
-
-
 def clip_update(magnitude: torch.Tensor, clip: torch.Tensor, coef: float) -> torch.Tensor:
     """One step of the recursion for each row of ``magnitude`` (R, n) with clips ``clip`` (R,)."""
     threshold = clip.unsqueeze(1)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from compression.layout import SplitLayout, checked_floats
-from compression.packing import pack_codes, packed_size, unpack_codes
+from compression.packing import pack_codes, unpack_codes
 
 EXTRAS_DTYPES = ("float16", "float32")
 NUM_ARRAYS = 3
@@ -53,12 +53,3 @@ def rebuild_update(bits: np.ndarray, alphas: np.ndarray, sizes: Sequence[int]) -
         raise ValueError("bits/alphas do not match the layout")
     per_scalar = np.repeat(np.asarray(alphas, dtype=np.float32), sizes)
     return np.where(bits.astype(bool), per_scalar, -per_scalar)
-
-
-def uplink_payload_bytes(layout: SplitLayout, extras_dtype: str) -> dict[str, int]:
-    """Payload bytes of one uplink message per part, before ``.npy`` headers."""
-    return {
-        "codes": packed_size(layout.num_quantized, 1),
-        "alphas": 4 * len(layout.quantized_shapes),
-        "extras": layout.num_extras * np.dtype(extras_dtype).itemsize,
-    }

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from compression.layout import SplitLayout, checked_floats
-from compression.packing import pack_codes, packed_size, unpack_codes
+from compression.packing import pack_codes, unpack_codes
 
 EXTRAS_DTYPES = ("float16", "float32")
 
@@ -63,14 +63,6 @@ def decode_uplink(
     packed, extras = arrays
     codes = unpack_codes(packed, active_bits, layout.num_quantized)
     return codes, checked_floats(extras, (layout.num_extras,), "extras")
-
-
-def uplink_nbytes_payload(layout: SplitLayout, active_bits: int, extras_dtype: str) -> int:
-    """Payload bytes of an uplink message before serialization headers."""
-    return (
-        packed_size(layout.num_quantized, active_bits)
-        + layout.num_extras * np.dtype(extras_dtype).itemsize
-    )
 
 
 def spread_codes(codes: np.ndarray, positions: Sequence[int]) -> np.ndarray:

@@ -69,6 +69,17 @@ class ClientUpdate:
     arrays: list[np.ndarray]
     metrics: dict[str, Scalar] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, cid: str, fit_res: FitRes, arrays: list[np.ndarray]) -> ClientUpdate:
+        """The update of a message whose metrics the base already validated (``partition-id``)."""
+        return cls(
+            cid,
+            int(fit_res.metrics["partition-id"]),
+            fit_res.num_examples,
+            arrays,
+            dict(fit_res.metrics),
+        )
+
 
 @dataclass
 class RoundTraffic:
@@ -164,6 +175,10 @@ class CommunicationStrategy(Strategy):
         return f"{type(self).__name__}(strategy={self.cfg.strategy!r})"
 
     # ----------------------------------------------------------------- hooks for methods
+    def begin_round(self, server_round: int, clients: list[ClientProxy]) -> None:
+        """Called once per round with the sampled clients, before any downlink is built
+        (e.g. DAdaQuant assigns each client its level here)."""
+
     def downlink_arrays(self, server_round: int, cid: str) -> list[np.ndarray]:
         """Arrays sent to client ``cid``; default: the full-precision global model."""
         return self.global_state
@@ -201,6 +216,7 @@ class CommunicationStrategy(Strategy):
         server_round += self.round_offset
         self._round_started = time.perf_counter()
         clients = self.sample_clients(server_round, client_manager)
+        self.begin_round(server_round, clients)
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
         instructions = []
         for client in clients:

@@ -154,12 +154,8 @@ class ClippedUQStrategy(CommunicationStrategy):
         except Exception as err:  # garbage bytes, wrong sizes, dtypes or values
             raise PayloadError(f"clipped-uq uplink: {err}") from None
         assert message.errors is not None
-        return ClientUpdate(
-            cid=cid,
-            partition_id=int(fit_res.metrics["partition-id"]),
-            num_examples=fit_res.num_examples,
-            arrays=[*weights, message.extras, message.errors.astype(np.float64)],
-            metrics=dict(fit_res.metrics),
+        return ClientUpdate.of(
+            cid, fit_res, [*weights, message.extras, message.errors.astype(np.float64)]
         )
 
     def layer_weights(self, updates: list[ClientUpdate]) -> np.ndarray:

@@ -23,9 +23,8 @@ from logging import INFO
 from typing import Any
 
 import numpy as np
-from flwr.common import FitIns, FitRes, Parameters, Scalar
+from flwr.common import FitRes, Scalar
 from flwr.common.logger import log
-from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 
 from compression.update_quantizers import MAX_SYMMETRIC_LEVELS, decode_symmetric
@@ -111,15 +110,12 @@ class DAdaQuantStrategy(DeltaStrategy):
         self.assigned: dict[int, dict[str, int]] = {}
         self.round_levels: dict[int, int] = {}
 
-    def configure_fit(
-        self, server_round: int, parameters: Parameters, client_manager: ClientManager
-    ) -> list[tuple[ClientProxy, FitIns]]:
-        flower_round = server_round
-        server_round += self.round_offset  # the run's round number, also after a resume
+    def begin_round(self, server_round: int, clients: list[ClientProxy]) -> None:
+        """Update the time-adaptive q from last round's loss, then give each sampled client its
+        level from its data share (clients not seen yet count as the mean size)."""
         if server_round > 1:
             self.schedule.observe(self._last_train_loss)
         self.round_levels[server_round] = self.schedule.levels
-        clients = self.sample_clients(server_round, client_manager)
         known = list(self.sizes_seen.values())
         default = float(np.mean(known)) if known else 1.0
         sizes = np.array([self.sizes_seen.get(c.cid, default) for c in clients], dtype=np.float64)
@@ -132,7 +128,6 @@ class DAdaQuantStrategy(DeltaStrategy):
             self.schedule.levels,
             sorted(self.assigned[server_round].values()),
         )
-        return super().configure_fit(flower_round, parameters, client_manager)
 
     def fit_config(self, server_round: int, cid: str) -> dict[str, Scalar]:
         return {"dadaquant-levels": self.levels_for(server_round, cid)}

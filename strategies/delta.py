@@ -46,13 +46,7 @@ class DeltaStrategy(CommunicationStrategy):
             raise PayloadError(
                 f"{self.label} uplink: decoded update is not {self.num_flat} finite values"
             )
-        return ClientUpdate(
-            cid=cid,
-            partition_id=int(fit_res.metrics["partition-id"]),
-            num_examples=fit_res.num_examples,
-            arrays=[delta],
-            metrics=dict(fit_res.metrics),
-        )
+        return ClientUpdate.of(cid, fit_res, [delta])
 
     def flat_global(self) -> np.ndarray:
         return concat_flat(self.global_state, np.float32)

@@ -19,13 +19,7 @@ class FedAvgStrategy(CommunicationStrategy):
 
     def decode_uplink(self, server_round: int, cid: str, fit_res: FitRes) -> ClientUpdate:
         arrays = decode_float_arrays(fit_res, self.global_state)
-        return ClientUpdate(
-            cid=cid,
-            partition_id=int(fit_res.metrics["partition-id"]),
-            num_examples=fit_res.num_examples,
-            arrays=arrays,
-            metrics=dict(fit_res.metrics),
-        )
+        return ClientUpdate.of(cid, fit_res, arrays)
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[np.ndarray]:
         return weighted_average(updates)

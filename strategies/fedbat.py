@@ -98,13 +98,7 @@ class FedBATStrategy(CommunicationStrategy):
             update = rebuild_update(bits, alphas, self.split.quantized_sizes)
         except Exception as err:  # garbage bytes, wrong sizes, dtypes or values
             raise PayloadError(f"FedBAT uplink: {err}") from None
-        return ClientUpdate(
-            cid=cid,
-            partition_id=int(fit_res.metrics["partition-id"]),
-            num_examples=fit_res.num_examples,
-            arrays=[update, extras, alphas],
-            metrics=dict(fit_res.metrics),
-        )
+        return ClientUpdate.of(cid, fit_res, [update, extras, alphas])
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[np.ndarray]:
         total = sum(u.num_examples for u in updates)

@@ -211,13 +211,7 @@ class FedBiFStrategy(CommunicationStrategy):
             codes, extras = decode_uplink(arrays, self.split, self.active)
         except Exception as err:  # garbage bytes, wrong sizes, dtypes or values
             raise PayloadError(f"FedBiF uplink: {err}") from None
-        return ClientUpdate(
-            cid=cid,
-            partition_id=int(fit_res.metrics["partition-id"]),
-            num_examples=fit_res.num_examples,
-            arrays=[codes, extras],
-            metrics=dict(fit_res.metrics),
-        )
+        return ClientUpdate.of(cid, fit_res, [codes, extras])
 
     def client_weights(self, updates: list[ClientUpdate]) -> np.ndarray:
         if self.cfg["fedbif-weighting"] == "examples":

@@ -123,13 +123,7 @@ class SignSGDStrategy(CommunicationStrategy):
                 raise ValueError("statistics contain NaN or infinity")
         except Exception as err:
             raise PayloadError(f"SignSGD uplink: {type(err).__name__}: {err}") from None
-        return ClientUpdate(
-            cid=cid,
-            partition_id=int(fit_res.metrics["partition-id"]),
-            num_examples=fit_res.num_examples,
-            arrays=[signs.astype(np.int8), buffers.astype(np.float32)],
-            metrics=dict(fit_res.metrics),
-        )
+        return ClientUpdate.of(cid, fit_res, [signs.astype(np.int8), buffers.astype(np.float32)])
 
     def tie_break(self, server_round: int) -> np.ndarray:
         rng = np.random.default_rng([self.cfg.seed, server_round, 0x5165])

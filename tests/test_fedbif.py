@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.common import FitIns, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Parameters, parameters_to_ndarrays
 
 from clients.fedbif import STATE_KEY, FedBiFClient
-from compression.fedbif_codec import gather_codes, spread_codes
+from compression.fedbif_codec import decode_downlink, gather_codes, spread_codes
 from compression.packing import packed_size
 from fl_app.client_app import client_fn
 from fl_app.inprocess import make_contexts, run_inprocess
@@ -269,12 +269,15 @@ def test_fedbif_lr_key_reaches_the_optimizer(tmp_path):
     assert optimizer.param_groups[0]["params"] == client.virtual
 
 
-def test_fit_ins_round_trip(tmp_path):
+def test_downlink_decodes_to_what_the_server_quantized(tmp_path):
     strategy, ins = downlink_for(tmp_path)
     arrays = parameters_to_ndarrays(ins.parameters)
     assert len(arrays) == 3 and arrays[0].dtype == np.uint8
     assert arrays[0].size == packed_size(strategy.split.num_quantized, 4)
-    assert FitIns(ndarrays_to_parameters(arrays), ins.config).config["server-round"] == 1
+    words, steps, extras = decode_downlink(arrays, strategy.split, 4)
+    np.testing.assert_array_equal(words, strategy._words)
+    np.testing.assert_array_equal(steps, strategy._steps)
+    assert extras.size == strategy.split.num_extras and ins.config["server-round"] == 1
 
 
 @pytest.mark.slow
