@@ -13,6 +13,7 @@ from clients.base import TrainingClient
 from clients.cuq import ClippedUQClient
 from clients.fedbat import FedBATClient
 from clients.fedbif import FedBiFClient
+from clients.lbi import LBIClient
 from fl_app.config import COMMON_KEYS, ConfigKey
 from fl_app.registry import Registry
 from strategies import dadaquant, quantized_updates, signsgd
@@ -24,6 +25,8 @@ from strategies.fedbat import CONFIG_KEYS as FEDBAT_KEYS
 from strategies.fedbat import FedBATStrategy
 from strategies.fedbif import CONFIG_KEYS as FEDBIF_KEYS
 from strategies.fedbif import FedBiFStrategy
+from strategies.lbi import CONFIG_KEYS as LBI_KEYS
+from strategies.lbi import LBIStrategy
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ METHODS: Registry[Method] = Registry("strategy")
 METHODS.add("fedavg", Method(FedAvgStrategy, TrainingClient, "FedAvg, fp32 both ways"))
 METHODS.add("fedbif", Method(FedBiFStrategy, FedBiFClient, "FedBiF bits freezing", FEDBIF_KEYS))
 METHODS.add("fedbat", Method(FedBATStrategy, FedBATClient, "FedBAT 1-bit updates", FEDBAT_KEYS))
+METHODS.add("lbi-fl", Method(LBIStrategy, LBIClient, "LBI-FL low-bit training", LBI_KEYS))
 METHODS.add("clipped-uq", Method(ClippedUQStrategy, ClippedUQClient, "clipped uniform Q", CUQ_KEYS))
 METHODS.add(
     "signsgd",

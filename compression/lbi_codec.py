@@ -1,0 +1,145 @@
+"""Wire format of LBI-FL weight messages (both directions; pure NumPy/torch, no Flower).
+
+Tensors split as ``compression.layout.SplitLayout``: *quantized* tensors (Conv2d/Linear weights,
+L of them, d scalars) and *extras* (biases, BatchNorm parameters and statistics, e scalars),
+concatenated in wire order, so a message is three ``.npy`` arrays whatever the model depth:
+
+    0. uint8 ``pack_codes(u, k)``: u = c + (2^(k-1) - 1) for the signed code c in
+       [-(2^(k-1) - 1), 2^(k-1) - 1] of every quantized scalar (value = c * s), ceil(d k / 8) B;
+    1. float32 (1 + C,): k, then one scale per output channel of every tensor in wire order
+       (C = sum of the tensors' first dimensions), s = max|w_channel| / (2^(k-1) - 1);
+    2. float16 or float32 (e,): the extras.
+
+The width travels in the message, so a receiver never decodes with a width it guessed; the
+server also checks it against the width the client reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from compression.layout import SplitLayout, checked_floats
+from compression.lowbit import channel_scale, grid, quantize_nearest
+from compression.packing import pack_codes, packed_size, unpack_codes
+from compression.quantization import stochastic_round
+
+EXTRAS_DTYPES = ("float16", "float32")
+ROUNDINGS = ("stochastic", "nearest")
+MIN_BITS, MAX_BITS = 2, 8
+
+
+@dataclass(frozen=True)
+class WeightMessage:
+    """A decoded message: the width, float32 quantized tensors (in their shapes), extras."""
+
+    bits: int
+    weights: list[np.ndarray]
+    extras: np.ndarray
+    scales: np.ndarray
+
+
+def quantize_weights(
+    tensors: Sequence[np.ndarray],
+    bits: int,
+    rounding: str,
+    generator: torch.Generator | None = None,
+    grid_scales: Sequence[float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Signed codes (d,) int8 and per-channel scales (C,) float32 on the symmetric k-bit grid.
+
+    ``stochastic`` rounding keeps E[decoded] = weights, so averaging many clients' messages does
+    not lose updates smaller than half a step; ``nearest`` is the training-forward quantizer.
+    ``grid_scales``: (C,) scales to keep where they still cover the channel's max|w| (a client
+    passes those of the message it received: weights that did not move then come back exactly,
+    and only the change is rounded); a channel that grew takes its own max-abs scale.
+    """
+    _check_bits(bits)
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    low, high = grid(bits, signed=True)
+    codes, scales = [], []
+    channels = [int(np.shape(array)[0]) for array in tensors]
+    if grid_scales is not None and len(grid_scales) != sum(channels):
+        raise ValueError(f"{len(grid_scales)} grid scales for {sum(channels)} channels")
+    offsets = np.cumsum([0, *channels])
+    for index, array in enumerate(tensors):
+        weights = torch.from_numpy(np.asarray(array, dtype=np.float32))
+        scale = channel_scale(weights, bits)
+        if grid_scales is not None:
+            kept = np.asarray(grid_scales[offsets[index] : offsets[index + 1]], dtype=np.float32)
+            scale = torch.maximum(scale, torch.from_numpy(kept).reshape(scale.shape))
+        if rounding == "nearest":
+            code = quantize_nearest(weights, scale, bits, signed=True)
+        else:
+            code = torch.clamp(stochastic_round(weights / scale, generator), low, high)
+        codes.append(code.reshape(-1).to(torch.int8).numpy())
+        scales.append(scale.reshape(-1).numpy())
+    flat = np.concatenate(codes) if codes else np.zeros(0, dtype=np.int8)
+    return flat, np.concatenate(scales).astype(np.float32) if scales else np.zeros(0, np.float32)
+
+
+def encode(
+    split: SplitLayout, codes: np.ndarray, scales: np.ndarray, extras: np.ndarray, bits: int
+) -> list[np.ndarray]:
+    """The three message arrays for signed ``codes`` (d,), ``scales`` (C,) and ``extras``."""
+    _check_bits(bits)
+    if codes.shape != (split.num_quantized,) or scales.shape != (num_channels(split),):
+        raise ValueError("codes/scales do not match the layout")
+    offset = grid(bits, signed=True)[1]
+    unsigned = (codes.astype(np.int16) + offset).astype(np.uint8)
+    side = np.concatenate([np.asarray([bits], dtype=np.float32), scales.astype(np.float32)])
+    return [pack_codes(unsigned, bits), side, extras]
+
+
+def decode(
+    arrays: Sequence[np.ndarray], split: SplitLayout, extras_dtypes: Sequence[str] = EXTRAS_DTYPES
+) -> WeightMessage:
+    """Validate and dequantize a message; ``ValueError`` names the first problem."""
+    if len(arrays) != 3:
+        raise ValueError(f"an LBI-FL message has 3 arrays, got {len(arrays)}")
+    packed, side, extras = arrays
+    side = checked_floats(side, (1 + num_channels(split),), "width/scales", ("float32",))
+    bits = float(side[0])
+    if not bits.is_integer() or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"weight width must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits}")
+    bits_int = int(bits)
+    scales = side[1:]
+    if np.any(scales <= 0):
+        raise ValueError("scales must be positive")
+    unsigned = unpack_codes(packed, bits_int, split.num_quantized)
+    offset = grid(bits_int, signed=True)[1]
+    if unsigned.size and int(unsigned.max()) > 2 * offset:
+        raise ValueError(f"code {int(unsigned.max())} outside the {bits_int}-bit symmetric grid")
+    signed = unsigned.astype(np.float32) - offset
+    shapes = split.quantized_shapes
+    pieces = np.split(signed, np.cumsum(split.quantized_sizes)[:-1]) if shapes else []
+    scale_pieces = np.split(scales, np.cumsum([s[0] for s in shapes])[:-1]) if shapes else []
+    weights = [
+        (piece.reshape(shape[0], -1) * scale[:, None]).reshape(shape)
+        for piece, scale, shape in zip(pieces, scale_pieces, shapes, strict=True)
+    ]
+    extras = checked_floats(extras, (split.num_extras,), "extras", tuple(extras_dtypes))
+    return WeightMessage(bits=bits_int, weights=weights, extras=extras, scales=scales)
+
+
+def payload_nbytes(split: SplitLayout, bits: int, extras_dtype: str) -> int:
+    """Bytes of a message before the ``.npy`` headers."""
+    return (
+        packed_size(split.num_quantized, bits)
+        + 4 * (1 + num_channels(split))
+        + split.num_extras * np.dtype(extras_dtype).itemsize
+    )
+
+
+def num_channels(split: SplitLayout) -> int:
+    """C: scales in a message, one per output channel of every quantized tensor."""
+    return sum(shape[0] for shape in split.quantized_shapes)
+
+
+def _check_bits(bits: int) -> None:
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"weight width must be in {MIN_BITS}..{MAX_BITS}, got {bits}")

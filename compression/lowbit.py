@@ -1,0 +1,398 @@
+"""Low-bit integerized training ops of LBI-FL: INT4/6/8 weights, activations and gradients.
+
+A quantized layer (``LowBitConv2d``, ``LowBitLinear``) computes, for bit-widths (k_w, k_a, k_g):
+
+    forward    y = op(Q_n(a; s_a, k_a), Q_n(w; s_w, k_w)) + bias   (s_w: one per output channel)
+    backward   dL/dy is replaced by Q_s(dL/dy; max|dL/dy|, k_g) before the two backward products
+               dL/da = op^T(Q_s(dL/dy), Q_n(w))  and  dL/dw = op^T(Q_s(dL/dy), Q_n(a))
+
+so all three products of a training step take integer operands, as in the low-bit training
+methods LBI-FL builds on (Zhu et al. 2020; Zhao et al. 2021). ``Q_n`` is symmetric nearest
+rounding (paper Eq. 2) with a straight-through gradient; ``Q_s`` is stochastic rounding
+(Eq. 3), unbiased: E[Q_s(g)] = g. Activations whose minimum was non-negative when their scale
+was taken (inputs behind a ReLU) use the unsigned grid [0, 2^k - 1] (Eq. 1 with zero point 0), so
+a ReLU output does not waste the sign bit. Biases are added in full precision (an integer kernel
+keeps them in its int32 accumulator). Bit-width 32 means "not quantized" (the FP32 mode).
+
+Scales: weight and activation scales are max-abs scales re-taken every ``refresh_interval``
+training steps (the paper refreshes every 100 iterations); in between they are reused, except that
+a tensor whose max-abs outgrows its scale widens it at once (never clipped by a stale scale;
+the scale only shrinks at the next refresh). The gradient
+scale is taken from each backward's own max|dL/dy|, because gradient magnitudes move by orders of
+magnitude between steps and a stale scale would clip or flush them to zero.
+
+Which layers: every ``nn.Conv2d`` (``layers="conv"``, as the methods the paper follows) or every
+Conv2d and ``nn.Linear`` (``"conv-linear"``, the default here: small models spend a large share
+of their MACs in linear layers, and their weights travel at k_w bits anyway). Only modules whose
+type is exactly Conv2d/Linear are converted (attention's fused projections are left alone).
+
+Arithmetic is simulated in floating point (fake quantization): the values are exactly those of
+integer arithmetic up to float32 accumulation, but no integer kernel runs. On CUDA a real kernel
+would plug in at ``_LowBitMixin._product``: ``torch._int_mm`` (INT8 GEMM on tensor cores, conv via
+im2col) or a CUTLASS INT4 GEMM, fed with the integer codes ``round(x / s)`` and rescaled by
+``s_a * s_w``.
+
+Accounting: ``quantization_losses`` gives Eq. 5, |sum|x_f| - sum|x_q|| / sum|x_f|, per tensor
+kind averaged over layers and steps; ``layer_macs`` and ``training_bitops`` give BitOPs as the
+paper counts them: a MAC of a k_w-bit and a k_a-bit operand costs k_w * k_a, and a training step
+costs forward + the two backward products, MACs * (k_w k_a + k_g k_w + k_g k_a) (the paper treats
+the backward convolutions as the same size as the forward one; FP32 = 32 * 32 * 3 per MAC).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+KINDS: tuple[str, ...] = ("weight", "activation", "gradient")
+LAYER_CHOICES: tuple[str, ...] = ("conv", "conv-linear")
+#: a width of 32 leaves that tensor kind in full precision.
+FULL_PRECISION_BITS = 32
+
+
+@dataclass(frozen=True)
+class BitWidths:
+    """Bit-widths of weights, activations and gradients (2..16, or 32 = not quantized)."""
+
+    weight: int
+    activation: int
+    gradient: int
+
+    def __post_init__(self) -> None:
+        for kind in KINDS:
+            bits = getattr(self, kind)
+            if not (isinstance(bits, int) and (2 <= bits <= 16 or bits == FULL_PRECISION_BITS)):
+                raise ValueError(f"{kind} bit-width must be in 2..16 or 32, got {bits!r}")
+
+    def get(self, kind: str) -> int:
+        if kind not in KINDS:
+            raise KeyError(f"unknown tensor kind {kind!r}; valid: {KINDS}")
+        return getattr(self, kind)
+
+    def replace(self, kind: str, bits: int) -> BitWidths:
+        if kind not in KINDS:
+            raise KeyError(f"unknown tensor kind {kind!r}; valid: {KINDS}")
+        return dataclasses.replace(self, **{kind: bits})
+
+    def as_tuple(self) -> tuple[int, int, int]:
+        return (self.weight, self.activation, self.gradient)
+
+    @property
+    def full_precision(self) -> bool:
+        return all(bits == FULL_PRECISION_BITS for bits in self.as_tuple())
+
+
+INT4 = BitWidths(4, 4, 4)
+INT8 = BitWidths(8, 8, 8)
+FP32 = BitWidths(32, 32, 32)
+
+
+# --------------------------------------------------------------------------- quantizers
+def grid(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer range of a symmetric signed (Eq. 2: +-(2^(k-1) - 1)) or unsigned k-bit grid."""
+    if signed:
+        top = 2 ** (bits - 1) - 1
+        return -top, top
+    return 0, 2**bits - 1
+
+
+def max_abs_scale(x: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """Scale mapping max|x| onto the top code; 1.0 for an all-zero tensor (codes all 0)."""
+    peak = x.detach().abs().amax() if x.numel() else x.new_zeros(())
+    scale = peak.float() / grid(bits, signed)[1]
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def channel_scale(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-output-channel max-abs scales of a weight, shaped to broadcast against it
+    ((C, 1, 1, 1) for a conv, (C, 1) for a linear layer); 1.0 for an all-zero channel.
+
+    One scale per channel, as INT4 weight quantizers use: a per-tensor scale lets the channel
+    with the largest weights set the step of all others, which at 4 bits leaves most weights on
+    the two or three central levels.
+    """
+    dims = tuple(range(1, weight.dim()))
+    peak = weight.detach().abs().amax(dim=dims, keepdim=True) if dims else weight.detach().abs()
+    scale = peak.float() / grid(bits, True)[1]
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def quantize_nearest(x: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """Integer codes (as floats) of ``x``: clamp(round(x / s)) on the k-bit grid."""
+    low, high = grid(bits, signed)
+    return torch.clamp(torch.round(x / scale), low, high)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """``s * Q_n(x)`` with a straight-through gradient (identity), so shadow weights train."""
+    quantized = quantize_nearest(x.detach(), scale, bits, signed) * scale
+    return x + (quantized.to(x.dtype) - x).detach()
+
+
+def quantize_stochastic(
+    g: torch.Tensor, bits: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Eq. 3 on a symmetric k-bit grid with scale max|g| / (2^(k-1) - 1): unbiased, in range.
+
+    g / s lies in [-top, top], and floor(v + U) with U ~ U[0, 1) never leaves that range, so no
+    clamping biases the result: E[result] = g exactly.
+    """
+    scale = max_abs_scale(g, bits, signed=True)
+    noise = torch.rand(g.shape, generator=generator, device=g.device, dtype=g.dtype)
+    return torch.floor(g / scale + noise) * scale
+
+
+def quantization_loss(original: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    """Eq. 5: |sum|x_f| - sum|x_q|| / sum|x_f| (0 for an all-zero tensor)."""
+    total = original.abs().sum()
+    diff = (total - quantized.abs().sum()).abs()
+    return torch.where(total > 0, diff / total, torch.zeros_like(total))
+
+
+class _QuantizeGradient(torch.autograd.Function):
+    """Identity forward; the backward replaces dL/dy with its k_g-bit stochastic quantization."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, bits: int, layer: _LowBitMixin) -> torch.Tensor:  # noqa: ANN001
+        ctx.bits = bits
+        ctx.layer = layer
+        # A copy, not a view: the next module may be an in-place ReLU.
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
+        quantized = quantize_stochastic(grad, ctx.bits)
+        ctx.layer._record("gradient", grad, quantized)
+        return quantized, None, None
+
+
+# --------------------------------------------------------------------------- layers
+class _LowBitMixin(nn.Module):
+    """What Conv2d and Linear share: widths, cached scales, Eq. 5 statistics."""
+
+    bits: BitWidths
+    refresh_interval: int
+
+    def _init_lowbit(self, refresh_interval: int) -> None:
+        if refresh_interval < 1:
+            raise ValueError(f"refresh_interval must be >= 1, got {refresh_interval}")
+        self.bits = FP32
+        self.refresh_interval = refresh_interval
+        self.steps = 0
+        # Non-persistent: the state_dict (and so the wire format) is that of the float model.
+        self.register_buffer("weight_scale", torch.ones(()), persistent=False)
+        self.register_buffer("activation_scale", torch.ones(()), persistent=False)
+        self.activation_signed = True
+        self.reset_statistics()
+
+    def reset_statistics(self) -> None:
+        self.loss_sums: dict[str, torch.Tensor | float] = {kind: 0.0 for kind in KINDS}
+        self.loss_counts: dict[str, int] = {kind: 0 for kind in KINDS}
+
+    def _record(self, kind: str, original: torch.Tensor, quantized: torch.Tensor) -> None:
+        with torch.no_grad():
+            # Kept as a tensor: no host sync per step on CUDA.
+            self.loss_sums[kind] = self.loss_sums[kind] + quantization_loss(original, quantized)
+        self.loss_counts[kind] += 1
+
+    def _update_scales(self, x: torch.Tensor, refresh: bool) -> None:
+        """Re-take the max-abs scales on a refresh step; in between, only let them grow.
+
+        A tensor that outgrew a stale scale would be clipped, and the straight-through gradient
+        would push its shadow values further out (measured: training diverges within an epoch).
+        ``torch.maximum`` keeps this free of host syncs; the activation's signedness (a Python
+        bool that picks the grid) is only re-read on refresh steps.
+        """
+        with torch.no_grad():
+            if self.bits.weight != FULL_PRECISION_BITS:
+                scale = channel_scale(self.weight, self.bits.weight)
+                self.weight_scale = scale if refresh else torch.maximum(self.weight_scale, scale)
+            if self.bits.activation != FULL_PRECISION_BITS:
+                if refresh:
+                    self.activation_signed = bool(x.amin() < 0)
+                scale = max_abs_scale(x, self.bits.activation, self.activation_signed)
+                self.activation_scale = (
+                    scale if refresh else torch.maximum(self.activation_scale, scale)
+                )
+
+    def _product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The layer's own op (conv or matmul) plus bias; an integer kernel would go here."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bits = self.bits
+        if bits.full_precision:
+            return self._product(x, self.weight)
+        training = self.training and torch.is_grad_enabled()
+        if training:
+            self._update_scales(x, refresh=self.steps % self.refresh_interval == 0)
+            self.steps += 1
+        weight_scale, activation_scale, signed = self._scales(x, training)
+        weight = self.weight
+        if bits.weight != FULL_PRECISION_BITS:
+            weight = fake_quantize(weight, weight_scale, bits.weight, signed=True)
+            if training:
+                self._record("weight", self.weight, weight)
+        if bits.activation != FULL_PRECISION_BITS:
+            quantized = fake_quantize(x, activation_scale, bits.activation, signed)
+            if training:
+                self._record("activation", x, quantized)
+            x = quantized
+        y = self._product(x, weight)
+        if training and bits.gradient != FULL_PRECISION_BITS:
+            y = _QuantizeGradient.apply(y, bits.gradient, self)
+        return y
+
+    def _scales(self, x: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Cached scales in training; in evaluation, fresh ones (the weights no longer move, and
+        a model never trained here has no cached activation scale)."""
+        if training:
+            return self.weight_scale, self.activation_scale, self.activation_signed
+        signed = bool(x.detach().amin() < 0)
+        return (
+            channel_scale(self.weight, self.bits.weight),
+            max_abs_scale(x, self.bits.activation, signed),
+            signed,
+        )
+
+
+class LowBitConv2d(nn.Conv2d, _LowBitMixin):
+    """``nn.Conv2d`` computing on quantized weights/activations with quantized output gradients."""
+
+    def _product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _LowBitMixin.forward(self, x)
+
+
+class LowBitLinear(nn.Linear, _LowBitMixin):
+    """``nn.Linear`` counterpart of ``LowBitConv2d``."""
+
+    def _product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return functional.linear(x, weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _LowBitMixin.forward(self, x)
+
+
+def _lowbit_copy(module: nn.Module, refresh_interval: int) -> nn.Module:
+    """A low-bit layer that shares ``module``'s parameters (same state_dict keys and tensors)."""
+    if type(module) is nn.Conv2d:
+        new: nn.Module = LowBitConv2d(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+            device="meta",
+        )
+    else:
+        new = LowBitLinear(
+            module.in_features, module.out_features, bias=module.bias is not None, device="meta"
+        )
+    new.weight = module.weight
+    new.bias = module.bias
+    new.train(module.training)
+    new._init_lowbit(refresh_interval)
+    return new.to(module.weight.device)
+
+
+def convert_to_lowbit(
+    model: nn.Module, layers: str = "conv-linear", refresh_interval: int = 100
+) -> nn.Module:
+    """Replace (in place) the model's Conv2d (and Linear) modules by low-bit ones; returns it.
+
+    The new layers start in full precision (``FP32``) until ``set_bit_widths`` is called.
+    """
+    if layers not in LAYER_CHOICES:
+        raise ValueError(f"layers must be one of {LAYER_CHOICES}, got {layers!r}")
+    targets = (nn.Conv2d, nn.Linear) if layers == "conv-linear" else (nn.Conv2d,)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) in targets:
+                setattr(parent, name, _lowbit_copy(child, refresh_interval))
+    return model
+
+
+def lowbit_layers(model: nn.Module) -> Iterator[tuple[str, _LowBitMixin]]:
+    """The converted layers, by qualified name, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, _LowBitMixin):
+            yield name, module
+
+
+def set_bit_widths(model: nn.Module, widths: BitWidths) -> None:
+    """Train and evaluate every low-bit layer at ``widths`` from now on; scales are re-taken at
+    the next training step."""
+    for _, layer in lowbit_layers(model):
+        if layer.bits != widths:
+            layer.bits = widths
+            layer.steps = 0
+
+
+def reset_statistics(model: nn.Module) -> None:
+    for _, layer in lowbit_layers(model):
+        layer.reset_statistics()
+
+
+def quantization_losses(model: nn.Module) -> dict[str, float]:
+    """Eq. 5 per tensor kind: each layer's mean over its steps, then the mean over layers
+    (Figure 2 of the paper plots this average); 0.0 for a kind nothing recorded."""
+    result = {}
+    for kind in KINDS:
+        means = [
+            float(layer.loss_sums[kind]) / layer.loss_counts[kind]
+            for _, layer in lowbit_layers(model)
+            if layer.loss_counts[kind]
+        ]
+        result[kind] = sum(means) / len(means) if means else 0.0
+    return result
+
+
+# --------------------------------------------------------------------------- BitOPs
+def layer_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """Forward multiply-accumulates per sample of every low-bit layer, measured with hooks on a
+    one-sample forward pass (``input_shape`` without the batch dimension)."""
+    macs: dict[str, int] = {}
+    hooks = []
+
+    def hook_for(name: str):  # noqa: ANN202
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if isinstance(module, nn.Conv2d):
+                per_output = module.in_channels // module.groups * module.kernel_size[0]
+                per_output *= module.kernel_size[1]
+            else:
+                per_output = module.in_features
+            macs[name] = macs.get(name, 0) + output.numel() * per_output
+
+        return hook
+
+    for name, layer in lowbit_layers(model):
+        hooks.append(layer.register_forward_hook(hook_for(name)))
+    was_training = model.training
+    device = next(model.parameters()).device
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape), device=device))
+    finally:
+        for handle in hooks:
+            handle.remove()
+        model.train(was_training)
+    return macs
+
+
+def training_bitops(macs: int, widths: BitWidths) -> int:
+    """BitOPs of one training step (forward + two backward products) over ``macs`` MACs."""
+    w, a, g = widths.as_tuple()
+    return macs * (w * a + g * w + g * a)

@@ -1,0 +1,373 @@
+"""LBI-FL bit-width agent: state layout, action masking, Eqs. 6-9, DQN pieces, persistence, and a
+tiny end-to-end episode of the agent-training environment."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from clients.lbi_agent import (
+    ACTIONS,
+    DEFAULT_AGENT_PATH,
+    NUM_ACTIONS,
+    STATE_SIZE,
+    STATE_SPEC,
+    Batch,
+    BitWidthAgent,
+    DQNTrainer,
+    QNetwork,
+    ReplayBuffer,
+    TeacherSamples,
+    Transition,
+    apply_action,
+    bc_loss,
+    build_state,
+    discounted_returns,
+    dqn_loss,
+    load_default_agent,
+    reward,
+    td_targets,
+    valid_actions,
+)
+from compression.lowbit import FP32, INT4, INT8, KINDS, BitWidths
+
+
+class FixedQ(nn.Module):
+    """A 'Q-network' that returns given rows, so losses can be checked by hand."""
+
+    def __init__(self, rows: list[list[float]]) -> None:
+        super().__init__()
+        self.rows = nn.Parameter(torch.tensor(rows, dtype=torch.float32))
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return self.rows[: states.shape[0]]
+
+
+def random_widths(rng: np.random.Generator) -> BitWidths:
+    return BitWidths(*(int(rng.choice([4, 6, 8])) for _ in KINDS))
+
+
+# --------------------------------------------------------------------------- state / actions
+def test_state_layout_exact_values() -> None:
+    state = build_state(
+        0.35,
+        BitWidths(weight=4, activation=6, gradient=8),
+        {"weight": 0.125, "activation": 0.25, "gradient": 0.0625},
+        {"weight": -1.0, "activation": 0.5, "gradient": 0.2},
+    )
+    expected = np.array(
+        [0.35, 0.5, 0.75, 1.0, 0.125, 0.25, 0.0625, -1.0, 0.5, 0.2], dtype=np.float32
+    )
+    assert state.dtype == np.float32 and state.shape == (STATE_SIZE,)
+    np.testing.assert_array_equal(state, expected)
+    assert STATE_SPEC == (
+        "time", "bits-w", "bits-a", "bits-g", "loss-w", "loss-a", "loss-g",
+        "changed-w", "changed-a", "changed-g",
+    )  # fmt: skip
+
+
+def test_state_defaults_for_missing_entries() -> None:
+    state = build_state(0.0, INT4, {}, {})
+    np.testing.assert_array_equal(state[4:7], 0.0)
+    np.testing.assert_array_equal(state[7:], -1.0)
+
+
+def test_action_mask() -> None:
+    assert ACTIONS == ("keep", "raise-weight", "raise-activation", "raise-gradient")
+    assert valid_actions(INT4).tolist() == [True, True, True, True]
+    assert valid_actions(BitWidths(8, 6, 8)).tolist() == [True, False, True, False]
+    assert valid_actions(BitWidths(6, 8, 4)).tolist() == [True, True, False, True]
+    assert valid_actions(INT8).tolist() == [True, False, False, False]
+    assert valid_actions(FP32).tolist() == [True, False, False, False]
+
+
+def test_apply_action_raises_by_two_and_rejects_invalid() -> None:
+    assert apply_action(INT4, 0) == INT4
+    assert apply_action(INT4, 1) == BitWidths(6, 4, 4)
+    assert apply_action(INT4, 2) == BitWidths(4, 6, 4)
+    assert apply_action(BitWidths(4, 4, 6), 3) == BitWidths(4, 4, 8)
+    for bad in (4, -1, True, 1.0):
+        with pytest.raises(ValueError):
+            apply_action(INT4, bad)
+    with pytest.raises(ValueError, match="invalid"):
+        apply_action(BitWidths(8, 4, 4), 1)
+    with pytest.raises(ValueError):
+        apply_action(INT8, 3)
+
+
+def test_random_valid_walks_stay_in_range_and_never_go_down() -> None:
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        widths = INT4
+        for _ in range(12):
+            action = int(rng.choice(np.flatnonzero(valid_actions(widths))))
+            new = apply_action(widths, action)
+            for kind in KINDS:
+                assert widths.get(kind) <= new.get(kind) <= 8
+            assert sum(new.as_tuple()) - sum(widths.as_tuple()) == (0 if action == 0 else 2)
+            widths = new
+        assert valid_actions(widths)[0]
+
+
+# --------------------------------------------------------------------------- reward
+def test_reward_eqs_6_to_8_hand_values() -> None:
+    # a <= a_r: q_idx = 0.25 / (1 - 0.5) = 0.5, a_idx = 1 / (1 + 2 * 0.5) = 0.5, t = 0.8.
+    assert reward(90.0, 92.0, 0.5, 0.8) == pytest.approx(0.2)
+    # a > a_r: a_idx = 1; lambda 0.75 (all INT4) gives q_idx = 1.
+    assert reward(93.0, 92.0, 0.75, 1.0) == pytest.approx(1.0)
+    # a == a_r takes the second branch, which is 1 there too; full INT8 (lambda 0) gives 0.25.
+    assert reward(92.0, 92.0, 0.0, 0.5) == pytest.approx(0.125)
+    # Other theta / delta: q_idx = 0.2 / 0.4 = 0.5, a_idx = 1 / (1 + 4 * 0.25) = 0.5.
+    assert reward(80.0, 84.0, 0.6, 0.5, theta=0.2, delta=0.25) == pytest.approx(0.125)
+    # Accuracy gap 1 point at delta 0.5: a factor 1 / 1.5.
+    assert reward(91.0, 92.0, 0.0, 1.0) == pytest.approx(0.25 / 1.5)
+    with pytest.raises(ValueError):
+        reward(90.0, 90.0, 1.0, 0.5)
+
+
+def test_discounted_returns() -> None:
+    np.testing.assert_allclose(discounted_returns([1.0, 2.0, 3.0], 0.5), [2.75, 3.5, 3.0])
+    np.testing.assert_allclose(discounted_returns([1.0, 2.0, 3.0], 1.0), [6.0, 5.0, 3.0])
+
+
+# --------------------------------------------------------------------------- networks / losses
+def test_q_network_has_paper_size() -> None:
+    net = QNetwork()
+    assert sum(p.numel() for p in net.parameters()) == 1924 == 10 * 128 + 128 + 128 * 4 + 4
+    assert net(torch.zeros(3, STATE_SIZE)).shape == (3, NUM_ACTIONS)
+
+
+def test_bc_loss_hand_computation_one_hot_and_soft() -> None:
+    rows = [[1.0, 2.0, 0.0, 0.0], [0.0, 0.0, 3.0, 1.0]]
+    net = FixedQ(rows)
+    states = torch.zeros(2, STATE_SIZE)
+    actions = torch.tensor([1, 2])
+    returns = torch.tensor([1.5, 2.0])
+    value = ((1.5 - 2.0) ** 2 + (2.0 - 3.0) ** 2) / 2
+
+    def log_softmax(row: list[float], index: int) -> float:
+        return row[index] - math.log(sum(math.exp(v) for v in row))
+
+    kl_one_hot = -(log_softmax(rows[0], 1) + log_softmax(rows[1], 2)) / 2
+    loss = bc_loss(net, states, actions, returns)
+    assert loss.item() == pytest.approx(value + kl_one_hot, rel=1e-6)
+    assert bc_loss(net, states, actions, returns, kl_weight=0.0).item() == pytest.approx(value)
+
+    probs = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.25, 0.75, 0.0]])
+    kl_soft = (
+        0.5 * (math.log(0.5) - log_softmax(rows[0], 0))
+        + 0.5 * (math.log(0.5) - log_softmax(rows[0], 1))
+        + 0.25 * (math.log(0.25) - log_softmax(rows[1], 1))
+        + 0.75 * (math.log(0.75) - log_softmax(rows[1], 2))
+    ) / 2
+    loss = bc_loss(net, states, actions, returns, probs, kl_weight=2.0)
+    assert loss.item() == pytest.approx(value + 2.0 * kl_soft, rel=1e-6)
+
+
+def transition(action: int, reward_value: float, done: bool, next_valid: list[bool]) -> Transition:
+    return Transition(
+        np.full(STATE_SIZE, 0.1, dtype=np.float32),
+        action,
+        reward_value,
+        np.full(STATE_SIZE, 0.2, dtype=np.float32),
+        done,
+        np.asarray(next_valid),
+    )
+
+
+def test_td_target_masks_invalid_next_actions_and_stops_at_episode_end() -> None:
+    target = FixedQ([[1.0, 9.0, 2.0, 0.5], [1.0, 9.0, 2.0, 0.5]])
+    batch = Batch.of(
+        [
+            transition(0, 0.3, False, [True, False, True, True]),  # the 9.0 action is invalid
+            transition(2, 0.7, True, [True, True, True, True]),
+        ]
+    )
+    np.testing.assert_allclose(td_targets(target, batch, 0.9).numpy(), [0.3 + 0.9 * 2.0, 0.7])
+
+
+def test_dqn_update_moves_q_toward_td_target() -> None:
+    torch.manual_seed(0)
+    agent = BitWidthAgent(QNetwork())
+    trainer = DQNTrainer(agent, gamma=0.9, lr=1e-2, batch_size=8, target_update=10**6)
+    replay = ReplayBuffer(4)
+    item = transition(3, 1.0, False, [True, True, False, True])
+    replay.add(item)
+    batch = Batch.of([item])
+    target_before = td_targets(trainer.target_net, batch, 0.9)
+    gap_before = dqn_loss(agent.q_net, trainer.target_net, batch, 0.9).item()
+    q_before = agent.q_values(item.state)[3]
+    trainer.update(replay)
+    gap_after = dqn_loss(agent.q_net, trainer.target_net, batch, 0.9).item()
+    q_after = agent.q_values(item.state)[3]
+    assert gap_after < gap_before
+    assert abs(q_after - float(target_before[0])) < abs(q_before - float(target_before[0]))
+    # The target network did not move (no sync yet).
+    torch.testing.assert_close(td_targets(trainer.target_net, batch, 0.9), target_before)
+    trainer.sync_target()
+    for online, frozen in zip(
+        agent.q_net.parameters(), trainer.target_net.parameters(), strict=True
+    ):
+        torch.testing.assert_close(online, frozen)
+
+
+def test_bc_pretraining_makes_teacher_action_greedy() -> None:
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    episodes = []
+    for _ in range(4):
+        steps = []
+        for k in range(6):
+            state = np.zeros(STATE_SIZE, dtype=np.float32)
+            state[0] = k / 6
+            # teacher: raise gradients at the first two decisions, keep afterwards
+            steps.append(
+                Transition(state, 3 if k < 2 else 0, 0.1 * k, state, k == 5, np.ones(4, bool))
+            )
+        episodes.append(steps)
+    teacher = TeacherSamples.from_episodes(episodes, gamma=0.9)
+    assert len(teacher) == 24 and teacher.probs.sum(axis=1).tolist() == [1.0] * 24
+    np.testing.assert_allclose(
+        teacher.returns[:6], discounted_returns([0.1 * k for k in range(6)], 0.9)
+    )
+    agent = BitWidthAgent(QNetwork())
+    DQNTrainer(agent, batch_size=16, rng=rng).pretrain_bc(teacher, 400)
+    for k in range(6):
+        assert agent.act(teacher.states[k], INT4) == (3 if k < 2 else 0)
+
+
+def test_replay_buffer_is_a_ring() -> None:
+    replay = ReplayBuffer(3)
+    for index in range(5):
+        replay.add(transition(0, float(index), False, [True] * 4))
+    assert len(replay) == 3
+    rewards = set(replay.sample(64, np.random.default_rng(0)).rewards.tolist())
+    assert rewards == {2.0, 3.0, 4.0}
+
+
+# --------------------------------------------------------------------------- agent / files
+def test_act_never_picks_a_masked_action() -> None:
+    net = FixedQ([[0.0, 5.0, 1.0, 4.0]])
+    agent = BitWidthAgent(net)  # type: ignore[arg-type]
+    state = np.zeros(STATE_SIZE, dtype=np.float32)
+    assert agent.act(state, INT4) == 1
+    assert agent.act(state, BitWidths(8, 4, 4)) == 3
+    assert agent.act(state, BitWidths(8, 4, 8)) == 2
+    assert agent.act(state, INT8) == 0
+    rng = np.random.default_rng(0)
+    drawn = {agent.act(state, BitWidths(8, 4, 8), epsilon=1.0, rng=rng) for _ in range(200)}
+    assert drawn == {0, 2}
+
+
+def test_save_load_round_trip_is_exact(tmp_path) -> None:
+    torch.manual_seed(3)
+    agent = BitWidthAgent(QNetwork(), {"seed": 7, "command": "x", "nested": {"a": [1, 2]}})
+    path = tmp_path / "agent.json"
+    agent.save(path)
+    loaded = BitWidthAgent.load(path)
+    assert loaded.metadata == agent.metadata
+    for key, tensor in agent.q_net.state_dict().items():
+        assert torch.equal(loaded.q_net.state_dict()[key], tensor)
+    state = np.random.default_rng(0).normal(size=STATE_SIZE).astype(np.float32)
+    np.testing.assert_array_equal(loaded.q_values(state), agent.q_values(state))
+
+
+def test_load_rejects_another_layout(tmp_path) -> None:
+    payload = BitWidthAgent(QNetwork()).to_json()
+    payload["state_spec"] = list(reversed(payload["state_spec"]))
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match="state layout"):
+        BitWidthAgent.load(path)
+    path.write_text(json.dumps({**BitWidthAgent(QNetwork()).to_json(), "version": 99}))
+    with pytest.raises(ValueError):
+        BitWidthAgent.load(path)
+
+
+def test_shipped_agent_loads_and_acts_validly() -> None:
+    assert DEFAULT_AGENT_PATH.name == "lbi_agent.json"
+    agent = load_default_agent()
+    for key in ("command", "seed", "version", "state_spec", "training"):
+        assert key in agent.metadata
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        widths = random_widths(rng)
+        losses = dict(zip(KINDS, rng.uniform(0, 0.3, size=3), strict=True))
+        changed = dict(zip(KINDS, rng.choice([-1.0, 0.2, 0.5], size=3), strict=True))
+        state = build_state(float(rng.uniform()), widths, losses, changed)
+        action = agent.act(state, widths)
+        assert valid_actions(widths)[action]
+        apply_action(widths, action)
+
+
+# --------------------------------------------------------------------------- environment
+def test_teacher_schedule_follows_section_4_4_ranges() -> None:
+    from fl_app.train_lbi_agent import EnvConfig, teacher_schedule
+
+    times = EnvConfig().decision_times
+    assert times[0] == pytest.approx(0.10) and times[-1] == pytest.approx(0.95)
+    rng = np.random.default_rng(0)
+    weight_kept = 0
+    for _ in range(200):
+        plan = teacher_schedule(times, rng)
+        by_kind: dict[int, list[float]] = {}
+        for index in sorted(plan):
+            by_kind.setdefault(plan[index], []).append(times[index])
+        assert len(by_kind[3]) == 2 and 0.10 - 1e-9 <= by_kind[3][0] <= 0.45 + 1e-9
+        assert len(by_kind[2]) == 2 and 0.50 - 1e-9 <= by_kind[2][0] <= 0.90 + 1e-9
+        assert by_kind[3][1] < by_kind[2][0]  # gradients reach INT8 before activations move
+        if 1 in by_kind:
+            assert 0.50 - 1e-9 <= by_kind[1][0] <= 0.95 + 1e-9
+        else:
+            weight_kept += 1
+        widths = INT4
+        for index in range(len(times)):
+            widths = apply_action(widths, plan.get(index, 0))
+        assert widths.gradient == 8 and widths.activation == 8
+    assert 60 < weight_kept < 140
+
+
+def test_tiny_environment_episode_end_to_end_and_cache_is_exact() -> None:
+    from fl_app.train_lbi_agent import (
+        BitWidthEnv,
+        EnvConfig,
+        load_env_data,
+        plan_policy,
+        run_episode,
+    )
+
+    torch.set_num_threads(1)
+    cfg = EnvConfig(train_fraction=0.1, epochs=4, start=1, interval=1, batch_size=32)
+    train, heldout = load_env_data(cfg.train_fraction, cfg.seed)
+    small = (train, torch.utils.data.TensorDataset(*(t[:200] for t in heldout.tensors)))
+    env = BitWidthEnv(cfg, small)
+    plan = {0: 3, 1: 3, 2: 2}
+    first = run_episode(env, plan_policy(plan))
+    assert env.reference is not None and len(env.reference.accuracy) == cfg.epochs + 1
+    assert [t.action for t in first.transitions] == [3, 3, 2]
+    assert first.widths == BitWidths(4, 6, 8)
+    assert [t.done for t in first.transitions] == [False, False, True]
+    # lambda: BitOPs per MAC w*a + g*w + g*a: epoch 1 at INT4 48, 2 at (4,4,6) 64, 3 at (4,4,8)
+    # 80, 4 at (4,6,8) 104, against 192 for INT8.
+    assert first.compression_ratio == pytest.approx(1 - (48 + 64 + 80 + 104) / (4 * 192))
+    last = first.transitions[-1]
+    assert last.reward == pytest.approx(
+        reward(first.accuracy, env.reference.accuracy[4], first.compression_ratio, 1.0)
+    )
+    assert last.next_state[0] == pytest.approx(1.0)
+    np.testing.assert_allclose(last.next_state[7:], [-1.0, 0.75, 0.5])
+    trained = env.trained_epochs
+    again = run_episode(env, plan_policy(plan))
+    assert env.trained_epochs == trained  # replayed from the cache
+    fresh = BitWidthEnv(cfg, small)  # no cache: trains everything again
+    third = run_episode(fresh, plan_policy(plan))
+    for episode in (again, third):
+        assert episode.accuracy == first.accuracy
+        assert [t.reward for t in episode.transitions] == [t.reward for t in first.transitions]
+        for a, b in zip(episode.transitions, first.transitions, strict=True):
+            np.testing.assert_array_equal(a.state, b.state)
