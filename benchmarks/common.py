@@ -2,18 +2,20 @@
 
 Runs the method's own strategy and client classes (from the registry) for one round on random
 images of the model's input shape, through Flower's client serialization, and returns what was
-measured: bytes and bpp per direction, the serialized arrays, and the client's fit time.
+measured: bytes and bpp per direction, the arrays and the exact bytes Flower would send for each
+(``np.save`` output, header included), the fit config, and the client's fit time and state.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.common import Context, FitIns, Parameters, RecordDict, parameters_to_ndarrays
+from flwr.common import Context, FitIns, Parameters, RecordDict, Scalar, parameters_to_ndarrays
 from flwr.server.client_manager import SimpleClientManager
 from torch.utils.data import TensorDataset
 
@@ -34,6 +36,8 @@ INPUT_SHAPES = {
 
 @dataclass
 class RoundMeasure:
+    """What one round of one client measured; ``*_tensors`` are the serialized payloads."""
+
     method: str
     model: str
     num_scalars: int
@@ -46,6 +50,34 @@ class RoundMeasure:
     downlink: list[np.ndarray]
     uplink: list[np.ndarray]
     client_state_bytes: int
+    downlink_tensors: list[bytes] = field(default_factory=list)
+    uplink_tensors: list[bytes] = field(default_factory=list)
+    fit_config: dict[str, Scalar] = field(default_factory=dict)
+    fit_cpu_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Best-of-N seconds of a piece of work on two clocks.
+
+    ``cpu`` is this process's CPU time (all threads): on a box shared with other jobs it stays
+    what the work costs while wall time stretches with the neighbours' load, so ratios of CPU
+    times compare work with work. ``wall`` is what a user waits on an idle machine at best.
+    """
+
+    wall: float
+    cpu: float
+
+
+def best_of(repeats: int, work: Callable[[], object]) -> Timing:
+    """Minimum wall and minimum CPU seconds of ``repeats`` calls of ``work``."""
+    walls, cpus = [], []
+    for _ in range(repeats):
+        wall, cpu = time.perf_counter(), time.process_time()
+        work()
+        cpus.append(time.process_time() - cpu)
+        walls.append(time.perf_counter() - wall)
+    return Timing(min(walls), min(cpus))
 
 
 def one_round(
@@ -91,9 +123,10 @@ def one_round(
     manager = SimpleClientManager()
     manager.register(InProcessClientProxy("1", context, client_fn))
     ((proxy, ins),) = strategy.configure_fit(1, Parameters([], ""), manager)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     res = proxy.fit(FitIns(ins.parameters, ins.config), timeout=None, group_id=1)
     fit_seconds = time.perf_counter() - started
+    fit_cpu_seconds = time.process_time() - cpu_started
     strategy.aggregate_fit(1, [(proxy, res)], [])
     row = strategy.round_row(1, 0.0, 0.0)
     state_bytes = sum(
@@ -112,4 +145,8 @@ def one_round(
         parameters_to_ndarrays(ins.parameters),
         parameters_to_ndarrays(res.parameters),
         state_bytes,
+        list(ins.parameters.tensors),
+        list(res.parameters.tensors),
+        dict(ins.config),
+        fit_cpu_seconds,
     )
