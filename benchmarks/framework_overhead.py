@@ -21,6 +21,8 @@ compute is the same work in both runs. Because wall times on a shared box move w
 jobs' load, the CPU seconds of a steady round are reported too: this process's for the
 in-process run, and the sum over every process of the ``flwr run`` (SuperLink, simulation, Ray's
 raylet/GCS/actors, the ``flwr`` CLI; sampled from ``/proc`` every 0.25 s) for the simulation.
+Flower's own in-run measure of the clients' compute is reported as well: the ClientApp seconds
+that ``flwr ls`` gives for the run (all rounds together, so round 1's actor start is in it).
 
 Settings: ``cnn4`` on a synthetic CIFAR-10 stand-in (random 32x32 RGB images written as local
 parquet files in the ``data-files`` layout, ``--samples`` per client, IID), and the built-in
@@ -36,6 +38,7 @@ import argparse
 import csv
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -52,6 +55,7 @@ from flwr.client import Client
 from flwr.common import Context, FitIns, FitRes
 from PIL import Image
 
+import fl_app.launch as launch_module
 from fl_app.client_app import client_fn as app_client_fn
 from fl_app.data import DATASETS, clear_caches
 from fl_app.inprocess import run_inprocess
@@ -220,25 +224,68 @@ PHASES = (
 )
 
 
+class ComputeTimeProbe:
+    """Wraps ``fl_app.launch.run_status`` (called once the run has finished, before the SuperLink
+    is stopped) to also read Flower's own in-run accounting: ``flwr ls --format json`` reports
+    ``compute-time.clientapp-seconds``, the summed time the simulation engine spent executing
+    ClientApps (each message's ``client_fn`` + ``fit`` on its Ray actor, with its (de)serialization
+    there)."""
+
+    def __init__(self) -> None:
+        self.clientapp_seconds = float("nan")
+        self.original = launch_module.run_status
+
+    def __enter__(self) -> ComputeTimeProbe:
+        launch_module.run_status = self.run_status
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        launch_module.run_status = self.original
+
+    def run_status(self, flwr: str, run_id: int, env: dict[str, str]) -> str:
+        listing = subprocess.run(
+            [flwr, "ls", "--run-id", str(run_id), "--format", "json"],
+            cwd=launch_module.PROJECT_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        try:
+            for run in json.loads(listing.stdout).get("runs", []):
+                if str(run.get("run-id")) == str(run_id):
+                    self.clientapp_seconds = float(run["compute-time"]["clientapp-seconds"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            pass
+        return self.original(flwr, run_id, env)
+
+
 def flwr_profile(
     config: Mapping[str, Any], clients: int, cpus_per_client: int, workdir: Path
 ) -> dict[str, Any]:
     """One ``flwr run``: wall seconds, start-up phases and the per-round seconds of its
     ``rounds.csv``."""
     federation = f"num-supernodes={clients} client-resources-num-cpus={cpus_per_client}"
+    # Every local ``flwr run`` uses the same SuperLink port: one started by someone else on this
+    # box would take our run (and stop it with theirs). Wait until none is running.
+    deadline = time.monotonic() + 900
+    while superlink_pids() and time.monotonic() < deadline:
+        time.sleep(5)
     stamped = StampedStdout(sys.stdout)
     sampler = CpuSampler()
     sampler.start()
     started = time.perf_counter()
     sys.stdout = stamped
+    probe = ComputeTimeProbe()
     try:
-        code, status, results_dir = launch(
-            toml_overrides(config),
-            clients,
-            federation,
-            flwr_home=workdir / "flwr-home",
-            log_path=workdir / f"{config['run-name']}.log",
-        )
+        with probe:
+            code, status, results_dir = launch(
+                toml_overrides(config),
+                clients,
+                federation,
+                flwr_home=workdir / "flwr-home",
+                log_path=workdir / f"{config['run-name']}.log",
+            )
     finally:
         sys.stdout = stamped.target
         sampler.stop.set()
@@ -262,6 +309,7 @@ def flwr_profile(
         "round_s": rounds,
         "phases": phases,
         "steady_cpu_per_round_s": steady_cpu / max(1, len(rounds) - 1),
+        "clientapp_seconds": probe.clientapp_seconds,
     }
 
 
@@ -320,6 +368,9 @@ def summarize(
         "inprocess_cpu_per_round_s": inproc_cpu,
         "flwr_cpu_per_round_s": flwr["steady_cpu_per_round_s"],
         "cpu_ratio": flwr["steady_cpu_per_round_s"] / inproc_cpu,
+        "flwr_clientapp_s_all_rounds": flwr["clientapp_seconds"],
+        "flwr_round_s_all_rounds": sum(flwr["round_s"]),
+        "in_run_ratio": sum(flwr["round_s"]) / flwr["clientapp_seconds"],
         "flwr_rounds_s": flwr["round_s"],
         "inprocess_runs": inprocs,
     }
@@ -374,6 +425,14 @@ def main() -> None:
         print(
             f"| {r['setting']} | {r['inprocess_cpu_per_round_s']:.2f} s | "
             f"{r['flwr_cpu_per_round_s']:.2f} s | {r['cpu_ratio']:.2f}x |"
+        )
+    print("\nIn-run, all rounds 1..R: Flower's ClientApp seconds (flwr ls) vs the rounds' wall:\n")
+    print("| setting | ClientApp seconds | rounds' seconds | ratio |")
+    print("|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['setting']} | {r['flwr_clientapp_s_all_rounds']:.1f} s | "
+            f"{r['flwr_round_s_all_rounds']:.1f} s | {r['in_run_ratio']:.2f}x |"
         )
     phases = list(results[0]["flwr_phases_s"])
     print("\nflwr run by phase (from the arrival times of its log lines):\n")
