@@ -51,13 +51,21 @@ def noise_coefficient(bits: int, rounding: str = "deterministic", nominal: bool 
     return share * step_over_s**2
 
 
-def clip_update(magnitude: torch.Tensor, clip: torch.Tensor, coef: float) -> torch.Tensor:
-    """One step of the recursion for each row of ``magnitude`` (R, n) with clips ``clip`` (R,)."""
-    threshold = clip.unsqueeze(1)
-    outside = magnitude > threshold
-    inside = (magnitude > 0) & ~outside
-    numerator = torch.where(outside, magnitude, torch.zeros_like(magnitude)).sum(1)
-    denominator = coef * inside.sum(1) + outside.sum(1)
+def clip_update(
+    magnitude: torch.Tensor, clip: torch.Tensor, coef: float, positive: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One step of the recursion for each row of ``magnitude`` (R, n) with clips ``clip`` (R,).
+
+    ``positive`` (R,), the count of non-zero entries per row, may be passed in by a caller that
+    iterates: it does not depend on the clip, and since clip > 0, #inside = #positive - #outside.
+    """
+    outside = magnitude > clip.unsqueeze(1)
+    outside_count = outside.sum(1)
+    if positive is None:
+        positive = (magnitude > 0).sum(1)
+    # Same summands as a masked copy of ``magnitude``, so the same float64 sum, without the copy.
+    numerator = torch.where(outside, magnitude, magnitude.new_zeros(())).sum(1)
+    denominator = coef * (positive - outside_count) + outside_count
     # A row with nothing above the clip would map to 0; keep its current clip instead (it only
     # happens for s >= max|x|, which the caller's clamp already excludes except for equality).
     return torch.where(denominator > 0, numerator / denominator.clamp_min(1e-300), clip)
@@ -81,9 +89,10 @@ def fixed_point_clip(
     peak = magnitude.max(1).values
     upper = peak.clamp_min(TINY_CLIP)
     clip = magnitude.mean(1).clamp(TINY_CLIP, None).minimum(upper)
+    positive = (magnitude > 0).sum(1)
     before = torch.full_like(clip, -1.0)
     for step in range(1, max_iter + 1):
-        new = clip_update(magnitude, clip, coef).clamp(TINY_CLIP, None).minimum(upper)
+        new = clip_update(magnitude, clip, coef, positive).clamp(TINY_CLIP, None).minimum(upper)
         settled = (new - clip).abs() <= rtol * clip
         cycling = new == before
         if bool((settled | cycling).all()):
