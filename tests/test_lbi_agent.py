@@ -371,3 +371,15 @@ def test_tiny_environment_episode_end_to_end_and_cache_is_exact() -> None:
         assert [t.reward for t in episode.transitions] == [t.reward for t in first.transitions]
         for a, b in zip(episode.transitions, first.transitions, strict=True):
             np.testing.assert_array_equal(a.state, b.state)
+
+
+def test_policy_selection_needs_evidence_against_the_bc_agent() -> None:
+    from fl_app.train_lbi_agent import select_policy
+
+    bc = {"after": 0, "returns": [5.0, 4.0, 6.0], "score": 5.0}
+    noisy = {"after": 8, "returns": [8.0, 1.0, 7.5], "score": 5.5}  # +3, -3, +1.5: within noise
+    steady = {"after": 16, "returns": [5.6, 4.5, 6.7], "score": 5.6}  # +0.6, +0.5, +0.7
+    assert select_policy([bc, noisy])["after"] == 0
+    assert select_policy([bc, noisy, steady])["after"] == 16
+    worse = {"after": 24, "returns": [4.0, 3.0, 5.0], "score": 4.0}
+    assert select_policy([bc, worse])["after"] == 0
