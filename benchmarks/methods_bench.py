@@ -2,7 +2,8 @@
 
 For each model: one round of each method on the same synthetic batch stream (one client), the
 measured uplink/downlink bpp against the method's nominal bit-width, and the client's local
-training time relative to FedAvg's on the same model and data (training overhead ratio).
+training time relative to FedAvg's on the same model and data (training overhead ratio), in wall
+and in CPU seconds (CPU time is what the work costs on a box shared with other jobs).
 
     python benchmarks/methods_bench.py [--models digits-cnn-bn cnn4 resnet18] [--samples 256]
 """
@@ -25,6 +26,7 @@ NOMINAL = {
     "qsgd": (None, 32),
     "feddq": (None, 32),
     "dadaquant": (None, 32),
+    "lbi-fl": (4, 4),
 }
 
 
@@ -38,19 +40,24 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--methods", nargs="+", default=list(NOMINAL))
     args = parser.parse_args()
-    print("| model | method | up bpp (vs nominal) | down bpp (vs nominal) | fit s | x FedAvg |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| model | method | up bpp (vs nominal) | down bpp (vs nominal) | fit s | x FedAvg "
+        "| fit CPU s | x FedAvg (CPU) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for model in args.models:
         one_round("fedavg", model, samples=32)  # warm-up: first-call costs out of the timings
-        base = None
+        base = base_cpu = None
         for method in args.methods:
             measure = one_round(method, model, samples=args.samples)
             base = base or measure.fit_seconds
+            base_cpu = base_cpu or measure.fit_cpu_seconds
             up, down = NOMINAL[method]
             print(
                 f"| {model} | {method} | {measure.uplink_bpp:.3f} ({ratio(measure.uplink_bpp, up)})"
                 f" | {measure.downlink_bpp:.3f} ({ratio(measure.downlink_bpp, down)}) | "
-                f"{measure.fit_seconds:.2f} | {measure.fit_seconds / base:.2f} |",
+                f"{measure.fit_seconds:.2f} | {measure.fit_seconds / base:.2f} | "
+                f"{measure.fit_cpu_seconds:.2f} | {measure.fit_cpu_seconds / base_cpu:.2f} |",
                 flush=True,
             )
 

@@ -14,7 +14,8 @@ wire format (``compression/*_codec.py``, ``compression/update_quantizers.py``,
 
 bpp = 8 x bytes / scalars of a FedAvg message (the app's definition, ``strategies.base``);
 nominal = the method's code width per scalar (32 for an fp32 model, m = 4 / s = 1 for FedBiF,
-1 for FedBAT and the sign methods, the widths actually sent for FedDQ/DAdaQuant/QSGD).
+1 for FedBAT and the sign methods, the widths actually sent for FedDQ/DAdaQuant/QSGD and
+LBI-FL).
 
     python -m benchmarks.wire_breakdown [--models digits-cnn cnn4 resnet18] [--json PATH]
 """
@@ -53,6 +54,7 @@ ROLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "qsgd": (STATE, ("codes", "codes", "scales")),
     "feddq": (STATE, ("codes", "scales", "scales")),
     "dadaquant": (STATE, ("codes", "scales")),
+    "lbi-fl": (("codes", "scales", "extras"), ("codes", "scales", "extras")),
 }
 COMPONENTS = ("codes", "scales", "batchnorm", "biases", "headers")
 
@@ -148,6 +150,9 @@ def nominal_bpp(measure: RoundMeasure, direction: str, roles: tuple[str, ...]) -
             return float(cfg["fedbif-bits"])
         mask = int(measure.fit_config["fedbif-active-mask"])
         return float(len(mask_to_positions(mask, int(cfg["fedbif-bits"]))))
+    if measure.method == "lbi-fl":  # the weight width the message itself declares
+        message = measure.downlink if direction == "down" else measure.uplink
+        return float(message[1][0])
     if measure.method == "clipped-uq":
         return float(cfg["cuq-bits"])
     if measure.method == "fedpaq":

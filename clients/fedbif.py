@@ -63,6 +63,7 @@ class FedBiFClient(TrainingClient):
         self.frozen_planes: list[torch.Tensor] = []  # (m, *shape) float 0/1 per quantized tensor
         self.virtual: list[nn.Parameter] = []  # (s, *shape) per quantized tensor
         self.magnitudes: list[torch.Tensor] = []  # (m, *shape) |v| per quantized tensor
+        self._frozen_integers: list[torch.Tensor] = []  # offset layout: frozen part, per tensor
 
     # ----------------------------------------------------------------- downlink
     def load_downlink(self, arrays: NDArrays, config: dict[str, Scalar]) -> None:
@@ -81,6 +82,7 @@ class FedBiFClient(TrainingClient):
                 state[key].copy_(torch.from_numpy(piece))
         self.magnitudes = self._initial_magnitudes(int(config.get("server-round", 0)))
         self.frozen_planes, self.virtual = [], []
+        self._frozen_integers = []
         word_pieces = split_flat(words, self.split.quantized_shapes)
         for key, piece, step, magnitude in zip(
             self.q_keys, word_pieces, self.steps, self.magnitudes, strict=True
@@ -142,6 +144,20 @@ class FedBiFClient(TrainingClient):
         identity = self.cfg["fedbif-ste"] == "identity"
         weights = {}
         positions = list(self.positions)
+        if self.layout.kind == "offset":
+            # The offset form is linear in the bits: frozen bits' integer part once per round,
+            # plus 2^p h(v_p) per activated bit (integers, so the same float32 values as below).
+            if len(self._frozen_integers) != len(self.frozen_planes):
+                self._frozen_integers = [self._frozen_integer(p) for p in self.frozen_planes]
+            for key, frozen, virtual, step in zip(
+                self.q_keys, self._frozen_integers, self.virtual, self.steps, strict=True
+            ):
+                value = frozen
+                for row, position in enumerate(positions):
+                    scale = 1.0 / (step * 2.0**position) if identity else 1.0
+                    value = value + 2.0**position * step_ste(virtual[row], scale)
+                weights[key] = step * value
+            return weights
         for key, planes, virtual, step in zip(
             self.q_keys, self.frozen_planes, self.virtual, self.steps, strict=True
         ):
@@ -151,6 +167,12 @@ class FedBiFClient(TrainingClient):
                 rows[position] = step_ste(virtual[row], scale)
             weights[key] = step * self.layout.value_from_bits(torch.stack(rows))
         return weights
+
+    def _frozen_integer(self, planes: torch.Tensor) -> torch.Tensor:
+        """Integer value of a tensor's frozen bits (activated planes zeroed), offset included."""
+        frozen = planes.clone()
+        frozen[list(self.positions)] = 0.0
+        return self.layout.value_from_bits(frozen)
 
     def weight_overrides(self, step: int, total_steps: int) -> dict[str, torch.Tensor] | None:
         return self.current_weights()

@@ -177,6 +177,26 @@ def test_virtual_bits_get_the_weight_gradient_and_frozen_bits_none(tmp_path):
         assert not planes.requires_grad and planes.grad is None
 
 
+def test_offset_fast_path_equals_full_recomposition_exactly(tmp_path):
+    """Frozen bits summed once per round give bit-identical weights to rebuilding all m planes."""
+    strategy, ins = downlink_for(tmp_path, **{"fedbif-active-bits": 2})
+    context = make_contexts({**BASE, "results-dir": str(tmp_path), "fedbif-active-bits": 2}, 2)[0]
+    client = make_client(context)
+    client.load_downlink(parameters_to_ndarrays(ins.parameters), ins.config)
+    with torch.no_grad():  # flip some virtual bits so trained and received bits differ
+        for virtual in client.virtual:
+            virtual[0].neg_()
+    weights = client.current_weights()
+    for key, planes, virtual, step in zip(
+        client.q_keys, client.frozen_planes, client.virtual, client.steps, strict=True
+    ):
+        rows = list(planes.unbind(0))
+        for row, position in enumerate(client.positions):
+            rows[position] = (virtual[row] > 0).float()
+        want = step * client.layout.value_from_bits(torch.stack(rows))
+        assert torch.equal(weights[key].detach(), want)
+
+
 def test_client_uplink_bytes_and_vbi_state(tmp_path):
     strategy, ins = downlink_for(tmp_path)
     context = make_contexts({**BASE, "results-dir": str(tmp_path)}, 2)[0]
