@@ -43,6 +43,7 @@ from flwr.server.strategy import Strategy
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from compression.layout import split_flat
 from fl_app.checkpoint import load_checkpoint, save_checkpoint
 from fl_app.config import RunConfig
 from fl_app.results import ResultsWriter
@@ -125,6 +126,18 @@ def decode_float_arrays(fit_res: FitRes, reference: list[np.ndarray]) -> list[np
         if not np.all(np.isfinite(array)):
             raise PayloadError(f"array {index}: contains NaN or infinity")
     return arrays
+
+
+def place_flat(
+    state: list[np.ndarray],
+    indices: list[int],
+    flat: np.ndarray,
+    shapes: tuple[tuple[int, ...], ...],
+) -> None:
+    """Write the float32 pieces of a concatenated vector (e.g. the extras) into ``state``."""
+    pieces = split_flat(np.asarray(flat, dtype=np.float32), shapes)
+    for index, piece in zip(indices, pieces, strict=True):
+        state[index] = piece.copy()
 
 
 def weighted_average(updates: list[ClientUpdate]) -> list[np.ndarray]:

@@ -37,10 +37,10 @@ from compression.cuq_codec import (
     encode,
     quantize_layers,
 )
-from compression.layout import concat_flat, split_flat
+from compression.layout import concat_flat
 from fl_app.config import ConfigKey, RunConfig
 from fl_app.torch_utils import quantized_split
-from strategies.base import ClientUpdate, CommunicationStrategy, PayloadError
+from strategies.base import ClientUpdate, CommunicationStrategy, PayloadError, place_flat
 
 AGGREGATIONS = ("inverse-sqe", "fedavg")
 
@@ -124,12 +124,7 @@ class ClippedUQStrategy(CommunicationStrategy):
         received = [array.copy() for array in self.global_state]
         for index, tensor in zip(self.q_index, restored, strict=True):
             received[index] = tensor
-        for index, piece in zip(
-            self.e_index,
-            split_flat(extras.astype(np.float32), self.split.extra_shapes),
-            strict=True,
-        ):
-            received[index] = piece.copy()
+        place_flat(received, self.e_index, extras, self.split.extra_shapes)
         self._received = received
         self._downlink_round = server_round
 
@@ -180,12 +175,7 @@ class ClippedUQStrategy(CommunicationStrategy):
         extras = np.zeros(self.split.num_extras, dtype=np.float64)
         for share, update in zip(examples, updates, strict=True):
             extras += share * update.arrays[layers]
-        for index, piece in zip(
-            self.e_index,
-            split_flat(extras.astype(np.float32), self.split.extra_shapes),
-            strict=True,
-        ):
-            new_state[index] = piece.copy()
+        place_flat(new_state, self.e_index, extras, self.split.extra_shapes)
         errors = np.stack([u.arrays[-1] for u in updates])
         self.round_metrics[server_round] = {
             "quant_mse": float(errors.sum(1).mean() / max(self.split.num_quantized, 1)),

@@ -30,11 +30,17 @@ from flwr.common import FitRes, Scalar, parameters_to_ndarrays
 
 from clients.lbi import INITIAL_WIDTHS, MODES
 from compression import lbi_codec
-from compression.layout import concat_flat, split_flat
+from compression.layout import concat_flat
 from compression.lowbit import KINDS, LAYER_CHOICES
 from fl_app.config import ConfigKey, RunConfig
 from fl_app.torch_utils import quantized_split
-from strategies.base import ClientUpdate, CommunicationStrategy, PayloadError, decode_float_arrays
+from strategies.base import (
+    ClientUpdate,
+    CommunicationStrategy,
+    PayloadError,
+    decode_float_arrays,
+    place_flat,
+)
 
 CONFIG_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("lbi-mode", str, "agent", "bit-width policy", choices=MODES),
@@ -133,9 +139,7 @@ class LBIStrategy(CommunicationStrategy):
             received = [array.copy() for array in self.global_state]
             for index, tensor in zip(self.q_index, decoded.weights, strict=True):
                 received[index] = tensor
-            pieces = split_flat(decoded.extras, self.split.extra_shapes)
-            for index, piece in zip(self.e_index, pieces, strict=True):
-                received[index] = piece.copy()
+            place_flat(received, self.e_index, decoded.extras, self.split.extra_shapes)
             self._messages[key] = (arrays, received)
         return self._messages[key]
 
@@ -202,12 +206,7 @@ class LBIStrategy(CommunicationStrategy):
         extras = concat_flat([self.global_state[i] for i in self.e_index], np.float64)
         for share, update in zip(shares, updates, strict=True):
             extras += share * update.arrays[layers]
-        for index, piece in zip(
-            self.e_index,
-            split_flat(extras.astype(np.float32), self.split.extra_shapes),
-            strict=True,
-        ):
-            new_state[index] = piece.copy()
+        place_flat(new_state, self.e_index, extras, self.split.extra_shapes)
         self._record_clients(server_round, updates)
         self._next_round = server_round + 1
         return new_state
