@@ -50,17 +50,23 @@ def offline_environment(flwr_home: Path) -> dict[str, str]:
     return env
 
 
-def superlink_pids() -> set[int]:
-    """PIDs of running ``flower-superlink`` processes (Linux /proc)."""
+def superlink_pids(flwr_home: Path | None = None) -> set[int]:
+    """PIDs of running ``flower-superlink`` processes (Linux /proc); with ``flwr_home``, only
+    those started under that ``FLWR_HOME``: the SuperLink inherits the environment of the
+    ``flwr run`` that started it, so a launcher never stops another job's SuperLink."""
     pids = set()
+    marker = f"FLWR_HOME={flwr_home}".encode() if flwr_home is not None else None
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            if b"flower-superlink" not in cmdline:
+                continue
+            environ = (entry / "environ").read_bytes().split(b"\0") if marker else []
         except OSError:
             continue
-        if b"flower-superlink" in cmdline:
+        if marker is None or marker in environ:
             pids.add(int(entry.name))
     return pids
 
@@ -122,7 +128,7 @@ def launch(
     command = [flwr, "run", str(PROJECT_ROOT), "--stream", "--federation-config", federation]
     if run_config:
         command += ["--run-config", run_config]
-    before = superlink_pids()
+    before = superlink_pids(flwr_home)
     run_id: int | None = None
     results_dir: Path | None = None
     log_file = log_path.open("w") if log_path else None
@@ -149,7 +155,7 @@ def launch(
     finally:
         if log_file:
             log_file.close()
-        stop_processes(superlink_pids() - before)
+        stop_processes(superlink_pids(flwr_home) - before)
     ok = returncode == 0 and status == "finished:completed"
     return (0 if ok else 1), status, results_dir
 

@@ -9,11 +9,11 @@ from fl_app.results import read_rounds
 
 
 def test_flwr_run_two_rounds_three_clients(tmp_path):
-    before = superlink_pids()
+    home = tmp_path / "flwr-home"
     code, status, results_dir = launch(
         run_config=f"num-server-rounds=2 results-dir='{tmp_path}' run-name='e2e' device='cpu'",
         num_supernodes=3,
-        flwr_home=tmp_path / "flwr-home",
+        flwr_home=home,
         log_path=tmp_path / "run.log",
     )
     log = (tmp_path / "run.log").read_text()
@@ -27,7 +27,7 @@ def test_flwr_run_two_rounds_three_clients(tmp_path):
     assert summary["completed"] and summary["num_clients"] == 3
     assert 32.0 <= summary["uplink_bpp"] <= 32.5
     assert "[fedavg] round 2/2" in log
-    assert superlink_pids() <= before  # the SuperLink it started is gone
+    assert not superlink_pids(home)  # the SuperLink it started (and only that one) is gone
 
 
 def test_flwr_run_reports_a_failed_server_app(tmp_path):
