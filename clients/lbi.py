@@ -31,7 +31,6 @@ from flwr.common import ConfigRecord, NDArrays, Scalar
 
 from clients.base import TrainingClient
 from clients.lbi_agent import (
-    ACTIONS,
     DEFAULT_AGENT_PATH,
     BitWidthAgent,
     apply_action,
@@ -206,4 +205,4 @@ class LBIClient(TrainingClient):
         return action
 
 
-__all__ = ["ACTIONS", "MODES", "LBIClient", "load_agent"]
+__all__ = ["MODES", "LBIClient", "load_agent"]

@@ -19,6 +19,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from fl_app.launch import offline_environment
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
@@ -40,25 +42,15 @@ def flwr_environment(flwr_home: Path, extra: Mapping[str, str] | None = None) ->
     Each process of a deployment gets its own ``FLWR_HOME`` (as it would on its own machine):
     installed app bundles and CLI connections are never shared by accident.
     """
-    env = dict(os.environ)
+    env = offline_environment(flwr_home)  # the launcher's offline settings, one source
     env.update(
         {
-            "FLWR_HOME": str(flwr_home),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "HF_DATASETS_OFFLINE": "1",
-            "HF_HUB_OFFLINE": "1",
-            "MPLCONFIGDIR": str(flwr_home / "mplconfig"),
-            "UV_CACHE_DIR": str(flwr_home / "uv-cache"),
             "PYTHONUNBUFFERED": "1",
             # Wide, colourless output: logs are parsed and shown in test failures.
             "COLUMNS": "200",
             "NO_COLOR": "1",
         }
     )
-    env["PATH"] = os.pathsep.join([str(VENV_BIN), env.get("PATH", "")])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     if extra:
         env.update(extra)
     flwr_home.mkdir(parents=True, exist_ok=True)
