@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 run: $(VENV)/.installed
-	$(PY) -m fl_app.launch --num-supernodes $(NUM_SUPERNODES) \
+	$(PY) -m tools.launch --num-supernodes $(NUM_SUPERNODES) \
 		--run-config "results-dir='$(RESULTS_DIR)' $(RUN_CONFIG)" \
 		$(if $(FEDERATION_CONFIG),--federation-config "$(FEDERATION_CONFIG)") \
 		--log $(CURDIR)/.flwr/last-run.log

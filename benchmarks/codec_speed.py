@@ -27,20 +27,12 @@ import torch
 
 from benchmarks.common import Timing, best_of, one_round
 from compression import cuq_codec, fedbat_codec, fedbif_codec
+from compression import sign_codec as sc
+from compression import update_quantizers as uq
 from compression.layout import concat_flat
 from compression.packing import pack_codes, unpack_codes
-from compression.sign_codec import decode_scaled_sign, encode_scaled_sign, pack_signs, unpack_signs
-from compression.update_quantizers import (
-    decode_fixed_step,
-    decode_qsgd,
-    decode_symmetric,
-    encode_fixed_step,
-    encode_qsgd,
-    encode_symmetric,
-    symmetric_bits,
-)
+from core.wire_state import get_wire_state, quantized_split
 from fl_app.models import build_model
-from fl_app.torch_utils import get_wire_state, quantized_split
 
 
 def codec_cases(seed: int = 0) -> tuple[int, dict[str, Callable[[], object]]]:
@@ -64,30 +56,62 @@ def codec_cases(seed: int = 0) -> tuple[int, dict[str, Callable[[], object]]]:
     alphas = np.full(len(split.quantized_shapes), 0.01, dtype=np.float32)
     fedbat_bits = (rng.random(nq) > 0.5).astype(np.uint8)
     cuq_layout = cuq_codec.CuqLayout(split, 4, "layer")
+    cuq = cuq_codec.CuqCodec(cuq_layout, with_errors=True)
     positions = (3,)
+    fedbif_down = fedbif_codec.FedBiFDownlinkCodec(split, 4)
+    fedbif_up = fedbif_codec.FedBiFUplinkCodec(split, 1)
+    fedbat_up = fedbat_codec.FedBATUplinkCodec(split)
+    sizes = tuple(sizes)
 
     def fedbif() -> None:  # server: encode words; client: decode, gather s bits, encode; server
-        down = fedbif_codec.encode_downlink(words4, steps, extras, 4)
-        words, _, _ = fedbif_codec.decode_downlink(down, split, 4)
-        up = fedbif_codec.encode_uplink(fedbif_codec.gather_codes(words, positions), extras, 1)
-        codes, _ = fedbif_codec.decode_uplink(up, split, 1)
-        fedbif_codec.spread_codes(codes, positions)
+        down = fedbif_down.encode(fedbif_codec.DownlinkMessage(words4, steps, extras))
+        words = fedbif_down.decode(down).words
+        codes = fedbif_codec.gather_codes(words, positions)
+        up = fedbif_up.encode(fedbif_codec.UplinkMessage(codes, extras))
+        fedbif_codec.spread_codes(fedbif_up.decode(up).codes, positions)
 
     def fedbat() -> None:
-        up = fedbat_codec.encode_uplink(fedbat_bits, alphas, extras)
-        bits, decoded_alphas, _ = fedbat_codec.decode_uplink(up, split)
-        fedbat_codec.rebuild_update(bits, decoded_alphas, split.quantized_sizes)
+        up = fedbat_up.encode(fedbat_codec.UplinkMessage(fedbat_bits, alphas, extras))
+        message = fedbat_up.decode(up)
+        fedbat_codec.rebuild_update(message.bits, message.alphas, split.quantized_sizes)
 
     def clipped_uq() -> None:  # optimal clip per layer, stochastic 4-bit codes, then decode
         codes, clips, errors, _ = cuq_codec.quantize_layers(weights, cuq_layout, "stochastic", gen)
-        arrays = cuq_codec.encode(cuq_layout, codes, clips, extras, errors)
-        cuq_codec.dequantize_layers(cuq_codec.decode(arrays, cuq_layout, True), cuq_layout)
+        arrays = cuq.encode(cuq_codec.CuqMessage(codes, clips, errors, extras))
+        cuq_codec.dequantize_layers(cuq.decode(arrays), cuq_layout)
 
     def symmetric(levels: int) -> Callable[[], object]:
-        return lambda: decode_symmetric(*encode_symmetric(flat, sizes, levels, gen), sizes, levels)
+        codec = uq.SymmetricCodec(sizes, levels)
+
+        def work() -> object:
+            arrays = codec.encode(uq.quantize_symmetric(flat, sizes, levels, gen))
+            return uq.dequantize_symmetric(codec.decode(arrays), sizes)
+
+        return work
 
     def feddq(step: float) -> Callable[[], object]:
-        return lambda: decode_fixed_step(*encode_fixed_step(flat, sizes, step, gen), sizes)
+        codec = uq.FixedStepCodec(sizes)
+
+        def work() -> object:
+            arrays = codec.encode(uq.quantize_fixed_step(flat, sizes, step, gen))
+            return uq.dequantize_fixed_step(codec.decode(arrays), sizes)
+
+        return work
+
+    def qsgd() -> object:
+        codec = uq.QSGDCodec(d, 15, 512)
+        arrays = codec.encode(uq.quantize_qsgd(flat, 15, 512, gen))
+        return uq.dequantize_qsgd(codec.decode(arrays), 15, 512)
+
+    signs = sc.SignCodec(d, 0)
+    scaled = sc.ScaledSignCodec(sizes, 0)
+    no_stats = np.zeros(0, np.float16)
+
+    def ef_signsgd() -> object:
+        message = scaled.decode(
+            scaled.encode(sc.ScaledSignMessage(*sc.scaled_sign(flat, sizes), no_stats))
+        )
+        return sc.scaled_sign_values(message.signs, message.scales, sizes)
 
     cases: dict[str, Callable[[], object]] = {
         "np.packbits + np.unpackbits (1 bit)": lambda: np.unpackbits(np.packbits(bits1), count=d),
@@ -97,13 +121,11 @@ def codec_cases(seed: int = 0) -> tuple[int, dict[str, Callable[[], object]]]:
         "FedBiF codec (4-bit down + 1-bit up)": fedbif,
         "FedBAT codec (1-bit up + rebuild)": fedbat,
         "clipped-uq 4 bit (optimal clips)": clipped_uq,
-        "SignSGD signs": lambda: unpack_signs(pack_signs(flat), d),
-        "EF-SignSGD scaled sign": lambda: decode_scaled_sign(
-            *encode_scaled_sign(flat, sizes), sizes
-        ),
+        "SignSGD signs": lambda: signs.decode(signs.encode(sc.SignMessage(flat, no_stats))),
+        "EF-SignSGD scaled sign": ef_signsgd,
         "FedPAQ 4-bit (7 levels)": symmetric(7),
-        f"DAdaQuant 2 levels ({symmetric_bits(2)} bit)": symmetric(2),
-        "QSGD 15 levels": lambda: decode_qsgd(*encode_qsgd(flat, 15, 512, gen), d, 15, 512),
+        f"DAdaQuant 2 levels ({uq.symmetric_bits(2)} bit)": symmetric(2),
+        "QSGD 15 levels": qsgd,
         "FedDQ step 5e-4 (5-6 bit)": feddq(5e-4),
         "FedDQ step 2e-3 (3-4 bit)": feddq(2e-3),
     }

@@ -19,10 +19,9 @@ from flwr.common import Context, FitIns, Parameters, RecordDict, Scalar, paramet
 from flwr.server.client_manager import SimpleClientManager
 from torch.utils.data import TensorDataset
 
-from fl_app.config import parse_run_config
-from fl_app.inprocess import InProcessClientProxy
-from fl_app.methods import METHODS, all_config_keys
+from fl_app.methods import METHODS, load_config
 from fl_app.models import build_model
+from tools.inprocess import InProcessClientProxy
 
 INPUT_SHAPES = {
     "digits-cnn": (1, 8),
@@ -95,13 +94,13 @@ def one_round(
         "checkpoint": False,
         **overrides,
     }
-    cfg = parse_run_config(raw, all_config_keys())
+    cfg, settings = load_config(raw)
     entry = METHODS.get(method)
 
     def model_fn() -> torch.nn.Module:
         return build_model(model_name, in_channels=channels, num_classes=10, image_size=size)
 
-    strategy = entry.strategy(cfg, model_fn=model_fn, test_set=None, results=None)
+    strategy = entry.strategy(cfg, settings, model_fn=model_fn, test_set=None, results=None)
     generator = torch.Generator().manual_seed(0)
     data = TensorDataset(
         torch.randn(samples, channels, size, size, generator=generator),
@@ -117,7 +116,7 @@ def one_round(
 
     def client_fn(ctx: Context):
         return entry.client(
-            cfg, context=ctx, model=model_fn(), train_set=data, partition_id=0
+            cfg, settings, context=ctx, model=model_fn(), train_set=data, partition_id=0
         ).to_client()
 
     manager = SimpleClientManager()

@@ -2,11 +2,11 @@
 
 For each setting, the same run config is executed in one script run:
 
-1. in-process (``fl_app.inprocess.run_inprocess``: the same ``client_fn``, strategy and Flower
+1. in-process (``tools.inprocess.run_inprocess``: the same ``client_fn``, strategy and Flower
    serialization, no Ray, no SuperLink), with every client's ``fit`` (decode, train, encode) and
    ``client_fn`` (config parsing, data partition, model build) timed separately; run before and
    after the ``flwr run``;
-2. with ``flwr run`` on a local Ray simulation through ``fl_app.launch`` (as ``make run``), whose
+2. with ``flwr run`` on a local Ray simulation through ``tools.launch`` (as ``make run``), whose
    ``rounds.csv`` gives each round's wall time (``seconds``: from ``configure_fit`` to the end of
    the round's central evaluation; the SuperLink it starts is stopped by PID).
 
@@ -55,11 +55,11 @@ from flwr.client import Client
 from flwr.common import Context, FitIns, FitRes
 from PIL import Image
 
-import fl_app.launch as launch_module
+import tools.launch as launch_module
 from fl_app.client_app import client_fn as app_client_fn
 from fl_app.data import DATASETS, clear_caches
-from fl_app.inprocess import run_inprocess
-from fl_app.launch import launch, superlink_pids
+from tools.inprocess import run_inprocess
+from tools.launch import launch, superlink_pids
 
 
 def write_cifar_stand_in(root: Path, n_train: int, n_test: int, seed: int = 0) -> None:
@@ -225,7 +225,7 @@ PHASES = (
 
 
 class ComputeTimeProbe:
-    """Wraps ``fl_app.launch.run_status`` (called once the run has finished, before the SuperLink
+    """Wraps ``tools.launch.run_status`` (called once the run has finished, before the SuperLink
     is stopped) to also read Flower's own in-run accounting: ``flwr ls --format json`` reports
     ``compute-time.clientapp-seconds``, the summed time the simulation engine spent executing
     ClientApps (each message's ``client_fn`` + ``fit`` on its Ray actor, with its (de)serialization

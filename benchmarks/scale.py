@@ -1,7 +1,7 @@
 """Memory and round time with many virtual clients, for the methods that keep per-client state.
 
 Each (method, number of clients) runs in its own Python process (so its peak RSS is its own)
-through the in-process runner ``fl_app.inprocess.run_inprocess``, which, like Flower's
+through the in-process runner ``tools.inprocess.run_inprocess``, which, like Flower's
 simulation, keeps every node's ``Context`` (and so its ``context.state``) in one process for the
 whole run. ``fraction-fit`` of the clients (default 10%) train each round on a tiny synthetic
 CIFAR-10 stand-in (``--samples`` 32x32 images per client, local parquet files in the
@@ -38,7 +38,7 @@ import torch
 from flwr.common import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from benchmarks.framework_overhead import write_cifar_stand_in
-from fl_app.inprocess import make_contexts, run_inprocess
+from tools.inprocess import make_contexts, run_inprocess
 
 
 def rss_bytes() -> int:

@@ -32,11 +32,11 @@ from torch import nn
 
 from benchmarks.common import INPUT_SHAPES, RoundMeasure, one_round
 from compression.update_quantizers import qsgd_bits, symmetric_bits
-from fl_app.config import parse_run_config
-from fl_app.methods import all_config_keys
+from contracts.cuq import ClippedUQSettings
+from contracts.fedbif import ACTIVE_MASK, FedBiFSettings, mask_to_positions
+from contracts.update_quantization import DADAQUANT_LEVELS, FedPAQSettings, QSGDSettings
+from core.wire_state import conv_linear_weight_keys, parameter_split, quantized_split, wire_keys
 from fl_app.models import build_model
-from fl_app.torch_utils import conv_linear_weight_keys, parameter_split, quantized_split, wire_keys
-from strategies.fedbif import mask_to_positions
 
 # What each array of a message carries, per method: (downlink roles, uplink roles). "state" is a
 # plain fp32 wire state (one array per wire tensor); "extras" the float extras of
@@ -142,25 +142,25 @@ def classify(
 
 def nominal_bpp(measure: RoundMeasure, direction: str, roles: tuple[str, ...]) -> float:
     """Bits per FedAvg scalar the method's codes are meant to cost (no side information)."""
-    cfg = parse_run_config({}, all_config_keys())  # one_round runs every method at its defaults
+    # one_round runs every method at its defaults: the settings groups' own defaults.
     if roles == STATE:
         return 32.0
     if measure.method == "fedbif":
         if direction == "down":
-            return float(cfg["fedbif-bits"])
-        mask = int(measure.fit_config["fedbif-active-mask"])
-        return float(len(mask_to_positions(mask, int(cfg["fedbif-bits"]))))
+            return float(FedBiFSettings().bits)
+        mask = int(measure.fit_config[ACTIVE_MASK])
+        return float(len(mask_to_positions(mask, FedBiFSettings().bits)))
     if measure.method == "lbi-fl":  # the weight width the message itself declares
         message = measure.downlink if direction == "down" else measure.uplink
         return float(message[1][0])
     if measure.method == "clipped-uq":
-        return float(cfg["cuq-bits"])
+        return float(ClippedUQSettings().bits)
     if measure.method == "fedpaq":
-        return float(cfg["fedpaq-bits"])
+        return float(FedPAQSettings().bits)
     if measure.method == "qsgd":
-        return 1.0 + qsgd_bits(int(cfg["qsgd-levels"]))  # sign bit + magnitude bits
+        return 1.0 + qsgd_bits(QSGDSettings().levels)  # sign bit + magnitude bits
     if measure.method == "dadaquant":
-        return float(symmetric_bits(int(measure.fit_config["dadaquant-levels"])))
+        return float(symmetric_bits(int(measure.fit_config[DADAQUANT_LEVELS])))
     if measure.method == "feddq":  # the widths the client chose, read from its payload
         widths = measure.uplink[2].astype(np.int64)
         sizes = ModelLayout(_model(measure.model)).sizes

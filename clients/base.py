@@ -11,7 +11,8 @@ A method client overrides the hooks, not ``fit``:
 
 Per-client state that must outlive a round (error residuals, virtual-bit magnitudes) belongs in
 ``self.context.state``: Flower keeps the node's ``Context`` across rounds in simulation and in
-deployment, whereas this object is rebuilt for every message.
+deployment, whereas this object is rebuilt for every message. ``self.settings`` is the method's
+typed settings group (``contracts``), ``self.cfg`` the run config with the common keys.
 """
 
 from __future__ import annotations
@@ -26,16 +27,12 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import TensorDataset
 
-from fl_app.config import RunConfig
-from fl_app.torch_utils import (
-    derive_seed,
-    evaluate_model,
-    get_wire_state,
-    iterate_minibatches,
-    seed_everything,
-    select_device,
-    set_wire_state,
-)
+from contracts.messages import PARTITION_ID, ROUND, TRAIN_LOSS, TRAIN_SECONDS
+from core.config import RunConfig
+from core.seeding import derive_seed, seed_everything
+from core.settings import NoSettings, Settings
+from core.torch_utils import evaluate_model, iterate_minibatches, select_device
+from core.wire_state import get_wire_state, set_wire_state
 
 
 class TrainingClient(NumPyClient):
@@ -44,6 +41,7 @@ class TrainingClient(NumPyClient):
     def __init__(
         self,
         cfg: RunConfig,
+        settings: Settings | None = None,
         *,
         context: Context,
         model: nn.Module,
@@ -51,6 +49,7 @@ class TrainingClient(NumPyClient):
         partition_id: int,
     ) -> None:
         self.cfg = cfg
+        self.settings = settings if settings is not None else NoSettings()
         self.context = context
         self.partition_id = partition_id
         self.device = select_device(cfg.device)
@@ -66,9 +65,9 @@ class TrainingClient(NumPyClient):
         """Optimizer over what this method trains; default: all model parameters."""
         return torch.optim.SGD(
             self.model.parameters(),
-            lr=float(self.cfg["learning-rate"]),
-            momentum=float(self.cfg["momentum"]),
-            weight_decay=float(self.cfg["weight-decay"]),
+            lr=self.cfg.learning_rate,
+            momentum=self.cfg.momentum,
+            weight_decay=self.cfg.weight_decay,
         )
 
     def weight_overrides(self, step: int, total_steps: int) -> dict[str, torch.Tensor] | None:
@@ -108,16 +107,16 @@ class TrainingClient(NumPyClient):
     def fit(
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[NDArrays, int, dict[str, Scalar]]:
-        server_round = int(config.get("server-round", 0))
+        server_round = int(config.get(ROUND, 0))
         self.load_downlink(parameters, config)
         started = time.perf_counter()
         train_loss = self.train(server_round)
         train_seconds = time.perf_counter() - started
         payload = self.encode_uplink(config)
         metrics: dict[str, Scalar] = {
-            "partition-id": self.partition_id,
-            "train-loss": train_loss,
-            "train-seconds": train_seconds,
+            PARTITION_ID: self.partition_id,
+            TRAIN_LOSS: train_loss,
+            TRAIN_SECONDS: train_seconds,
         }
         return payload, len(self.train_set), metrics
 
@@ -127,7 +126,7 @@ class TrainingClient(NumPyClient):
         """Loss/accuracy of the received model on this client's data (federated evaluation)."""
         self.load_downlink(parameters, config)
         loss, accuracy = evaluate_model(self.model, self.train_set, self.device)
-        return loss, len(self.train_set), {"accuracy": accuracy, "partition-id": self.partition_id}
+        return loss, len(self.train_set), {"accuracy": accuracy, PARTITION_ID: self.partition_id}
 
     # ----------------------------------------------------------------- local SGD loop
     def train(self, server_round: int) -> float:
@@ -139,8 +138,8 @@ class TrainingClient(NumPyClient):
         seed = derive_seed(self.cfg.seed, self.partition_id, server_round)
         seed_everything(seed)
         generator = torch.Generator().manual_seed(seed)
-        epochs = int(self.cfg["local-epochs"])
-        batch_size = int(self.cfg["batch-size"])
+        epochs = self.cfg.local_epochs
+        batch_size = self.cfg.batch_size
         steps_per_epoch = -(-len(self.train_set) // batch_size)
         total_steps = epochs * steps_per_epoch
         optimizer = self.make_optimizer()

@@ -6,10 +6,12 @@ the run's rounding) in the forward pass, with a straight-through gradient to the
 weights (``compression.clipped_quant.fake_quantize``), so the network learns to work with the
 quantized weights it will send. Biases and BatchNorm tensors train as usual and travel as the
 extras vector. Stochastic rounding of the uplink uses a generator seeded by (seed, partition,
-round), so runs repeat exactly.
+round), so runs repeat exactly. Contract: ``contracts.cuq``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,10 +19,13 @@ from flwr.common import NDArrays, Scalar
 
 from clients.base import TrainingClient
 from compression.clipped_quant import fake_quantize
-from compression.cuq_codec import decode, dequantize_layers, encode, quantize_layers
+from compression.cuq_codec import CuqMessage, dequantize_layers, quantize_layers
 from compression.layout import concat_flat, split_flat
-from fl_app.torch_utils import derive_seed, quantized_split, set_wire_state, wire_keys
-from strategies.cuq import downlink_layout, uplink_layout
+from contracts import cuq
+from contracts.cuq import ClippedUQSettings
+from contracts.messages import ROUND
+from core.seeding import derive_seed
+from core.wire_state import quantized_split, set_wire_state, wire_keys
 
 #: salt of the uplink rounding seed, so it differs from the training seed of the same round.
 UPLINK_SALT = 0xC0A
@@ -29,17 +34,16 @@ UPLINK_SALT = 0xC0A
 class ClippedUQClient(TrainingClient):
     """Client side of clipped uniform quantization; see the module docstring."""
 
-    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    settings: ClippedUQSettings
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.q_index, self.e_index, self.split = quantized_split(self.model)
         keys = wire_keys(self.model)
         self.q_keys = [keys[i] for i in self.q_index]
         self.e_keys = [keys[i] for i in self.e_index]
-        self.up = uplink_layout(self.cfg, self.model)
-        self.down = downlink_layout(self.cfg, self.model)
-        self.rounding = str(self.cfg["cuq-rounding"])
-        self.extras_dtype = str(self.cfg["cuq-extras-dtype"])
-        self.qat = bool(self.cfg["cuq-qat"])
+        self.up = cuq.uplink_codec(self.settings, self.model)
+        self.down = cuq.downlink_codec(self.settings, self.model)
         self.last_errors = np.zeros(0)
 
     # ----------------------------------------------------------------- downlink
@@ -47,8 +51,8 @@ class ClippedUQClient(TrainingClient):
         if self.down is None:
             set_wire_state(self.model, arrays)
             return
-        message = decode(arrays, self.down, with_errors=False)
-        weights = dequantize_layers(message, self.down)
+        message = self.down.decode(arrays)
+        weights = dequantize_layers(message, self.down.layout)
         extras = split_flat(message.extras, self.split.extra_shapes)
         state = self.model.state_dict()
         with torch.no_grad():
@@ -61,11 +65,12 @@ class ClippedUQClient(TrainingClient):
 
         The global torch RNG (stochastic rounding) is seeded per (seed, partition, round).
         """
-        if not self.qat:
+        if not self.settings.qat:
             return None
         params = dict(self.model.named_parameters())
+        layout = self.up.layout
         return {
-            key: fake_quantize(params[key], self.up.bits, self.rounding, self.up.granularity)
+            key: fake_quantize(params[key], layout.bits, self.settings.rounding, layout.granularity)
             for key in self.q_keys
         }
 
@@ -74,12 +79,13 @@ class ClippedUQClient(TrainingClient):
         state = self.model.state_dict()
         weights = [state[k].detach().cpu().float().numpy() for k in self.q_keys]
         generator = torch.Generator().manual_seed(
-            derive_seed(self.cfg.seed, self.partition_id, int(config.get("server-round", 0)))
-            ^ UPLINK_SALT
+            derive_seed(self.cfg.seed, self.partition_id, int(config.get(ROUND, 0))) ^ UPLINK_SALT
         )
-        codes, clips, errors, _ = quantize_layers(weights, self.up, self.rounding, generator)
+        codes, clips, errors, _ = quantize_layers(
+            weights, self.up.layout, self.settings.rounding, generator
+        )
         self.last_errors = errors
         extras = concat_flat(
-            [state[k].detach().cpu().numpy() for k in self.e_keys], self.extras_dtype
+            [state[k].detach().cpu().numpy() for k in self.e_keys], self.settings.extras_dtype
         )
-        return encode(self.up, codes, clips, extras, errors)
+        return self.up.encode(CuqMessage(codes, clips, errors, extras))

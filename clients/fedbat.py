@@ -15,11 +15,13 @@ biases and BatchNorm parameters train as usual at ``learning-rate``.
 After training the client binarizes u_l once more with a seeded draw, keeps the result as
 ``self.binarized`` (what the server will rebuild, bit for bit), and sends the bits, the float32
 a_l and the extras (``compression.fedbat_codec``). Nothing persists between rounds.
+Contract: ``contracts.fedbat``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,11 +36,13 @@ from compression.binarize import (
     stochastic_binarize,
     uniform_noise,
 )
-from compression.fedbat_codec import encode_uplink
+from compression.fedbat_codec import UplinkMessage
 from compression.layout import concat_flat
-from fl_app.config import RunConfig
-from fl_app.torch_utils import derive_seed, quantized_split, set_wire_state, wire_keys
-from strategies.fedbat import check_config
+from contracts import fedbat
+from contracts.fedbat import FedBATSettings
+from contracts.messages import ROUND
+from core.seeding import derive_seed
+from core.wire_state import quantized_split, set_wire_state, wire_keys
 
 UPLINK_TAG = 0xBA7  # separates the uplink draw's seed from the training seed
 
@@ -51,17 +55,19 @@ def warmup_steps(total_steps: int, phi: float) -> int:
 class FedBATClient(TrainingClient):
     """Binarization-aware local training; see the module docstring."""
 
-    def __init__(self, cfg: RunConfig, **kwargs) -> None:  # noqa: ANN003
-        super().__init__(cfg, **kwargs)
-        check_config(cfg)
+    settings: FedBATSettings
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.b_index, self.e_index, self.split = quantized_split(self.model)
         keys = wire_keys(self.model)
         self.b_keys = [keys[i] for i in self.b_index]
         self.e_keys = [keys[i] for i in self.e_index]
-        self.rho = float(cfg["fedbat-rho"])
-        self.phi = float(cfg["fedbat-warmup"])
-        self.alpha_min = float(cfg["fedbat-alpha-min"])
-        self.alpha_max = float(cfg["fedbat-alpha-max"])
+        self.up = fedbat.uplink_codec(self.settings, self.model)
+        self.rho = self.settings.rho
+        self.phi = self.settings.warmup
+        self.alpha_min = self.settings.alpha_min
+        self.alpha_max = self.settings.alpha_max
         self.base: list[torch.Tensor] = []
         self.updates: list[nn.Parameter] = []
         self.alpha_e: list[nn.Parameter] = []
@@ -90,16 +96,16 @@ class FedBATClient(TrainingClient):
             [
                 {
                     "params": [*self.updates, *self.alpha_e],
-                    "lr": float(self.cfg["fedbat-lr"]),
+                    "lr": self.settings.lr,
                     "weight_decay": 0.0,
                 },
                 {
                     "params": others,
-                    "lr": float(self.cfg["learning-rate"]),
-                    "weight_decay": float(self.cfg["weight-decay"]),
+                    "lr": self.cfg.learning_rate,
+                    "weight_decay": self.cfg.weight_decay,
                 },
             ],
-            momentum=float(self.cfg["momentum"]),
+            momentum=self.cfg.momentum,
         )
 
     def start_binarization(self, step: int) -> None:
@@ -157,13 +163,13 @@ class FedBATClient(TrainingClient):
         return flat_bits, np.asarray(alphas, dtype=np.float32)
 
     def encode_uplink(self, config: dict[str, Scalar]) -> NDArrays:
-        bits, alphas = self.final_binarization(int(config.get("server-round", 0)))
+        bits, alphas = self.final_binarization(int(config.get(ROUND, 0)))
         state = self.model.state_dict()
         with torch.no_grad():  # the module now holds what the server will rebuild
             for key, w, delta in zip(self.b_keys, self.base, self.binarized, strict=True):
                 state[key].copy_(w + delta)
         extras = concat_flat(
             [state[key].detach().cpu().numpy() for key in self.e_keys],
-            str(self.cfg["fedbat-extras-dtype"]),
+            self.settings.extras_dtype,
         )
-        return encode_uplink(bits, alphas, extras)
+        return self.up.encode(UplinkMessage(bits, alphas, extras))

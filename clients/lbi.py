@@ -19,11 +19,13 @@ trained at and the server learns the next downlink width from ``lbi-next-weight-
 Wire: weights at k_w bits both ways (``compression.lbi_codec``; fp32 wire state in ``fp32``
 mode). Metrics report the widths, the Eq. 5 losses and the round's training BitOPs (samples seen x
 per-sample BitOPs of the quantized layers) with the INT8 figure for the same work.
+Contract: ``contracts.lbi``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,8 +42,6 @@ from clients.lbi_agent import (
 from compression import lbi_codec
 from compression.layout import concat_flat, split_flat
 from compression.lowbit import (
-    FP32,
-    INT4,
     INT8,
     KINDS,
     BitWidths,
@@ -52,11 +52,13 @@ from compression.lowbit import (
     set_bit_widths,
     training_bitops,
 )
-from fl_app.torch_utils import derive_seed, quantized_split, set_wire_state, wire_keys
+from contracts import lbi
+from contracts.lbi import LBISettings
+from contracts.messages import ROUND
+from core.seeding import derive_seed
+from core.wire_state import quantized_split, set_wire_state, wire_keys
 
 STATE_KEY = "lbi"
-MODES = ("agent", "random", "fp32", "ui4", "ui8")
-INITIAL_WIDTHS = {"agent": INT4, "random": INT4, "fp32": FP32, "ui4": INT4, "ui8": INT8}
 #: salts so the uplink rounding and the random policy draw streams apart from training's.
 UPLINK_SALT = 0x1B1
 RANDOM_POLICY_SALT = 0x1B2
@@ -75,17 +77,17 @@ def load_agent(path: str) -> BitWidthAgent:
 class LBIClient(TrainingClient):
     """Low-bit training client; see the module docstring."""
 
-    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    settings: LBISettings
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.mode = str(self.cfg["lbi-mode"])
+        self.mode = self.settings.mode
         self.q_index, self.e_index, self.split = quantized_split(self.model)
         keys = wire_keys(self.model)
         self.q_keys = [keys[i] for i in self.q_index]
         self.e_keys = [keys[i] for i in self.e_index]
-        convert_to_lowbit(
-            self.model, str(self.cfg["lbi-layers"]), int(self.cfg["lbi-scale-interval"])
-        )
-        self.extras_dtype = str(self.cfg["lbi-extras-dtype"])
+        self.codec = lbi.weight_codec(self.settings, self.model)
+        convert_to_lowbit(self.model, self.settings.layers, self.settings.scale_interval)
         self.received_grid: tuple[int, np.ndarray] | None = None
         self.input_shape = tuple(self.train_set.tensors[0].shape[1:])
         self.macs = sum(layer_macs(self.model, self.input_shape).values())
@@ -94,7 +96,7 @@ class LBIClient(TrainingClient):
     # ----------------------------------------------------------------- per-node state
     def _load_state(self) -> None:
         record = self.context.state.get(STATE_KEY)
-        initial = INITIAL_WIDTHS[self.mode]
+        initial = self.settings.initial_widths
         if isinstance(record, ConfigRecord) and record.get("mode") == self.mode:
             self.widths = BitWidths(*(int(record[f"{kind}-bits"]) for kind in KINDS))
             self.last_change = {kind: float(record[f"{kind}-changed"]) for kind in KINDS}
@@ -112,67 +114,61 @@ class LBIClient(TrainingClient):
         self.context.state[STATE_KEY] = ConfigRecord(values)
 
     # ----------------------------------------------------------------- wire
-    @property
-    def quantized_wire(self) -> bool:
-        return self.mode != "fp32"
-
     def load_downlink(self, arrays: NDArrays, config: dict[str, Scalar]) -> None:
-        if not self.quantized_wire:
+        if not self.settings.quantized_wire:
             set_wire_state(self.model, arrays)
             return
-        message = lbi_codec.decode(arrays, self.split)
+        message = self.codec.decode(arrays)
         self.received_grid = (message.bits, message.scales)
+        weights = lbi_codec.dequantize(message, self.split)
         extras = split_flat(message.extras, self.split.extra_shapes)
         state = self.model.state_dict()
         with torch.no_grad():
-            for key, array in zip(self.q_keys + self.e_keys, message.weights + extras, strict=True):
+            for key, array in zip(self.q_keys + self.e_keys, weights + extras, strict=True):
                 state[key].copy_(torch.from_numpy(np.ascontiguousarray(array)))
 
     def encode_uplink(self, config: dict[str, Scalar]) -> NDArrays:
-        if not self.quantized_wire:
+        if not self.settings.quantized_wire:
             return super().encode_uplink(config)
         state = self.model.state_dict()
         generator = torch.Generator().manual_seed(
-            derive_seed(self.cfg.seed, self.partition_id, int(config.get("server-round", 0)))
-            ^ UPLINK_SALT
+            derive_seed(self.cfg.seed, self.partition_id, int(config.get(ROUND, 0))) ^ UPLINK_SALT
         )
         bits = self.widths.weight
         same_grid = self.received_grid is not None and self.received_grid[0] == bits
         codes, scales = lbi_codec.quantize_weights(
             [state[k].detach().cpu().numpy() for k in self.q_keys],
             bits,
-            str(self.cfg["lbi-wire-rounding"]),
+            self.settings.wire_rounding,
             generator,
             grid_scales=self.received_grid[1] if same_grid else None,
         )
         extras = concat_flat(
-            [state[k].detach().cpu().numpy() for k in self.e_keys], self.extras_dtype
+            [state[k].detach().cpu().numpy() for k in self.e_keys], self.settings.extras_dtype
         )
-        return lbi_codec.encode(self.split, codes, scales, extras, self.widths.weight)
+        return self.codec.encode(lbi_codec.WeightMessage(bits, codes, scales, extras))
 
     # ----------------------------------------------------------------- training and decisions
     def fit(
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[NDArrays, int, dict[str, Scalar]]:
-        server_round = int(config.get("server-round", 0))
+        server_round = int(config.get(ROUND, 0))
         trained_at = self.widths
         set_bit_widths(self.model, trained_at)
         reset_statistics(self.model)
         payload, num_examples, metrics = super().fit(parameters, config)
         losses = quantization_losses(self.model)
-        samples = int(self.cfg["local-epochs"]) * len(self.train_set)
+        samples = self.cfg.local_epochs * len(self.train_set)
         action = self.decide(server_round, losses)
         self._save_state()
         metrics.update(
             {
-                "lbi-weight-bits": trained_at.weight,
-                "lbi-activation-bits": trained_at.activation,
-                "lbi-gradient-bits": trained_at.gradient,
-                "lbi-next-weight-bits": self.widths.weight,
-                "lbi-action": action,
-                "bitops": float(samples * training_bitops(self.macs, trained_at)),
-                "bitops-int8": float(samples * training_bitops(self.macs, INT8)),
-                **{f"lbi-loss-{kind}": losses[kind] for kind in KINDS},
+                **{lbi.width_metric(kind): trained_at.get(kind) for kind in KINDS},
+                lbi.NEXT_WEIGHT_BITS: self.widths.weight,
+                lbi.ACTION: action,
+                lbi.BITOPS: float(samples * training_bitops(self.macs, trained_at)),
+                lbi.BITOPS_INT8: float(samples * training_bitops(self.macs, INT8)),
+                **{lbi.loss_metric(kind): losses[kind] for kind in KINDS},
             }
         )
         return payload, num_examples, metrics
@@ -183,14 +179,14 @@ class LBIClient(TrainingClient):
         A client decides when ``lbi-interval`` rounds have passed since its last decision (so a
         client that missed a round under partial participation decides at its next one).
         """
-        if self.mode not in ("agent", "random") or server_round < int(self.cfg["lbi-start"]):
+        if self.mode not in ("agent", "random") or server_round < self.settings.start:
             return -1
-        if server_round - self.last_decision < int(self.cfg["lbi-interval"]):
+        if server_round - self.last_decision < self.settings.interval:
             return -1
-        time_step = min(server_round / max(self.cfg.num_rounds, 1), 1.0)
+        time_step = min(server_round / max(self.cfg.num_server_rounds, 1), 1.0)
         if self.mode == "agent":
             state = build_state(time_step, self.widths, losses, self.last_change)
-            action = load_agent(str(self.cfg["lbi-agent-file"])).act(state, self.widths)
+            action = load_agent(self.settings.agent_file).act(state, self.widths)
         else:
             rng = np.random.default_rng(
                 [self.cfg.seed, self.partition_id, server_round, RANDOM_POLICY_SALT]
@@ -205,4 +201,4 @@ class LBIClient(TrainingClient):
         return action
 
 
-__all__ = ["MODES", "LBIClient", "load_agent"]
+__all__ = ["LBIClient", "load_agent"]

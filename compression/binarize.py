@@ -33,7 +33,7 @@ class StochasticBinarize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         scaled = x / alpha
         bits = binary_codes_from_scaled(scaled, noise)
         ctx.save_for_backward(scaled, bits)
@@ -41,7 +41,7 @@ class StochasticBinarize(torch.autograd.Function):
         return alpha * (2.0 * bits - 1.0)
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:  # noqa: ANN001
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         scaled, bits = ctx.saved_tensors
         inside = (scaled.abs() <= 1.0).to(grad_output.dtype)
         grad_x = grad_output * inside

@@ -92,12 +92,12 @@ class StepSTE(torch.autograd.Function):
     (1 = the identity of the STE; FedBiF uses a place-value scale, see ``clients.fedbif``)."""
 
     @staticmethod
-    def forward(ctx, virtual: torch.Tensor, grad_scale: float = 1.0) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, virtual: torch.Tensor, grad_scale: float = 1.0) -> torch.Tensor:
         ctx.grad_scale = grad_scale
         return (virtual > 0).to(virtual.dtype)
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad_output * ctx.grad_scale, None
 
 

@@ -5,7 +5,7 @@ u in [0, 2^B - 1] stands for ``-s + u * delta``. Using every code and hitting +-
 value clipped to the edge costs only its clipping error. There is no level at 0 for even 2^B;
 weights do not need one, and stochastic rounding keeps E[x_hat] = clamp(x, -s, s) regardless.
 
-Rounding reuses ``compression.quantization.quantize`` (stochastic = dither of one step, then
+Rounding reuses ``compression.primitives.quantize`` (stochastic = dither of one step, then
 floor, which is unbiased; or nearest). ``s`` is a scalar per tensor or one value per output
 channel (dim 0), from ``compression.clipping``.
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from compression.clipping import optimal_clip
-from compression.quantization import quantize
+from compression.primitives import quantize
 
 
 def levels(bits: int) -> int:
@@ -111,8 +111,8 @@ class ClippedQuantSTE(torch.autograd.Function):
     shadow weights that the quantizer reads again at every step."""
 
     @staticmethod
-    def forward(  # noqa: D102
-        ctx,  # noqa: ANN001
+    def forward(
+        ctx,
         weight: torch.Tensor,
         bits: int,
         rounding: str,
@@ -125,7 +125,7 @@ class ClippedQuantSTE(torch.autograd.Function):
         return x_hat.to(weight.dtype)
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:  # noqa: ANN001, D102
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
         return grad_output, None, None, None, None
 
 

@@ -6,11 +6,11 @@ the range get rounding noise of about ``coef * s^2`` each, values outside get th
 
     J(s) = coef * s^2 * #{0 < |x| <= s} + sum_{|x| > s} (|x| - s)^2 .
 
-Setting dJ/ds = 0 gives the fixed-point recursion of the implementation notes (OCTAV-style):
+Setting dJ/ds = 0 gives the fixed-point recursion of the paper (OCTAV-style):
 
     s <- sum_{|x| > s} |x| / ( coef * #{0 < |x| <= s} + #{|x| > s} ).
 
-``coef`` depends on the grid and the rounding. The notes use the nominal ``4^-B / 3``
+``coef`` depends on the grid and the rounding. The paper uses the nominal ``4^-B / 3``
 (step 2s / 2^B, deterministic rounding: step^2 / 12 = s^2 4^-B / 3). Our grid puts 2^B levels
 on [-s, s] including both ends (``compression.clipped_quant``), so the step is 2s / (2^B - 1);
 nearest rounding then costs step^2 / 12 and stochastic rounding step^2 / 6 on average
@@ -37,7 +37,7 @@ TINY_CLIP = 1e-12
 def noise_coefficient(bits: int, rounding: str = "deterministic", nominal: bool = False) -> float:
     """Per-value rounding noise of an in-range value, divided by s^2.
 
-    ``nominal=True`` gives the notes' ``4^-B / 3`` whatever the rounding (for comparison with
+    ``nominal=True`` gives the paper's ``4^-B / 3`` whatever the rounding (for comparison with
     published ACIQ/OCTAV numbers); otherwise the exact value for our 2^B-level grid.
     """
     if not 1 <= bits <= 16:

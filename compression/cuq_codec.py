@@ -1,11 +1,11 @@
 """Wire format of clipped-uniform-quantization messages (pure NumPy; both ends know the shapes).
 
-The wire tensors split as in ``compression.fedbif_codec.SplitLayout``: *quantized* tensors
+The wire tensors split as in ``compression.layout.SplitLayout``: *quantized* tensors
 (Conv2d/Linear weights, L of them, d scalars in all) and *extras* (biases, BatchNorm parameters
 and running statistics, e scalars). Everything is concatenated in wire order so that a message is
 three ``.npy`` arrays whatever the model depth (~128 bytes of header each).
 
-Uplink, client -> server (3 arrays):
+Uplink, client -> server (3 arrays, ``CuqCodec`` with ``with_errors``):
     0. uint8  ``pack_codes(codes, B)``: the B-bit code u of every quantized scalar
        (value = -s + u * 2s / (2^B - 1), ``compression.clipped_quant``), ceil(d * B / 8) bytes;
     1. float32 (c + L,): the c clips s (c = L per layer, or the sum of the output-channel counts
@@ -25,10 +25,9 @@ import torch
 
 from compression.clipped_quant import clipped_dequantize, quantize_tensor
 from compression.clipping import num_clips
-from compression.layout import SplitLayout, checked_floats
+from compression.codec import Codec
+from compression.layout import EXTRAS_DTYPES, SplitLayout, checked_floats
 from compression.packing import pack_codes, packed_size, unpack_codes
-
-EXTRAS_DTYPES = ("float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -62,46 +61,53 @@ class CuqMessage:
     extras: np.ndarray
 
 
-def encode(
-    layout: CuqLayout,
-    codes: np.ndarray,
-    clips: np.ndarray,
-    extras: np.ndarray,
-    errors: np.ndarray | None = None,
-) -> list[np.ndarray]:
-    """Message arrays; ``errors`` (L,) present for an uplink, ``None`` for a downlink."""
-    side = np.asarray(clips, dtype=np.float32).reshape(-1)
-    if errors is not None:
-        side = np.concatenate([side, np.asarray(errors, dtype=np.float32).reshape(-1)])
-    return [pack_codes(codes, layout.bits), side, extras]
+@dataclass(frozen=True)
+class CuqCodec(Codec[CuqMessage]):
+    """One direction's messages: ``with_errors`` for the uplink (clips then SQEs in array 1)."""
 
+    layout: CuqLayout
+    with_errors: bool
+    extras_dtype: str = "float16"
+    name = "a clipped-uq message"
+    num_arrays = 3
 
-def decode(arrays: Sequence[np.ndarray], layout: CuqLayout, with_errors: bool) -> CuqMessage:
-    """Validate and unpack a message; ``ValueError`` names the first problem found."""
-    if len(arrays) != 3:
-        raise ValueError(f"a clipped-uq message has 3 arrays, got {len(arrays)}")
-    packed, side, extras = arrays
-    codes = unpack_codes(packed, layout.bits, layout.split.num_quantized)
-    side_size = layout.num_clips + (layout.num_layers if with_errors else 0)
-    side = checked_floats(side, (side_size,), "clips/errors", ("float32",))
-    clips = side[: layout.num_clips]
-    if np.any(clips <= 0):
-        raise ValueError("clips must be positive")
-    errors = side[layout.num_clips :] if with_errors else None
-    if errors is not None and np.any(errors < 0):
-        raise ValueError("squared errors must be non-negative")
-    extras = checked_floats(extras, (layout.split.num_extras,), "extras", EXTRAS_DTYPES)
-    return CuqMessage(codes=codes, clips=clips, errors=errors, extras=extras)
+    @property
+    def side_size(self) -> int:
+        return self.layout.num_clips + (self.layout.num_layers if self.with_errors else 0)
 
+    def encode(self, message: CuqMessage) -> list[np.ndarray]:
+        side = np.asarray(message.clips, dtype=np.float32).reshape(-1)
+        if self.with_errors:
+            if message.errors is None:
+                raise ValueError("an uplink message carries its squared errors")
+            errors = np.asarray(message.errors, dtype=np.float32).reshape(-1)
+            side = np.concatenate([side, errors])
+        return [
+            pack_codes(message.codes, self.layout.bits),
+            side,
+            np.asarray(message.extras).astype(self.extras_dtype, copy=False),
+        ]
 
-def payload_nbytes(layout: CuqLayout, extras_dtype: str, with_errors: bool) -> int:
-    """Bytes of a message before the ``.npy`` headers."""
-    side = layout.num_clips + (layout.num_layers if with_errors else 0)
-    return (
-        packed_size(layout.split.num_quantized, layout.bits)
-        + 4 * side
-        + layout.split.num_extras * np.dtype(extras_dtype).itemsize
-    )
+    def _decode(self, arrays: list[np.ndarray]) -> CuqMessage:
+        packed, side, extras = arrays
+        layout = self.layout
+        codes = unpack_codes(packed, layout.bits, layout.split.num_quantized)
+        side = checked_floats(side, (self.side_size,), "clips/errors", ("float32",))
+        clips = side[: layout.num_clips]
+        if np.any(clips <= 0):
+            raise ValueError("clips must be positive")
+        errors = side[layout.num_clips :] if self.with_errors else None
+        if errors is not None and np.any(errors < 0):
+            raise ValueError("squared errors must be non-negative")
+        extras = checked_floats(extras, (layout.split.num_extras,), "extras", EXTRAS_DTYPES)
+        return CuqMessage(codes=codes, clips=clips, errors=errors, extras=extras)
+
+    def payload_nbytes(self, message: CuqMessage | None = None) -> int:
+        return (
+            packed_size(self.layout.split.num_quantized, self.layout.bits)
+            + 4 * self.side_size
+            + self.layout.split.num_extras * np.dtype(self.extras_dtype).itemsize
+        )
 
 
 def quantize_layers(

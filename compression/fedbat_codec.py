@@ -1,9 +1,9 @@
 """Wire format of FedBAT uplink messages (pure NumPy; both ends know the model's tensor shapes).
 
-The model's wire tensors split as in ``compression.fedbif_codec.SplitLayout``: the L binarized
+The model's wire tensors split as in ``compression.layout.SplitLayout``: the L binarized
 tensors (Conv2d/Linear weights, d scalars in wire order) and the extras (biases, BatchNorm
 parameters and running statistics, e scalars). The downlink is the plain fp32 global model, as in
-the paper. The uplink is 3 arrays:
+the paper. The uplink (``FedBATUplinkCodec``) is 3 arrays:
 
     0. uint8 ``pack_codes(bits, 1)``: one bit per binarized scalar of the client's update,
        1 = +alpha_l, 0 = -alpha_l, in wire order, LSB first; ceil(d / 8) bytes;
@@ -17,34 +17,56 @@ both ends compute it in float32 from the same float32 alpha, so the server's cop
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
+from compression.codec import Codec
 from compression.layout import SplitLayout, checked_floats
-from compression.packing import pack_codes, unpack_codes
-
-EXTRAS_DTYPES = ("float16", "float32")
-NUM_ARRAYS = 3
+from compression.packing import pack_codes, packed_size, unpack_codes
 
 
-def encode_uplink(bits: np.ndarray, alphas: np.ndarray, extras: np.ndarray) -> list[np.ndarray]:
-    """Uplink arrays from the concatenated bits (d,), per-tensor alphas (L,) and extras (e,)."""
-    return [pack_codes(bits, 1), np.asarray(alphas, dtype=np.float32), extras]
+@dataclass(frozen=True)
+class UplinkMessage:
+    """Bits (d,) uint8 0/1, alphas (L,) float32, extras (e,)."""
+
+    bits: np.ndarray
+    alphas: np.ndarray
+    extras: np.ndarray
 
 
-def decode_uplink(
-    arrays: Sequence[np.ndarray], layout: SplitLayout
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(bits (d,) uint8, alphas (L,) float32, extras (e,) float32); ``ValueError`` says why not."""
-    if len(arrays) != NUM_ARRAYS:
-        raise ValueError(f"FedBAT uplink has {NUM_ARRAYS} arrays, got {len(arrays)}")
-    packed, alphas, extras = arrays
-    bits = unpack_codes(packed, 1, layout.num_quantized)
-    alphas = checked_floats(alphas, (len(layout.quantized_shapes),), "alphas", ("float32",))
-    if np.any(alphas <= 0):
-        raise ValueError("alphas must be positive")
-    extras = checked_floats(extras, (layout.num_extras,), "extras", EXTRAS_DTYPES)
-    return bits, alphas, extras
+@dataclass(frozen=True)
+class FedBATUplinkCodec(Codec[UplinkMessage]):
+    """The 1-bit uplink; ``extras_dtype`` is what the client sends."""
+
+    split: SplitLayout
+    extras_dtype: str = "float16"
+    name = "FedBAT uplink"
+    num_arrays = 3
+
+    def encode(self, message: UplinkMessage) -> list[np.ndarray]:
+        return [
+            pack_codes(message.bits, 1),
+            np.asarray(message.alphas, dtype=np.float32),
+            np.asarray(message.extras).astype(self.extras_dtype, copy=False),
+        ]
+
+    def _decode(self, arrays: list[np.ndarray]) -> UplinkMessage:
+        packed, alphas, extras = arrays
+        bits = unpack_codes(packed, 1, self.split.num_quantized)
+        layers = len(self.split.quantized_shapes)
+        alphas = checked_floats(alphas, (layers,), "alphas", ("float32",))
+        if np.any(alphas <= 0):
+            raise ValueError("alphas must be positive")
+        extras = checked_floats(extras, (self.split.num_extras,), "extras")
+        return UplinkMessage(bits, alphas, extras)
+
+    def payload_nbytes(self, message: UplinkMessage | None = None) -> int:
+        return (
+            packed_size(self.split.num_quantized, 1)
+            + 4 * len(self.split.quantized_shapes)
+            + self.split.num_extras * np.dtype(self.extras_dtype).itemsize
+        )
 
 
 def rebuild_update(bits: np.ndarray, alphas: np.ndarray, sizes: Sequence[int]) -> np.ndarray:

@@ -1,16 +1,16 @@
-"""Wire format of FedBiF messages (pure NumPy; both ends know the model's tensor shapes).
+"""Wire formats of FedBiF (pure NumPy; both ends know the model's tensor shapes).
 
 A model's wire tensors split into *quantized* ones (Conv2d/Linear weights) and *extras* (biases,
 BatchNorm affine parameters and running statistics). All quantized tensors are flattened in wire
 order and concatenated into one vector of d scalars; all extras likewise into one vector of e.
 Few large arrays keep the ~128-byte ``.npy`` header per array negligible.
 
-Downlink, server -> client (3 arrays):
+Downlink, server -> client (3 arrays, ``FedBiFDownlinkCodec``):
     0. uint8  ``pack_codes(words, m)``: the m-bit unsigned word of every quantized scalar,
        ceil(d * m / 8) bytes (``compression.bits`` says how a word encodes the integer);
     1. float32 (L,): the step size alpha_l of each of the L quantized tensors (Eq. 5);
     2. float16 or float32 (e,): the extras.
-Uplink, client -> server (2 arrays):
+Uplink, client -> server (2 arrays, ``FedBiFUplinkCodec``):
     0. uint8  ``pack_codes(codes, s)``: per quantized scalar, its s activated bits as one s-bit
        code (bit j = the j-th activated position, ascending), ceil(d * s / 8) bytes;
     1. float16 or float32 (e,): the client's trained extras.
@@ -19,50 +19,92 @@ Uplink, client -> server (2 arrays):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
+from compression.codec import Codec
 from compression.layout import SplitLayout, checked_floats
-from compression.packing import pack_codes, unpack_codes
-
-EXTRAS_DTYPES = ("float16", "float32")
+from compression.packing import pack_codes, packed_size, unpack_codes
 
 
-def encode_downlink(
-    words: np.ndarray, steps: np.ndarray, extras: np.ndarray, bits: int
-) -> list[np.ndarray]:
-    """Downlink arrays from the concatenated words, per-tensor steps and concatenated extras."""
-    return [pack_codes(words, bits), np.asarray(steps, dtype=np.float32), extras]
+@dataclass(frozen=True)
+class DownlinkMessage:
+    """m-bit words (d,) uint8, steps (L,) float32, extras (e,)."""
+
+    words: np.ndarray
+    steps: np.ndarray
+    extras: np.ndarray
 
 
-def decode_downlink(
-    arrays: Sequence[np.ndarray], layout: SplitLayout, bits: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(words (d,), steps (L,), extras (e,) as float32); ``ValueError`` says what is wrong."""
-    if len(arrays) != 3:
-        raise ValueError(f"FedBiF downlink has 3 arrays, got {len(arrays)}")
-    packed, steps, extras = arrays
-    words = unpack_codes(packed, bits, layout.num_quantized)
-    steps = checked_floats(steps, (len(layout.quantized_shapes),), "steps")
-    if np.any(steps <= 0):
-        raise ValueError("steps must be positive")
-    return words, steps, checked_floats(extras, (layout.num_extras,), "extras")
+@dataclass(frozen=True)
+class UplinkMessage:
+    """s-bit activated-bit codes (d,) uint8 and the client's extras (e,)."""
+
+    codes: np.ndarray
+    extras: np.ndarray
 
 
-def encode_uplink(codes: np.ndarray, extras: np.ndarray, active_bits: int) -> list[np.ndarray]:
-    """Uplink arrays from the s-bit activated-bit codes (d,) and the extras (e,)."""
-    return [pack_codes(codes, active_bits), extras]
+@dataclass(frozen=True)
+class FedBiFDownlinkCodec(Codec[DownlinkMessage]):
+    """The m-bit downlink; ``extras_dtype`` is what the server sends."""
+
+    split: SplitLayout
+    bits: int
+    extras_dtype: str = "float16"
+    name = "FedBiF downlink"
+    num_arrays = 3
+
+    def encode(self, message: DownlinkMessage) -> list[np.ndarray]:
+        return [
+            pack_codes(message.words, self.bits),
+            np.asarray(message.steps, dtype=np.float32),
+            np.asarray(message.extras).astype(self.extras_dtype, copy=False),
+        ]
+
+    def _decode(self, arrays: list[np.ndarray]) -> DownlinkMessage:
+        packed, steps, extras = arrays
+        words = unpack_codes(packed, self.bits, self.split.num_quantized)
+        steps = checked_floats(steps, (len(self.split.quantized_shapes),), "steps")
+        if np.any(steps <= 0):
+            raise ValueError("steps must be positive")
+        extras = checked_floats(extras, (self.split.num_extras,), "extras")
+        return DownlinkMessage(words, steps, extras)
+
+    def payload_nbytes(self, message: DownlinkMessage | None = None) -> int:
+        return (
+            packed_size(self.split.num_quantized, self.bits)
+            + 4 * len(self.split.quantized_shapes)
+            + self.split.num_extras * np.dtype(self.extras_dtype).itemsize
+        )
 
 
-def decode_uplink(
-    arrays: Sequence[np.ndarray], layout: SplitLayout, active_bits: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(codes (d,) uint8, extras (e,) float32); ``ValueError`` says what is wrong."""
-    if len(arrays) != 2:
-        raise ValueError(f"FedBiF uplink has 2 arrays, got {len(arrays)}")
-    packed, extras = arrays
-    codes = unpack_codes(packed, active_bits, layout.num_quantized)
-    return codes, checked_floats(extras, (layout.num_extras,), "extras")
+@dataclass(frozen=True)
+class FedBiFUplinkCodec(Codec[UplinkMessage]):
+    """The s-bit uplink; ``extras_dtype`` is what the client sends."""
+
+    split: SplitLayout
+    active_bits: int
+    extras_dtype: str = "float16"
+    name = "FedBiF uplink"
+    num_arrays = 2
+
+    def encode(self, message: UplinkMessage) -> list[np.ndarray]:
+        return [
+            pack_codes(message.codes, self.active_bits),
+            np.asarray(message.extras).astype(self.extras_dtype, copy=False),
+        ]
+
+    def _decode(self, arrays: list[np.ndarray]) -> UplinkMessage:
+        packed, extras = arrays
+        codes = unpack_codes(packed, self.active_bits, self.split.num_quantized)
+        return UplinkMessage(codes, checked_floats(extras, (self.split.num_extras,), "extras"))
+
+    def payload_nbytes(self, message: UplinkMessage | None = None) -> int:
+        return (
+            packed_size(self.split.num_quantized, self.active_bits)
+            + self.split.num_extras * np.dtype(self.extras_dtype).itemsize
+        )
 
 
 def spread_codes(codes: np.ndarray, positions: Sequence[int]) -> np.ndarray:

@@ -49,11 +49,12 @@ def split_flat(flat: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> list[np.n
     return [piece.reshape(shape) for piece, shape in zip(pieces, shapes, strict=True)]
 
 
-FLOAT_DTYPES = ("float16", "float32")
+#: dtypes the tensors that are not quantized (biases, BatchNorm) may travel in, for every method.
+EXTRAS_DTYPES = ("float16", "float32")
 
 
 def checked_floats(
-    array: np.ndarray, shape: tuple[int, ...], name: str, dtypes: Sequence[str] = FLOAT_DTYPES
+    array: np.ndarray, shape: tuple[int, ...], name: str, dtypes: Sequence[str] = EXTRAS_DTYPES
 ) -> np.ndarray:
     """A received float array as float32, after checking its dtype, shape and finiteness.
 

@@ -2,7 +2,8 @@
 
 Tensors split as ``compression.layout.SplitLayout``: *quantized* tensors (Conv2d/Linear weights,
 L of them, d scalars) and *extras* (biases, BatchNorm parameters and statistics, e scalars),
-concatenated in wire order, so a message is three ``.npy`` arrays whatever the model depth:
+concatenated in wire order, so a message (``LBIWeightCodec``) is three ``.npy`` arrays whatever
+the model depth:
 
     0. uint8 ``pack_codes(u, k)``: u = c + (2^(k-1) - 1) for the signed code c in
        [-(2^(k-1) - 1), 2^(k-1) - 1] of every quantized scalar (value = c * s), ceil(d k / 8) B;
@@ -22,24 +23,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from compression.layout import SplitLayout, checked_floats
-from compression.lowbit import channel_scale, grid, quantize_nearest
+from compression.codec import Codec
+from compression.layout import EXTRAS_DTYPES, SplitLayout, checked_floats
 from compression.packing import pack_codes, packed_size, unpack_codes
-from compression.quantization import stochastic_round
+from compression.primitives import channel_scale, grid, quantize_nearest, stochastic_round
 
-EXTRAS_DTYPES = ("float16", "float32")
 ROUNDINGS = ("stochastic", "nearest")
 MIN_BITS, MAX_BITS = 2, 8
 
 
 @dataclass(frozen=True)
 class WeightMessage:
-    """A decoded message: the width, float32 quantized tensors (in their shapes), extras."""
+    """Width k, signed codes (d,) int8 on the symmetric k-bit grid, scales (C,), extras (e,)."""
 
     bits: int
-    weights: list[np.ndarray]
-    extras: np.ndarray
+    codes: np.ndarray
     scales: np.ndarray
+    extras: np.ndarray
 
 
 def quantize_weights(
@@ -82,57 +82,78 @@ def quantize_weights(
     return flat, np.concatenate(scales).astype(np.float32) if scales else np.zeros(0, np.float32)
 
 
-def encode(
-    split: SplitLayout, codes: np.ndarray, scales: np.ndarray, extras: np.ndarray, bits: int
-) -> list[np.ndarray]:
-    """The three message arrays for signed ``codes`` (d,), ``scales`` (C,) and ``extras``."""
-    _check_bits(bits)
-    if codes.shape != (split.num_quantized,) or scales.shape != (num_channels(split),):
-        raise ValueError("codes/scales do not match the layout")
-    offset = grid(bits, signed=True)[1]
-    unsigned = (codes.astype(np.int16) + offset).astype(np.uint8)
-    side = np.concatenate([np.asarray([bits], dtype=np.float32), scales.astype(np.float32)])
-    return [pack_codes(unsigned, bits), side, extras]
+@dataclass(frozen=True)
+class LBIWeightCodec(Codec[WeightMessage]):
+    """The k_w-bit weight message (both directions); the width travels in array 1.
+
+    ``extras_dtypes`` are the extras dtypes a receiver accepts; ``extras_dtype`` the one sent.
+    """
+
+    split: SplitLayout
+    extras_dtype: str = "float16"
+    extras_dtypes: tuple[str, ...] = EXTRAS_DTYPES
+    name = "an LBI-FL message"
+    num_arrays = 3
+
+    def encode(self, message: WeightMessage) -> list[np.ndarray]:
+        bits = message.bits
+        _check_bits(bits)
+        split = self.split
+        if message.codes.shape != (split.num_quantized,) or message.scales.shape != (
+            num_channels(split),
+        ):
+            raise ValueError("codes/scales do not match the layout")
+        offset = grid(bits, signed=True)[1]
+        unsigned = (message.codes.astype(np.int16) + offset).astype(np.uint8)
+        side = np.concatenate(
+            [np.asarray([bits], dtype=np.float32), message.scales.astype(np.float32)]
+        )
+        extras = np.asarray(message.extras).astype(self.extras_dtype, copy=False)
+        return [pack_codes(unsigned, bits), side, extras]
+
+    def _decode(self, arrays: list[np.ndarray]) -> WeightMessage:
+        packed, side, extras = arrays
+        split = self.split
+        side = checked_floats(side, (1 + num_channels(split),), "width/scales", ("float32",))
+        bits = float(side[0])
+        if not bits.is_integer() or not MIN_BITS <= bits <= MAX_BITS:
+            raise ValueError(
+                f"weight width must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits}"
+            )
+        bits_int = int(bits)
+        scales = side[1:]
+        if np.any(scales <= 0):
+            raise ValueError("scales must be positive")
+        unsigned = unpack_codes(packed, bits_int, split.num_quantized)
+        offset = grid(bits_int, signed=True)[1]
+        if unsigned.size and int(unsigned.max()) > 2 * offset:
+            raise ValueError(
+                f"code {int(unsigned.max())} outside the {bits_int}-bit symmetric grid"
+            )
+        codes = (unsigned.astype(np.int16) - offset).astype(np.int8)
+        extras = checked_floats(extras, (split.num_extras,), "extras", self.extras_dtypes)
+        return WeightMessage(bits=bits_int, codes=codes, scales=scales, extras=extras)
+
+    def payload_nbytes(self, message: WeightMessage) -> int:
+        return (
+            packed_size(self.split.num_quantized, message.bits)
+            + 4 * (1 + num_channels(self.split))
+            + self.split.num_extras * np.dtype(self.extras_dtype).itemsize
+        )
 
 
-def decode(
-    arrays: Sequence[np.ndarray], split: SplitLayout, extras_dtypes: Sequence[str] = EXTRAS_DTYPES
-) -> WeightMessage:
-    """Validate and dequantize a message; ``ValueError`` names the first problem."""
-    if len(arrays) != 3:
-        raise ValueError(f"an LBI-FL message has 3 arrays, got {len(arrays)}")
-    packed, side, extras = arrays
-    side = checked_floats(side, (1 + num_channels(split),), "width/scales", ("float32",))
-    bits = float(side[0])
-    if not bits.is_integer() or not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(f"weight width must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits}")
-    bits_int = int(bits)
-    scales = side[1:]
-    if np.any(scales <= 0):
-        raise ValueError("scales must be positive")
-    unsigned = unpack_codes(packed, bits_int, split.num_quantized)
-    offset = grid(bits_int, signed=True)[1]
-    if unsigned.size and int(unsigned.max()) > 2 * offset:
-        raise ValueError(f"code {int(unsigned.max())} outside the {bits_int}-bit symmetric grid")
-    signed = unsigned.astype(np.float32) - offset
+def dequantize(message: WeightMessage, split: SplitLayout) -> list[np.ndarray]:
+    """The float32 weight tensors (in their shapes) a message's codes and scales stand for."""
+    signed = message.codes.astype(np.float32)
     shapes = split.quantized_shapes
     pieces = np.split(signed, np.cumsum(split.quantized_sizes)[:-1]) if shapes else []
-    scale_pieces = np.split(scales, np.cumsum([s[0] for s in shapes])[:-1]) if shapes else []
-    weights = [
+    scale_pieces = (
+        np.split(message.scales, np.cumsum([s[0] for s in shapes])[:-1]) if shapes else []
+    )
+    return [
         (piece.reshape(shape[0], -1) * scale[:, None]).reshape(shape)
         for piece, scale, shape in zip(pieces, scale_pieces, shapes, strict=True)
     ]
-    extras = checked_floats(extras, (split.num_extras,), "extras", tuple(extras_dtypes))
-    return WeightMessage(bits=bits_int, weights=weights, extras=extras, scales=scales)
-
-
-def payload_nbytes(split: SplitLayout, bits: int, extras_dtype: str) -> int:
-    """Bytes of a message before the ``.npy`` headers."""
-    return (
-        packed_size(split.num_quantized, bits)
-        + 4 * (1 + num_channels(split))
-        + split.num_extras * np.dtype(extras_dtype).itemsize
-    )
 
 
 def num_channels(split: SplitLayout) -> int:

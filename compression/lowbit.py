@@ -9,7 +9,8 @@ A quantized layer (``LowBitConv2d``, ``LowBitLinear``) computes, for bit-widths 
 so all three products of a training step take integer operands, as in the low-bit training
 methods LBI-FL builds on (Zhu et al. 2020; Zhao et al. 2021). ``Q_n`` is symmetric nearest
 rounding (paper Eq. 2) with a straight-through gradient; ``Q_s`` is stochastic rounding
-(Eq. 3), unbiased: E[Q_s(g)] = g. Activations whose minimum was non-negative when their scale
+(Eq. 3), unbiased: E[Q_s(g)] = g; both, and the grids and scales, are
+``compression.primitives``. Activations whose minimum was non-negative when their scale
 was taken (inputs behind a ReLU) use the unsigned grid [0, 2^k - 1] (Eq. 1 with zero point 0), so
 a ReLU output does not waste the sign bit. Biases are added in full precision (an integer kernel
 keeps them in its int32 accumulator). Bit-width 32 means "not quantized" (the FP32 mode).
@@ -48,6 +49,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional
+
+from compression.primitives import (
+    channel_scale,
+    fake_quantize,
+    max_abs_scale,
+    quantize_stochastic,
+)
 
 KINDS: tuple[str, ...] = ("weight", "activation", "gradient")
 LAYER_CHOICES: tuple[str, ...] = ("conv", "conv-linear")
@@ -92,61 +100,7 @@ INT8 = BitWidths(8, 8, 8)
 FP32 = BitWidths(32, 32, 32)
 
 
-# --------------------------------------------------------------------------- quantizers
-def grid(bits: int, signed: bool) -> tuple[int, int]:
-    """Integer range of a symmetric signed (Eq. 2: +-(2^(k-1) - 1)) or unsigned k-bit grid."""
-    if signed:
-        top = 2 ** (bits - 1) - 1
-        return -top, top
-    return 0, 2**bits - 1
-
-
-def max_abs_scale(x: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
-    """Scale mapping max|x| onto the top code; 1.0 for an all-zero tensor (codes all 0)."""
-    peak = x.detach().abs().amax() if x.numel() else x.new_zeros(())
-    scale = peak.float() / grid(bits, signed)[1]
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
-
-
-def channel_scale(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-output-channel max-abs scales of a weight, shaped to broadcast against it
-    ((C, 1, 1, 1) for a conv, (C, 1) for a linear layer); 1.0 for an all-zero channel.
-
-    One scale per channel, as INT4 weight quantizers use: a per-tensor scale lets the channel
-    with the largest weights set the step of all others, which at 4 bits leaves most weights on
-    the two or three central levels.
-    """
-    dims = tuple(range(1, weight.dim()))
-    peak = weight.detach().abs().amax(dim=dims, keepdim=True) if dims else weight.detach().abs()
-    scale = peak.float() / grid(bits, True)[1]
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
-
-
-def quantize_nearest(x: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
-    """Integer codes (as floats) of ``x``: clamp(round(x / s)) on the k-bit grid."""
-    low, high = grid(bits, signed)
-    return torch.clamp(torch.round(x / scale), low, high)
-
-
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
-    """``s * Q_n(x)`` with a straight-through gradient (identity), so shadow weights train."""
-    quantized = quantize_nearest(x.detach(), scale, bits, signed) * scale
-    return x + (quantized.to(x.dtype) - x).detach()
-
-
-def quantize_stochastic(
-    g: torch.Tensor, bits: int, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Eq. 3 on a symmetric k-bit grid with scale max|g| / (2^(k-1) - 1): unbiased, in range.
-
-    g / s lies in [-top, top], and floor(v + U) with U ~ U[0, 1) never leaves that range, so no
-    clamping biases the result: E[result] = g exactly.
-    """
-    scale = max_abs_scale(g, bits, signed=True)
-    noise = torch.rand(g.shape, generator=generator, device=g.device, dtype=g.dtype)
-    return torch.floor(g / scale + noise) * scale
-
-
+# --------------------------------------------------------------------------- statistics
 def quantization_loss(original: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
     """Eq. 5: |sum|x_f| - sum|x_q|| / sum|x_f| (0 for an all-zero tensor)."""
     total = original.abs().sum()
@@ -158,14 +112,14 @@ class _QuantizeGradient(torch.autograd.Function):
     """Identity forward; the backward replaces dL/dy with its k_g-bit stochastic quantization."""
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, bits: int, layer: _LowBitMixin) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, y: torch.Tensor, bits: int, layer: _LowBitMixin) -> torch.Tensor:
         ctx.bits = bits
         ctx.layer = layer
         # A copy, not a view: the next module may be an in-place ReLU.
         return y.clone()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         quantized = quantize_stochastic(grad, ctx.bits)
         ctx.layer._record("gradient", grad, quantized)
         return quantized, None, None
@@ -366,7 +320,7 @@ def layer_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]
     macs: dict[str, int] = {}
     hooks = []
 
-    def hook_for(name: str):  # noqa: ANN202
+    def hook_for(name: str):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if isinstance(module, nn.Conv2d):
                 per_output = module.in_channels // module.groups * module.kernel_size[0]

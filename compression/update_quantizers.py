@@ -1,23 +1,25 @@
-"""Unbiased stochastic quantizers of model updates: FedPAQ, DAdaQuant (max-norm, symmetric
-levels), QSGD (L2-norm buckets, separate signs) and FedDQ (fixed step, variable width).
+"""Unbiased stochastic quantizers of model updates and their wire formats: FedPAQ, DAdaQuant
+(max-norm, symmetric levels), QSGD (L2-norm buckets, separate signs) and FedDQ (fixed step,
+variable width).
 
-Every quantizer rounds stochastically (``compression.quantization.stochastic_round``), so the
+Every quantizer rounds stochastically (``compression.primitives.stochastic_round``), so the
 decoded update equals the input in expectation. Inputs are flat float32 vectors (all wire tensors
 of a model concatenated, d scalars); ``sizes`` splits them into the L tensors that get their own
-scale. All codes are packed by ``compression.packing.pack_codes``.
+scale. A quantizer returns a message; its codec packs the codes with
+``compression.packing.pack_codes``; a ``dequantize_*`` function gives the float32 update back.
 
 Wire formats:
 
-* symmetric (FedPAQ with b bits: q = 2^(b-1) - 1; DAdaQuant: q levels), two arrays:
+* ``SymmetricCodec`` (FedPAQ with b bits: q = 2^(b-1) - 1; DAdaQuant: q levels), two arrays:
     0. uint8 ``pack_codes(code + q, k)`` with code in [-q, q] and k = ``symmetric_bits(q)``
        = ceil(log2(2q + 1)) bits: ceil(d * k / 8) bytes;
     1. float32 (L,): per tensor its step max|x_l| / q (1.0 for an all-zero tensor);
        decoded x = code * step.
-* QSGD (Alistarh et al. 2017) with s levels and buckets of B scalars, three arrays:
+* ``QSGDCodec`` (Alistarh et al. 2017) with s levels and buckets of B scalars, three arrays:
     0. uint8 ``pack_codes(sign bits, 1)``, ceil(d / 8) bytes (bit 1 = non-negative);
     1. uint8 ``pack_codes(m, k)``, m in [0, s], k = ceil(log2(s + 1)): ceil(d * k / 8) bytes;
     2. float32 (ceil(d / B),): the L2 norm of each bucket; decoded x = sign * norm * m / s.
-* fixed step (FedDQ, Qu et al. 2022) with step delta, three arrays:
+* ``FixedStepCodec`` (FedDQ, Qu et al. 2022) with step delta, three arrays:
     0. uint8: the tensors' packed codes one after another, tensor l taking
        ``packed_size(d_l, k_l)`` bytes (0 when k_l = 0);
     1. float32 (L, 2): per tensor (min_l, step_l); decoded x = min_l + code * step_l;
@@ -29,13 +31,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from compression.codec import Codec
 from compression.layout import checked_floats
 from compression.packing import MAX_BITS, pack_codes, packed_size, unpack_codes
-from compression.quantization import quantize, stochastic_round
+from compression.primitives import quantize, stochastic_round
 
 MAX_SYMMETRIC_LEVELS = (2**MAX_BITS - 1) // 2  # 127: 255 codes fit in 8 bits
 
@@ -55,35 +59,66 @@ def symmetric_bits(levels: int) -> int:
     return math.ceil(math.log2(2 * levels + 1))
 
 
-def encode_symmetric(
+@dataclass(frozen=True)
+class SymmetricMessage:
+    """Codes (d,) int16 in [-q, q] and per-tensor steps (L,) float32."""
+
+    codes: np.ndarray
+    steps: np.ndarray
+
+
+def quantize_symmetric(
     flat: np.ndarray, sizes: Sequence[int], levels: int, generator: torch.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """(packed codes, per-tensor steps): stochastic rounding on the grid step * [-q, q]."""
-    bits = symmetric_bits(levels)
+) -> SymmetricMessage:
+    """Stochastic rounding on the grid step * [-q, q], one max-abs step per tensor."""
+    symmetric_bits(levels)
     codes, steps = [], []
     for piece in _pieces(flat, sizes):
         peak = float(np.abs(piece).max()) if piece.size else 0.0
         # The step is rounded to float32 first: the decoder multiplies by exactly this value.
         step = np.float32(peak / levels) if peak > 0 else np.float32(1.0)
         q = quantize(torch.from_numpy(piece), float(step), -levels, levels, generator=generator)
-        codes.append((q + levels).to(torch.uint8).numpy())
+        codes.append(q.to(torch.int16).numpy())
         steps.append(step)
-    all_codes = np.concatenate(codes) if codes else np.zeros(0, dtype=np.uint8)
-    return pack_codes(all_codes, bits), np.asarray(steps, dtype=np.float32)
+    all_codes = np.concatenate(codes) if codes else np.zeros(0, dtype=np.int16)
+    return SymmetricMessage(all_codes, np.asarray(steps, dtype=np.float32))
 
 
-def decode_symmetric(
-    packed: np.ndarray, steps: np.ndarray, sizes: Sequence[int], levels: int
-) -> np.ndarray:
-    """float32 (d,) from ``encode_symmetric``'s arrays; ``ValueError`` says what is wrong."""
-    bits = symmetric_bits(levels)
-    codes = unpack_codes(packed, bits, int(sum(sizes))).astype(np.int32) - levels
-    if codes.size and codes.max() > levels:
-        raise ValueError(f"code above {levels} levels")
-    steps = checked_floats(steps, (len(sizes),), "steps", ("float32",))
-    if np.any(steps <= 0):
-        raise ValueError("steps must be positive")
-    return (codes * np.repeat(steps, sizes)).astype(np.float32)
+def dequantize_symmetric(message: SymmetricMessage, sizes: Sequence[int]) -> np.ndarray:
+    """float32 (d,): code * step of its tensor."""
+    return (message.codes * np.repeat(message.steps, sizes)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class SymmetricCodec(Codec[SymmetricMessage]):
+    """Codes in [-q, q] at ``symmetric_bits(q)`` bits plus one step per tensor."""
+
+    sizes: tuple[int, ...]
+    levels: int
+    name = "a symmetric-levels update"
+    num_arrays = 2
+
+    @property
+    def bits(self) -> int:
+        return symmetric_bits(self.levels)
+
+    def encode(self, message: SymmetricMessage) -> list[np.ndarray]:
+        unsigned = (message.codes.astype(np.int16) + self.levels).astype(np.uint8)
+        return [pack_codes(unsigned, self.bits), np.asarray(message.steps, dtype=np.float32)]
+
+    def _decode(self, arrays: list[np.ndarray]) -> SymmetricMessage:
+        packed, steps = arrays
+        codes = unpack_codes(packed, self.bits, int(sum(self.sizes))).astype(np.int16)
+        codes -= self.levels
+        if codes.size and codes.max() > self.levels:
+            raise ValueError(f"code above {self.levels} levels")
+        steps = checked_floats(steps, (len(self.sizes),), "steps", ("float32",))
+        if np.any(steps <= 0):
+            raise ValueError("steps must be positive")
+        return SymmetricMessage(codes, steps)
+
+    def payload_nbytes(self, message: SymmetricMessage | None = None) -> int:
+        return packed_size(int(sum(self.sizes)), self.bits) + 4 * len(self.sizes)
 
 
 # ------------------------------------------------------------------ QSGD
@@ -94,11 +129,20 @@ def qsgd_bits(levels: int) -> int:
     return max(1, math.ceil(math.log2(levels + 1)))
 
 
-def encode_qsgd(
+@dataclass(frozen=True)
+class QSGDMessage:
+    """Sign bits (d,) uint8 (1 = non-negative), magnitudes (d,) uint8 in [0, s], norms (B,)."""
+
+    signs: np.ndarray
+    magnitudes: np.ndarray
+    norms: np.ndarray
+
+
+def quantize_qsgd(
     flat: np.ndarray, levels: int, bucket: int, generator: torch.Generator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(packed signs, packed magnitudes, bucket norms); E[decode] = flat."""
-    bits = qsgd_bits(levels)
+) -> QSGDMessage:
+    """s-level magnitudes of |x| / ||bucket||_2, stochastically rounded; E[decode] = flat."""
+    qsgd_bits(levels)
     x = torch.from_numpy(np.asarray(flat, dtype=np.float32).reshape(-1))
     count = x.numel()
     buckets = -(-count // bucket)
@@ -109,33 +153,58 @@ def encode_qsgd(
     safe = torch.where(norms > 0, norms, torch.ones_like(norms))
     scaled = (rows.abs() / safe[:, None] * levels).clamp_(0, levels)
     magnitudes = stochastic_round(scaled, generator).clamp_(0, levels).reshape(-1)[:count]
-    signs = (x >= 0).to(torch.uint8).numpy()
-    return (
-        pack_codes(signs, 1),
-        pack_codes(magnitudes.to(torch.uint8).numpy(), bits),
-        norms.numpy(),
+    return QSGDMessage(
+        (x >= 0).to(torch.uint8).numpy(), magnitudes.to(torch.uint8).numpy(), norms.numpy()
     )
 
 
-def decode_qsgd(
-    signs: np.ndarray,
-    magnitudes: np.ndarray,
-    norms: np.ndarray,
-    count: int,
-    levels: int,
-    bucket: int,
-) -> np.ndarray:
-    """float32 (count,) from ``encode_qsgd``'s arrays."""
-    bits = qsgd_bits(levels)
-    sign = unpack_codes(signs, 1, count).astype(np.float32) * 2.0 - 1.0
-    mags = unpack_codes(magnitudes, bits, count).astype(np.float32)
-    if mags.size and mags.max() > levels:
-        raise ValueError(f"magnitude above {levels} levels")
-    norms = checked_floats(norms, (-(-count // bucket),), "norms", ("float32",))
-    if np.any(norms < 0):
-        raise ValueError("norms must be non-negative")
-    per_scalar = np.repeat(norms, bucket)[:count]
+def dequantize_qsgd(message: QSGDMessage, levels: int, bucket: int) -> np.ndarray:
+    """float32 (d,): sign * norm of the bucket * m / s."""
+    count = message.signs.size
+    sign = message.signs.astype(np.float32) * 2.0 - 1.0
+    mags = message.magnitudes.astype(np.float32)
+    per_scalar = np.repeat(message.norms, bucket)[:count]
     return (sign * mags * (per_scalar / np.float32(levels))).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class QSGDCodec(Codec[QSGDMessage]):
+    """QSGD with ``levels`` s and buckets of ``bucket`` scalars over ``count`` scalars."""
+
+    count: int
+    levels: int
+    bucket: int
+    name = "a QSGD update"
+    num_arrays = 3
+
+    @property
+    def num_buckets(self) -> int:
+        return -(-self.count // self.bucket)
+
+    def encode(self, message: QSGDMessage) -> list[np.ndarray]:
+        return [
+            pack_codes(message.signs, 1),
+            pack_codes(message.magnitudes, qsgd_bits(self.levels)),
+            np.asarray(message.norms, dtype=np.float32),
+        ]
+
+    def _decode(self, arrays: list[np.ndarray]) -> QSGDMessage:
+        signs, magnitudes, norms = arrays
+        sign_bits = unpack_codes(signs, 1, self.count)
+        mags = unpack_codes(magnitudes, qsgd_bits(self.levels), self.count)
+        if mags.size and mags.max() > self.levels:
+            raise ValueError(f"magnitude above {self.levels} levels")
+        norms = checked_floats(norms, (self.num_buckets,), "norms", ("float32",))
+        if np.any(norms < 0):
+            raise ValueError("norms must be non-negative")
+        return QSGDMessage(sign_bits, mags, norms)
+
+    def payload_nbytes(self, message: QSGDMessage | None = None) -> int:
+        return (
+            packed_size(self.count, 1)
+            + packed_size(self.count, qsgd_bits(self.levels))
+            + 4 * self.num_buckets
+        )
 
 
 # ------------------------------------------------------------------ fixed step (FedDQ)
@@ -145,11 +214,20 @@ def fixed_step_width(value_range: float, step: float) -> int:
     return 0 if top == 0 else math.ceil(math.log2(top + 1))
 
 
-def encode_fixed_step(
+@dataclass(frozen=True)
+class FixedStepMessage:
+    """Codes (d,) uint8 (tensor l's below 2^k_l), (min, step) per tensor (L, 2), widths (L,)."""
+
+    codes: np.ndarray
+    params: np.ndarray
+    widths: np.ndarray
+
+
+def quantize_fixed_step(
     flat: np.ndarray, sizes: Sequence[int], step: float, generator: torch.Generator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(packed stream, (min, step) per tensor, widths per tensor) with a fixed step."""
-    streams, params, widths = [], [], []
+) -> FixedStepMessage:
+    """Codes on min_l + step * [0, 2^k_l - 1] per tensor, k_l just wide enough for its range."""
+    codes, params, widths = [], [], []
     for piece in _pieces(flat, sizes):
         low = np.float32(piece.min()) if piece.size else np.float32(0.0)
         value_range = float(piece.max()) - float(low) if piece.size else 0.0
@@ -160,40 +238,79 @@ def encode_fixed_step(
             used = np.float32(value_range / (2**MAX_BITS - 1)) * np.float32(1 + 1e-6)
         if bits:
             y = torch.from_numpy((piece - low) / used)
-            codes = stochastic_round(y, generator).clamp_(0, 2**bits - 1).to(torch.uint8)
-            streams.append(pack_codes(codes.numpy(), bits))
+            code = stochastic_round(y, generator).clamp_(0, 2**bits - 1).to(torch.uint8)
+            codes.append(code.numpy())
+        else:
+            codes.append(np.zeros(piece.size, dtype=np.uint8))
         params.append((low, used))
         widths.append(bits)
-    stream = np.concatenate(streams) if streams else np.zeros(0, dtype=np.uint8)
-    return (
-        stream.astype(np.uint8, copy=False),
+    return FixedStepMessage(
+        np.concatenate(codes) if codes else np.zeros(0, dtype=np.uint8),
         np.asarray(params, dtype=np.float32).reshape(len(sizes), 2),
         np.asarray(widths, dtype=np.uint8),
     )
 
 
-def decode_fixed_step(
-    stream: np.ndarray, params: np.ndarray, widths: np.ndarray, sizes: Sequence[int]
-) -> np.ndarray:
-    """float32 (d,) from ``encode_fixed_step``'s arrays; checks every length exactly."""
-    params = checked_floats(params, (len(sizes), 2), "params", ("float32",))
-    widths = np.asarray(widths)
-    if widths.dtype != np.uint8 or widths.shape != (len(sizes),):
-        raise ValueError(f"widths must be uint8 ({len(sizes)},), got {widths.dtype} {widths.shape}")
-    if np.any(widths > MAX_BITS):
-        raise ValueError(f"widths must be at most {MAX_BITS}")
-    stream = np.asarray(stream)
-    if stream.dtype != np.uint8 or stream.ndim != 1:
-        raise ValueError("stream must be 1-D uint8")
-    lengths = [packed_size(n, int(k)) if k else 0 for n, k in zip(sizes, widths, strict=True)]
-    if stream.size != sum(lengths):
-        raise ValueError(f"stream must hold {sum(lengths)} bytes, got {stream.size}")
-    out, offset = [], 0
-    for size, bits, length, (low, used) in zip(sizes, widths, lengths, params, strict=True):
+def dequantize_fixed_step(message: FixedStepMessage, sizes: Sequence[int]) -> np.ndarray:
+    """float32 (d,): min_l + code * step_l (min_l for a width-0 tensor)."""
+    out = []
+    pieces = np.split(message.codes, np.cumsum(sizes)[:-1]) if len(sizes) else []
+    for piece, bits, (low, used) in zip(pieces, message.widths, message.params, strict=True):
         if bits:
-            codes = unpack_codes(stream[offset : offset + length], int(bits), size)
-            out.append(low + codes.astype(np.float32) * used)
+            out.append(low + piece.astype(np.float32) * used)
         else:
-            out.append(np.full(size, low, dtype=np.float32))
-        offset += length
+            out.append(np.full(piece.size, low, dtype=np.float32))
     return np.concatenate(out).astype(np.float32) if out else np.zeros(0, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class FixedStepCodec(Codec[FixedStepMessage]):
+    """FedDQ's variable-width stream over tensors of ``sizes``."""
+
+    sizes: tuple[int, ...]
+    name = "a fixed-step update"
+    num_arrays = 3
+
+    def _lengths(self, widths: np.ndarray) -> list[int]:
+        return [packed_size(n, int(k)) if k else 0 for n, k in zip(self.sizes, widths, strict=True)]
+
+    def encode(self, message: FixedStepMessage) -> list[np.ndarray]:
+        streams = []
+        pieces = np.split(message.codes, np.cumsum(self.sizes)[:-1]) if self.sizes else []
+        for piece, bits in zip(pieces, message.widths, strict=True):
+            if bits:
+                streams.append(pack_codes(piece, int(bits)))
+        stream = np.concatenate(streams) if streams else np.zeros(0, dtype=np.uint8)
+        return [
+            stream.astype(np.uint8, copy=False),
+            np.asarray(message.params, dtype=np.float32).reshape(len(self.sizes), 2),
+            np.asarray(message.widths, dtype=np.uint8),
+        ]
+
+    def _decode(self, arrays: list[np.ndarray]) -> FixedStepMessage:
+        stream, params, widths = arrays
+        layers = len(self.sizes)
+        params = checked_floats(params, (layers, 2), "params", ("float32",))
+        widths = np.asarray(widths)
+        if widths.dtype != np.uint8 or widths.shape != (layers,):
+            raise ValueError(f"widths must be uint8 ({layers},), got {widths.dtype} {widths.shape}")
+        if np.any(widths > MAX_BITS):
+            raise ValueError(f"widths must be at most {MAX_BITS}")
+        stream = np.asarray(stream)
+        if stream.dtype != np.uint8 or stream.ndim != 1:
+            raise ValueError("stream must be 1-D uint8")
+        lengths = self._lengths(widths)
+        if stream.size != sum(lengths):
+            raise ValueError(f"stream must hold {sum(lengths)} bytes, got {stream.size}")
+        codes, offset = [], 0
+        for size, bits, length in zip(self.sizes, widths, lengths, strict=True):
+            if bits:
+                codes.append(unpack_codes(stream[offset : offset + length], int(bits), size))
+            else:
+                codes.append(np.zeros(size, dtype=np.uint8))
+            offset += length
+        all_codes = np.concatenate(codes) if codes else np.zeros(0, dtype=np.uint8)
+        return FixedStepMessage(all_codes, params, widths)
+
+    def payload_nbytes(self, message: FixedStepMessage) -> int:
+        return sum(self._lengths(message.widths)) + 8 * len(self.sizes) + len(self.sizes)

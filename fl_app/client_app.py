@@ -5,15 +5,15 @@ from __future__ import annotations
 from flwr.client import Client, ClientApp
 from flwr.common import Context
 
-from fl_app.config import ConfigError, parse_run_config
+from core.config import ConfigError
 from fl_app.data import DATASETS, load_partition
-from fl_app.methods import METHODS, all_config_keys
+from fl_app.methods import METHODS, load_config
 from fl_app.models import build_model
 
 
 def client_fn(context: Context) -> Client:
     """Called for every message; ``fl_app.data`` caches data loading per process."""
-    cfg = parse_run_config(context.run_config, all_config_keys())
+    cfg, settings = load_config(context.run_config)
     try:
         partition_id = int(context.node_config["partition-id"])
         num_partitions = int(context.node_config["num-partitions"])
@@ -28,10 +28,10 @@ def client_fn(context: Context) -> Client:
         partition_id,
         num_partitions,
         partitioner=cfg.partitioner,
-        alpha=float(cfg["dirichlet-alpha"]),
-        labels_per_client=int(cfg["labels-per-client"]),
+        alpha=cfg.dirichlet_alpha,
+        labels_per_client=cfg.labels_per_client,
         seed=cfg.seed,
-        data_files=str(cfg["data-files"]),
+        data_files=cfg.data_files,
     )
     model = build_model(
         cfg.model,
@@ -41,7 +41,7 @@ def client_fn(context: Context) -> Client:
     )
     client_cls = METHODS.get(cfg.strategy).client
     client = client_cls(
-        cfg, context=context, model=model, train_set=train_set, partition_id=partition_id
+        cfg, settings, context=context, model=model, train_set=train_set, partition_id=partition_id
     )
     return client.to_client()
 

@@ -32,7 +32,7 @@ from flwr_datasets.partitioner import (
 )
 from torch.utils.data import TensorDataset
 
-from fl_app.registry import Registry
+from core.registry import Registry
 
 # Partitions are materialised once per process; per-call progress bars only clutter run logs.
 datasets.disable_progress_bars()

@@ -1,7 +1,9 @@
-"""The method registry: run-config ``strategy`` name -> (strategy class, client class, keys).
+"""The method registry: run-config ``strategy`` name -> strategy, client and settings classes.
 
-Adding a method is one ``METHODS.add`` line here plus its strategy, client and codec modules;
-nothing in the ServerApp/ClientApp wiring names a method.
+Adding a method is one ``METHODS.add`` line here plus its contract, strategy, client and codec
+modules; nothing else in the ServerApp/ClientApp wiring names a method. This module also
+assembles the full run-config schema (``all_config_keys``: the common keys with the registries'
+names as their choices, then every method's keys) and the README's key tables.
 """
 
 from __future__ import annotations
@@ -14,19 +16,31 @@ from clients.cuq import ClippedUQClient
 from clients.fedbat import FedBATClient
 from clients.fedbif import FedBiFClient
 from clients.lbi import LBIClient
-from fl_app.config import COMMON_KEYS, ConfigKey
-from fl_app.registry import Registry
-from strategies import dadaquant, quantized_updates, signsgd
+from contracts.cuq import ClippedUQSettings
+from contracts.fedbat import FedBATSettings
+from contracts.fedbif import FedBiFSettings
+from contracts.lbi import LBISettings
+from contracts.signsgd import SignSGDSettings
+from contracts.update_quantization import (
+    DAdaQuantSettings,
+    FedDQSettings,
+    FedPAQSettings,
+    QSGDSettings,
+)
+from core.config import ConfigKey, RunConfig, parse_run_config, with_choices
+from core.registry import Registry
+from core.settings import NoSettings, Settings
+from fl_app.data import DATASETS, PARTITIONERS
+from fl_app.models import MODELS
 from strategies.base import CommunicationStrategy
-from strategies.cuq import CONFIG_KEYS as CUQ_KEYS
 from strategies.cuq import ClippedUQStrategy
+from strategies.dadaquant import DAdaQuantStrategy
 from strategies.fedavg import FedAvgStrategy
-from strategies.fedbat import CONFIG_KEYS as FEDBAT_KEYS
 from strategies.fedbat import FedBATStrategy
-from strategies.fedbif import CONFIG_KEYS as FEDBIF_KEYS
 from strategies.fedbif import FedBiFStrategy
-from strategies.lbi import CONFIG_KEYS as LBI_KEYS
 from strategies.lbi import LBIStrategy
+from strategies.quantized_updates import FedDQStrategy, FedPAQStrategy, QSGDStrategy
+from strategies.signsgd import EFSignSGDStrategy, SignSGDStrategy
 
 
 @dataclass(frozen=True)
@@ -35,76 +49,88 @@ class Method:
 
     strategy: type[CommunicationStrategy]
     client: type[TrainingClient]
+    settings: type[Settings]
     description: str
-    config_keys: tuple[ConfigKey, ...] = ()
 
 
 METHODS: Registry[Method] = Registry("strategy")
 
-METHODS.add("fedavg", Method(FedAvgStrategy, TrainingClient, "FedAvg, fp32 both ways"))
-METHODS.add("fedbif", Method(FedBiFStrategy, FedBiFClient, "FedBiF bits freezing", FEDBIF_KEYS))
-METHODS.add("fedbat", Method(FedBATStrategy, FedBATClient, "FedBAT 1-bit updates", FEDBAT_KEYS))
-METHODS.add("lbi-fl", Method(LBIStrategy, LBIClient, "LBI-FL low-bit training", LBI_KEYS))
-METHODS.add("clipped-uq", Method(ClippedUQStrategy, ClippedUQClient, "clipped uniform Q", CUQ_KEYS))
+METHODS.add("fedavg", Method(FedAvgStrategy, TrainingClient, NoSettings, "FedAvg, fp32 both ways"))
+METHODS.add("fedbif", Method(FedBiFStrategy, FedBiFClient, FedBiFSettings, "FedBiF bits freezing"))
+METHODS.add("fedbat", Method(FedBATStrategy, FedBATClient, FedBATSettings, "FedBAT 1-bit updates"))
+METHODS.add("lbi-fl", Method(LBIStrategy, LBIClient, LBISettings, "LBI-FL low-bit training"))
+METHODS.add(
+    "clipped-uq",
+    Method(ClippedUQStrategy, ClippedUQClient, ClippedUQSettings, "clipped uniform Q"),
+)
 METHODS.add(
     "signsgd",
     Method(
-        signsgd.SignSGDStrategy,
+        SignSGDStrategy,
         upc.SignSGDClient,
+        SignSGDSettings,
         "SignSGD majority vote, 1 bit both ways",
-        signsgd.CONFIG_KEYS,
     ),
 )
 METHODS.add(
     "ef-signsgd",
     Method(
-        signsgd.EFSignSGDStrategy, upc.EFSignSGDClient, "EF-SignSGD scaled sign + error feedback"
+        EFSignSGDStrategy,
+        upc.EFSignSGDClient,
+        NoSettings,
+        "EF-SignSGD scaled sign + error feedback",
     ),
 )
 METHODS.add(
     "fedpaq",
-    Method(
-        quantized_updates.FedPAQStrategy,
-        upc.FedPAQClient,
-        "FedPAQ b-bit stochastic update",
-        quantized_updates.FEDPAQ_KEYS,
-    ),
+    Method(FedPAQStrategy, upc.FedPAQClient, FedPAQSettings, "FedPAQ b-bit stochastic update"),
 )
 METHODS.add(
     "qsgd",
-    Method(
-        quantized_updates.QSGDStrategy,
-        upc.QSGDClient,
-        "QSGD s-level norm-scaled update",
-        quantized_updates.QSGD_KEYS,
-    ),
+    Method(QSGDStrategy, upc.QSGDClient, QSGDSettings, "QSGD s-level norm-scaled update"),
 )
 METHODS.add(
     "feddq",
-    Method(
-        quantized_updates.FedDQStrategy,
-        upc.FedDQClient,
-        "FedDQ fixed-step descending bits",
-        quantized_updates.FEDDQ_KEYS,
-    ),
+    Method(FedDQStrategy, upc.FedDQClient, FedDQSettings, "FedDQ fixed-step descending bits"),
 )
 METHODS.add(
     "dadaquant",
     Method(
-        dadaquant.DAdaQuantStrategy,
+        DAdaQuantStrategy,
         upc.DAdaQuantClient,
+        DAdaQuantSettings,
         "DAdaQuant doubly-adaptive levels",
-        dadaquant.CONFIG_KEYS,
     ),
 )
 
 
 def all_config_keys() -> tuple[ConfigKey, ...]:
     """Common keys plus every method's keys: the full set Flower's run config may hold."""
-    keys = list(COMMON_KEYS)
+    keys = with_choices(
+        RunConfig.config_keys(),
+        {
+            "strategy": METHODS.names(),
+            "dataset": DATASETS.names(),
+            "model": MODELS.names(),
+            "partitioner": PARTITIONERS,
+        },
+    )
+    groups: list[type[Settings]] = []
     for name in METHODS.names():
-        keys.extend(METHODS.get(name).config_keys)
+        group = METHODS.get(name).settings
+        if group not in groups:
+            groups.append(group)
+            keys.extend(group.config_keys())
     return tuple(keys)
+
+
+def load_config(raw: dict) -> tuple[RunConfig, Settings]:
+    """Validate a raw run config and build the chosen method's settings, once.
+
+    Every bad value (single keys and cross-key constraints) fails here with ``ConfigError``.
+    """
+    cfg = parse_run_config(raw, all_config_keys())
+    return cfg, METHODS.get(cfg.strategy).settings.from_values(cfg.values)
 
 
 def markdown_key_tables() -> str:
@@ -113,7 +139,8 @@ def markdown_key_tables() -> str:
     sections = []
     for name in METHODS.names():
         method = METHODS.get(name)
-        if not method.config_keys:
+        keys = method.settings.config_keys()
+        if not keys:
             continue
         lines = [
             f"`{name}` ({method.description}):",
@@ -121,9 +148,9 @@ def markdown_key_tables() -> str:
             "| key | default | meaning |",
             "|---|---|---|",
         ]
-        for key in method.config_keys:
+        for key in keys:
             default = str(key.default).lower() if isinstance(key.default, bool) else key.default
-            allowed = key.allowed()
+            allowed = key.choices
             meaning = key.help + (f" ({', '.join(map(str, allowed))})" if allowed else "")
             lines.append(f"| `{key.name}` | `{default}` | {meaning} |")
         sections.append("\n".join(lines))

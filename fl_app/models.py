@@ -15,7 +15,7 @@ from torchvision.models import mobilenet_v2
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.models.vision_transformer import VisionTransformer
 
-from fl_app.registry import Registry
+from core.registry import Registry
 
 ModelFactory = Callable[[int, int, int], nn.Module]
 """``(in_channels, num_classes, image_size) -> model``."""
@@ -83,7 +83,7 @@ def digits_cnn(in_channels: int, num_classes: int, image_size: int) -> nn.Module
 def digits_cnn_bn(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     """``digits-cnn`` with BatchNorm after each convolution (conv layers then carry no bias).
 
-    The setting the FedBiF implementation notes measured on: BatchNorm makes each layer's
+    The setting FedBiF was first measured on here: BatchNorm makes each layer's
     output invariant to the scale of its quantized weights, which helps low-bit training.
     """
     _require_min_size("digits-cnn-bn", image_size, 8, "it is designed for 8x8 digits")

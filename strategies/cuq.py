@@ -15,7 +15,7 @@ With ``cuq-downlink-bits`` B' > 0 the global model goes down quantized the same 
 ``cuq-rounding`` says, seeded per round; one message shared by all clients of a round), and the
 server evaluates that dequantized model, i.e. exactly what the clients start from.
 
-Wire format: ``compression.cuq_codec``.
+Contract: ``contracts.cuq``; wire format: ``compression.cuq_codec``.
 """
 
 from __future__ import annotations
@@ -24,191 +24,96 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.common import FitRes, Parameters, Scalar, parameters_to_ndarrays
-from flwr.server.client_proxy import ClientProxy
 
 from compression.clipped_quant import inverse_error_weights
-from compression.clipping import GRANULARITIES, ROUNDINGS
-from compression.cuq_codec import (
-    EXTRAS_DTYPES,
-    CuqLayout,
-    decode,
-    dequantize_layers,
-    encode,
-    quantize_layers,
-)
-from compression.layout import concat_flat
-from fl_app.config import ConfigKey, RunConfig
-from fl_app.torch_utils import quantized_split
-from strategies.base import ClientUpdate, CommunicationStrategy, PayloadError, place_flat
-
-AGGREGATIONS = ("inverse-sqe", "fedavg")
-
-CONFIG_KEYS: tuple[ConfigKey, ...] = (
-    ConfigKey("cuq-bits", int, 4, "B: bits per quantized weight (uplink)", choices=(2, 3, 4, 8)),
-    ConfigKey("cuq-rounding", str, "stochastic", "rounding onto the grid", choices=ROUNDINGS),
-    ConfigKey(
-        "cuq-granularity", str, "layer", "one clip per layer or per channel", choices=GRANULARITIES
-    ),
-    ConfigKey("cuq-qat", bool, False, "quantization-aware local training (STE)"),
-    ConfigKey(
-        "cuq-aggregation", str, "inverse-sqe", "per-layer client weights", choices=AGGREGATIONS
-    ),
-    ConfigKey(
-        "cuq-downlink-bits",
-        int,
-        0,
-        "bits of the quantized downlink (0 = fp32)",
-        choices=(0, 2, 3, 4, 8),
-    ),
-    ConfigKey(
-        "cuq-extras-dtype",
-        str,
-        "float16",
-        "dtype of biases/BatchNorm on the wire",
-        choices=EXTRAS_DTYPES,
-    ),
-)
+from compression.cuq_codec import CuqMessage, dequantize_layers, quantize_layers
+from contracts import cuq
+from contracts.cuq import ClippedUQSettings
+from core.wire_state import quantized_split
+from strategies.aggregation import example_shares, gather_flat, place_flat, weighted_sum
+from strategies.base import ClientReply, ClientUpdate, CommunicationStrategy
 
 #: salt of the server's downlink rounding seed (clients use their own derived seeds).
 DOWNLINK_SALT = 0xC0D
 
 
-def uplink_layout(cfg: RunConfig, model: torch.nn.Module) -> CuqLayout:
-    """Layout of the client -> server messages of this run."""
-    _, _, split = quantized_split(model)
-    return CuqLayout(split, int(cfg["cuq-bits"]), str(cfg["cuq-granularity"]))
-
-
-def downlink_layout(cfg: RunConfig, model: torch.nn.Module) -> CuqLayout | None:
-    """Layout of the quantized downlink, or ``None`` when the downlink is fp32."""
-    bits = int(cfg["cuq-downlink-bits"])
-    if bits == 0:
-        return None
-    _, _, split = quantized_split(model)
-    return CuqLayout(split, bits, str(cfg["cuq-granularity"]))
-
-
 class ClippedUQStrategy(CommunicationStrategy):
     """Server side of clipped uniform quantization; see the module docstring."""
 
-    extra_columns = ("quant_mse", "weight_spread")
+    uplink_name = "clipped-uq uplink"
+    round_columns = {"quant_mse": float("nan"), "weight_spread": float("nan")}
+    settings: ClippedUQSettings
 
-    def __init__(self, cfg: RunConfig, **kwargs) -> None:  # noqa: ANN003
-        super().__init__(cfg, **kwargs)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.q_index, self.e_index, self.split = quantized_split(self.model)
-        self.up = uplink_layout(cfg, self.model)
-        self.down = downlink_layout(cfg, self.model)
-        self.extras_dtype = str(cfg["cuq-extras-dtype"])
-        self._next_round = 1
-        self._downlink_round: int | None = None
-        self._downlink: list[np.ndarray] = []
-        self._received: list[np.ndarray] = []
-        self.round_metrics: dict[int, dict[str, float]] = {}
+        self.up = cuq.uplink_codec(self.settings, self.model)
+        self.down = cuq.downlink_codec(self.settings, self.model)
 
     # --------------------------------------------------------------- downlink
-    def _prepare_downlink(self, server_round: int) -> None:
-        """Quantize the global model once per round (all clients get the same message)."""
-        if self.down is None or self._downlink_round == server_round:
-            return
-        stochastic = self.cfg["cuq-rounding"] == "stochastic"
+    def downlink_message(self, server_round: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(wire arrays, the wire state clients decode from them) of the round's quantized
+        downlink; computed once per round (all clients get the same message)."""
+        return self.round_memo.get(server_round, "downlink", lambda: self._quantize(server_round))
+
+    def _quantize(self, server_round: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        assert self.down is not None
         generator = torch.Generator().manual_seed(
             self.cfg.seed * 1_000_003 + server_round * 7 + DOWNLINK_SALT
         )
         weights = [self.global_state[i] for i in self.q_index]
         codes, clips, _, restored = quantize_layers(
-            weights, self.down, "stochastic" if stochastic else "deterministic", generator
+            weights, self.down.layout, self.settings.rounding, generator
         )
-        extras = concat_flat([self.global_state[i] for i in self.e_index], self.extras_dtype)
-        self._downlink = encode(self.down, codes, clips, extras)
+        extras = gather_flat(self.global_state, self.e_index, self.settings.extras_dtype)
+        arrays = self.down.encode(CuqMessage(codes, clips, None, extras))
         received = [array.copy() for array in self.global_state]
         for index, tensor in zip(self.q_index, restored, strict=True):
             received[index] = tensor
         place_flat(received, self.e_index, extras, self.split.extra_shapes)
-        self._received = received
-        self._downlink_round = server_round
+        return arrays, received
 
     def downlink_arrays(self, server_round: int, cid: str) -> list[np.ndarray]:
         if self.down is None:
             return self.global_state
-        self._prepare_downlink(server_round)
-        return self._downlink
+        return self.downlink_message(server_round)[0]
 
-    def evaluation_state(self) -> list[np.ndarray]:
-        """The model clients will start the next round from (quantized if the downlink is)."""
+    def evaluation_state(self, server_round: int) -> list[np.ndarray]:
+        """The model clients start the next round from (quantized if the downlink is)."""
         if self.down is None:
             return self.global_state
-        self._prepare_downlink(self._next_round)
-        return self._received
+        return self.downlink_message(server_round + 1)[1]
 
     # --------------------------------------------------------------- uplink and aggregation
-    def decode_uplink(self, server_round: int, cid: str, fit_res: FitRes) -> ClientUpdate:
-        try:
-            message = decode(parameters_to_ndarrays(fit_res.parameters), self.up, with_errors=True)
-            weights = dequantize_layers(message, self.up)
-        except Exception as err:  # garbage bytes, wrong sizes, dtypes or values
-            raise PayloadError(f"clipped-uq uplink: {err}") from None
+    def decode_update(self, server_round: int, reply: ClientReply) -> ClientUpdate:
+        message = self.up.decode(reply.arrays)
+        weights = dequantize_layers(message, self.up.layout)
         assert message.errors is not None
-        return ClientUpdate.of(
-            cid, fit_res, [*weights, message.extras, message.errors.astype(np.float64)]
-        )
+        return reply.update([*weights, message.extras, message.errors.astype(np.float64)])
 
     def layer_weights(self, updates: list[ClientUpdate]) -> np.ndarray:
         """(clients, layers) aggregation weights of the quantized tensors; columns sum to 1."""
-        layers = self.up.num_layers
-        if self.cfg["cuq-aggregation"] == "inverse-sqe":
+        if self.settings.aggregation == "inverse-sqe":
             return inverse_error_weights(np.stack([u.arrays[-1] for u in updates]))
-        examples = np.array([u.num_examples for u in updates], dtype=np.float64)
-        return np.repeat((examples / examples.sum())[:, None], layers, axis=1)
+        return np.repeat(
+            np.asarray(example_shares(updates))[:, None], self.up.layout.num_layers, axis=1
+        )
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[np.ndarray]:
-        layers = self.up.num_layers
+        layers = self.up.layout.num_layers
         weights = self.layer_weights(updates)
-        examples = np.array([u.num_examples for u in updates], dtype=np.float64)
-        examples /= examples.sum()
         new_state = [array.copy() for array in self.global_state]
         for layer, index in enumerate(self.q_index):
-            mean = np.zeros(new_state[index].shape, dtype=np.float64)
-            for k, update in enumerate(updates):
-                mean += weights[k, layer] * update.arrays[layer]
+            mean = weighted_sum(weights[:, layer], (u.arrays[layer] for u in updates))
             new_state[index] = mean.astype(np.float32)
-        extras = np.zeros(self.split.num_extras, dtype=np.float64)
-        for share, update in zip(examples, updates, strict=True):
-            extras += share * update.arrays[layers]
+        shares = np.asarray(example_shares(updates))  # float64 terms
+        extras = weighted_sum(shares, (u.arrays[layers] for u in updates))
         place_flat(new_state, self.e_index, extras, self.split.extra_shapes)
         errors = np.stack([u.arrays[-1] for u in updates])
-        self.round_metrics[server_round] = {
-            "quant_mse": float(errors.sum(1).mean() / max(self.split.num_quantized, 1)),
+        self.record_metrics(
+            server_round,
+            quant_mse=float(errors.sum(1).mean() / max(self.split.num_quantized, 1)),
             # 1 = one client dominates every layer, 1/K = uniform: how far from FedAvg we are.
-            "weight_spread": float(weights.max(0).mean()),
-        }
-        return new_state
-
-    def aggregate_fit(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, FitRes]],
-        failures: list[tuple[ClientProxy, FitRes] | BaseException],
-    ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        # Evaluation after this round shows the model of the next downlink, even if no update
-        # arrived (then it is the unchanged global, quantized afresh).
-        # (Flower's round number; the base adds the offset of a resumed run.)
-        self._next_round = server_round + self.round_offset + 1
-        return super().aggregate_fit(server_round, results, failures)
-
-    def method_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """A resumed run must evaluate (and send) the downlink of the round after the saved one."""
-        return {}, {"next_round": self._next_round}
-
-    def load_method_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        self._next_round = int(meta.get("next_round", 1))
-        self._downlink_round = None
-
-    def round_row(self, server_round: int, loss: float, accuracy: float) -> dict:
-        row = super().round_row(server_round, loss, accuracy)
-        row.update(
-            self.round_metrics.get(
-                server_round, {"quant_mse": float("nan"), "weight_spread": float("nan")}
-            )
+            weight_spread=float(weights.max(0).mean()),
         )
-        return row
+        return new_state

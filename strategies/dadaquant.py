@@ -12,7 +12,8 @@
 
 The quantizer is the unbiased symmetric max-abs one of ``compression.update_quantizers``
 (per-tensor scale, codes in [-q_i, q_i], ceil(log2(2 q_i + 1)) bits). The server tells each client
-its q_i in the fit config (``dadaquant-levels``) and decodes with the level it sent.
+its q_i in the fit config (``dadaquant-levels``, ``contracts.update_quantization``) and decodes
+with the level it sent.
 ``rounds.csv`` gains ``levels`` (q) and ``client_levels`` (mean q_i of the round).
 """
 
@@ -23,33 +24,18 @@ from logging import INFO
 from typing import Any
 
 import numpy as np
-from flwr.common import FitRes, Scalar
+from flwr.common import Scalar
 from flwr.common.logger import log
 from flwr.server.client_proxy import ClientProxy
 
-from compression.update_quantizers import MAX_SYMMETRIC_LEVELS, decode_symmetric
-from fl_app.config import ConfigKey
-from strategies.delta import DeltaStrategy, expect_arrays
-
-CONFIG_KEYS: tuple[ConfigKey, ...] = (
-    ConfigKey(
-        "dadaquant-initial-levels",
-        int,
-        1,
-        "q at round 1 (levels per side)",
-        min=1,
-        max=MAX_SYMMETRIC_LEVELS,
-    ),
-    ConfigKey("dadaquant-patience", int, 2, "rounds without loss improvement that double q", min=1),
-    ConfigKey(
-        "dadaquant-ema",
-        float,
-        0.5,
-        "weight of the past in the loss moving average",
-        min=0.0,
-        max=0.99,
-    ),
+from compression.update_quantizers import (
+    MAX_SYMMETRIC_LEVELS,
+    SymmetricCodec,
+    dequantize_symmetric,
 )
+from contracts.update_quantization import DADAQUANT_LEVELS, DAdaQuantSettings
+from strategies.base import ClientReply
+from strategies.delta import DeltaStrategy
 
 
 @dataclass
@@ -96,31 +82,35 @@ def client_levels(
 class DAdaQuantStrategy(DeltaStrategy):
     """DAdaQuant server; see the module docstring."""
 
-    label = "DAdaQuant"
-    extra_columns = ("levels", "client_levels")
+    uplink_name = "DAdaQuant uplink"
+    round_columns = {"levels": float("nan"), "client_levels": float("nan")}
+    settings: DAdaQuantSettings
 
-    def __init__(self, cfg, **kwargs) -> None:  # noqa: ANN001, ANN003
-        super().__init__(cfg, **kwargs)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.schedule = PlateauDoubler(
-            levels=int(cfg["dadaquant-initial-levels"]),
-            patience=int(cfg["dadaquant-patience"]),
-            smoothing=float(cfg["dadaquant-ema"]),
+            levels=self.settings.initial_levels,
+            patience=self.settings.patience,
+            smoothing=self.settings.ema,
         )
         self.sizes_seen: dict[str, int] = {}
         self.assigned: dict[int, dict[str, int]] = {}
-        self.round_levels: dict[int, int] = {}
 
     def begin_round(self, server_round: int, clients: list[ClientProxy]) -> None:
         """Update the time-adaptive q from last round's loss, then give each sampled client its
         level from its data share (clients not seen yet count as the mean size)."""
         if server_round > 1:
-            self.schedule.observe(self._last_train_loss)
-        self.round_levels[server_round] = self.schedule.levels
+            self.schedule.observe(self.progress.last_train_loss)
         known = list(self.sizes_seen.values())
         default = float(np.mean(known)) if known else 1.0
         sizes = np.array([self.sizes_seen.get(c.cid, default) for c in clients], dtype=np.float64)
         levels = client_levels(self.schedule.levels, sizes)
         self.assigned[server_round] = {c.cid: int(q) for c, q in zip(clients, levels, strict=True)}
+        self.record_metrics(
+            server_round,
+            levels=self.schedule.levels,
+            client_levels=float(np.mean(levels)) if len(levels) else float("nan"),
+        )
         log(
             INFO,
             "[dadaquant] round %d: q = %d, client levels %s",
@@ -130,19 +120,16 @@ class DAdaQuantStrategy(DeltaStrategy):
         )
 
     def fit_config(self, server_round: int, cid: str) -> dict[str, Scalar]:
-        return {"dadaquant-levels": self.levels_for(server_round, cid)}
+        return {DADAQUANT_LEVELS: self.levels_for(server_round, cid)}
 
     def levels_for(self, server_round: int, cid: str) -> int:
         """The level sent to ``cid`` this round (the time-adaptive q for an unplanned client)."""
-        planned = self.assigned.get(server_round, {})
-        return planned.get(cid, self.round_levels.get(server_round, self.schedule.levels))
+        return self.assigned.get(server_round, {}).get(cid, self.schedule.levels)
 
-    def decode_delta(self, server_round, cid, arrays, fit_res: FitRes) -> np.ndarray:  # noqa: ANN001
-        expect_arrays(arrays, 2, self.label)
-        self.sizes_seen[cid] = int(fit_res.num_examples)
-        return decode_symmetric(
-            arrays[0], arrays[1], self.sizes, self.levels_for(server_round, cid)
-        )
+    def decode_delta(self, server_round: int, reply: ClientReply) -> np.ndarray:
+        self.sizes_seen[reply.cid] = int(reply.num_examples)
+        codec = SymmetricCodec(self.sizes, self.levels_for(server_round, reply.cid))
+        return dequantize_symmetric(codec.decode(reply.arrays), self.sizes)
 
     def method_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """The level schedule and the clients' data sizes: what the next round's levels need."""
@@ -161,10 +148,3 @@ class DAdaQuantStrategy(DeltaStrategy):
         self.schedule.best = float("inf") if meta["best"] is None else float(meta["best"])
         self.schedule.stale = int(meta["stale"])
         self.sizes_seen = {str(k): int(v) for k, v in meta["sizes_seen"].items()}
-
-    def round_row(self, server_round: int, loss: float, accuracy: float) -> dict:
-        row = super().round_row(server_round, loss, accuracy)
-        planned = self.assigned.get(server_round)
-        row["levels"] = self.round_levels.get(server_round, float("nan"))
-        row["client_levels"] = float(np.mean(list(planned.values()))) if planned else float("nan")
-        return row

@@ -3,23 +3,26 @@ compressed method's accuracy and bpp is compared against (32 bpp plus serializat
 
 from __future__ import annotations
 
-import numpy as np
-from flwr.common import FitRes
+from typing import Any
 
-from strategies.base import (
-    ClientUpdate,
-    CommunicationStrategy,
-    decode_float_arrays,
-    weighted_average,
-)
+import numpy as np
+
+from compression.float_codec import FloatStateCodec
+from strategies.aggregation import weighted_average
+from strategies.base import ClientReply, ClientUpdate, CommunicationStrategy
 
 
 class FedAvgStrategy(CommunicationStrategy):
     """Full-precision federated averaging on the common base."""
 
-    def decode_uplink(self, server_round: int, cid: str, fit_res: FitRes) -> ClientUpdate:
-        arrays = decode_float_arrays(fit_res, self.global_state)
-        return ClientUpdate.of(cid, fit_res, arrays)
+    uplink_name = "FedAvg uplink"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.codec = FloatStateCodec([a.shape for a in self.global_state])
+
+    def decode_update(self, server_round: int, reply: ClientReply) -> ClientUpdate:
+        return reply.update(self.codec.decode(reply.arrays))
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[np.ndarray]:
         return weighted_average(updates)

@@ -9,106 +9,88 @@
   ``feddq_bits`` (mean code width per scalar over the round's clients) and the per-tensor widths
   are logged every round.
 
-Wire formats: ``compression.update_quantizers``.
+Contracts: ``contracts.update_quantization``; wire formats: ``compression.update_quantizers``.
 """
 
 from __future__ import annotations
 
 from logging import INFO
+from typing import Any
 
 import numpy as np
 from flwr.common.logger import log
 
-from compression.update_quantizers import decode_fixed_step, decode_qsgd, decode_symmetric
-from fl_app.config import ConfigKey
-from strategies.base import ClientUpdate
-from strategies.delta import DeltaStrategy, expect_arrays
-
-FEDPAQ_KEYS: tuple[ConfigKey, ...] = (
-    ConfigKey("fedpaq-bits", int, 4, "bits per update scalar (FedPAQ)", min=2, max=8),
+from compression.update_quantizers import (
+    FixedStepCodec,
+    QSGDCodec,
+    SymmetricCodec,
+    dequantize_fixed_step,
+    dequantize_qsgd,
+    dequantize_symmetric,
 )
-QSGD_KEYS: tuple[ConfigKey, ...] = (
-    ConfigKey("qsgd-levels", int, 15, "s: magnitude levels of QSGD", min=1, max=255),
-    ConfigKey("qsgd-bucket-size", int, 512, "scalars sharing one L2 norm (QSGD)", min=1),
-)
-FEDDQ_KEYS: tuple[ConfigKey, ...] = (
-    ConfigKey(
-        "feddq-step", float, 0.005, "fixed quantization step (FedDQ)", min=0.0, min_inclusive=False
-    ),
-)
-
-
-def fedpaq_levels(bits: int) -> int:
-    """Levels per side of a b-bit symmetric code: 2^(b-1) - 1 (2^b - 1 codes)."""
-    return 2 ** (bits - 1) - 1
+from contracts.update_quantization import FedDQSettings, FedPAQSettings, QSGDSettings
+from strategies.base import ClientReply, ClientUpdate
+from strategies.delta import DeltaStrategy
 
 
 class FedPAQStrategy(DeltaStrategy):
     """FedPAQ server: decode b-bit updates, example-weighted mean."""
 
-    label = "FedPAQ"
+    uplink_name = "FedPAQ uplink"
+    settings: FedPAQSettings
 
-    def decode_delta(self, server_round, cid, arrays, fit_res) -> np.ndarray:  # noqa: ANN001
-        expect_arrays(arrays, 2, self.label)
-        levels = fedpaq_levels(int(self.cfg["fedpaq-bits"]))
-        return decode_symmetric(arrays[0], arrays[1], self.sizes, levels)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.codec = SymmetricCodec(self.sizes, self.settings.levels)
+
+    def decode_delta(self, server_round: int, reply: ClientReply) -> np.ndarray:
+        return dequantize_symmetric(self.codec.decode(reply.arrays), self.sizes)
 
 
 class QSGDStrategy(DeltaStrategy):
     """QSGD server: decode norm-scaled s-level updates, example-weighted mean."""
 
-    label = "QSGD"
+    uplink_name = "QSGD uplink"
+    settings: QSGDSettings
 
-    def decode_delta(self, server_round, cid, arrays, fit_res) -> np.ndarray:  # noqa: ANN001
-        expect_arrays(arrays, 3, self.label)
-        return decode_qsgd(
-            arrays[0],
-            arrays[1],
-            arrays[2],
-            self.num_flat,
-            int(self.cfg["qsgd-levels"]),
-            int(self.cfg["qsgd-bucket-size"]),
-        )
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        levels, bucket = self.settings.levels, self.settings.bucket_size
+        self.codec = QSGDCodec(self.num_flat, levels, bucket)
+
+    def decode_delta(self, server_round: int, reply: ClientReply) -> np.ndarray:
+        message = self.codec.decode(reply.arrays)
+        return dequantize_qsgd(message, self.settings.levels, self.settings.bucket_size)
 
 
 class FedDQStrategy(DeltaStrategy):
-    """FedDQ server: decode variable-width updates; logs the chosen widths."""
+    """FedDQ server: decode variable-width updates; records the chosen widths."""
 
-    label = "FedDQ"
-    extra_columns = ("feddq_bits",)
+    uplink_name = "FedDQ uplink"
+    round_columns = {"feddq_bits": float("nan")}
+    settings: FedDQSettings
 
-    def __init__(self, cfg, **kwargs) -> None:  # noqa: ANN001, ANN003
-        super().__init__(cfg, **kwargs)
-        self._widths: dict[int, list[np.ndarray]] = {}
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.codec = FixedStepCodec(self.sizes)
 
-    def decode_delta(self, server_round, cid, arrays, fit_res) -> np.ndarray:  # noqa: ANN001
-        expect_arrays(arrays, 3, self.label)
-        delta = decode_fixed_step(arrays[0], arrays[1], arrays[2], self.sizes)
-        self._widths.setdefault(server_round, []).append(np.asarray(arrays[2], dtype=np.float64))
-        return delta
-
-    def mean_width(self, server_round: int) -> float:
-        """Code bits per scalar, averaged over the round's decoded client messages."""
-        widths = self._widths.get(server_round)
-        if not widths:
-            return float("nan")
-        sizes = np.asarray(self.sizes, dtype=np.float64)
-        return float(np.mean([w @ sizes / sizes.sum() for w in widths]))
+    def decode_update(self, server_round: int, reply: ClientReply) -> ClientUpdate:
+        message = self.codec.decode(reply.arrays)
+        update = self.delta_update(reply, dequantize_fixed_step(message, self.sizes))
+        update.arrays.append(message.widths.astype(np.float64))  # for feddq_bits
+        return update
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[np.ndarray]:
-        widths = self._widths.get(server_round, [])
-        if widths:
-            per_tensor = np.mean(widths, axis=0)
-            log(
-                INFO,
-                "[feddq] round %d: mean width %.3f bits; per tensor %s",
-                server_round,
-                self.mean_width(server_round),
-                " ".join(f"{w:.1f}" for w in per_tensor),
-            )
+        widths = [u.arrays[1] for u in updates]
+        sizes = np.asarray(self.sizes, dtype=np.float64)
+        mean_width = float(np.mean([w @ sizes / sizes.sum() for w in widths]))
+        per_tensor = np.mean(widths, axis=0)
+        log(
+            INFO,
+            "[feddq] round %d: mean width %.3f bits; per tensor %s",
+            server_round,
+            mean_width,
+            " ".join(f"{w:.1f}" for w in per_tensor),
+        )
+        self.record_metrics(server_round, feddq_bits=mean_width)
         return super().aggregate(server_round, updates)
-
-    def round_row(self, server_round: int, loss: float, accuracy: float) -> dict:
-        row = super().round_row(server_round, loss, accuracy)
-        row["feddq_bits"] = self.mean_width(server_round) if server_round > 0 else float("nan")
-        return row

@@ -10,86 +10,57 @@ Downlink: a client that holds the previous global model (it took part in the pre
 only the voted sign, 1 bit per parameter, plus the float16 statistics, and rebuilds the new global
 with the same float32 operation as the server (``compression.sign_codec.apply_sign_step``). Any
 other client (first round, or it missed rounds) gets the full fp32 model, and those bytes count.
-The fit config says which (``signsgd-downlink`` = ``full`` | ``sign``, ``signsgd-base-round`` =
-the round of the global the sign applies to). ``rounds.csv`` gains ``full_downlinks``.
+The fit config says which (``contracts.signsgd``: ``signsgd-downlink`` = ``full`` | ``sign``,
+``signsgd-base-round`` = the round of the global the sign applies to). ``rounds.csv`` gains
+``full_downlinks``.
 
-Sign downlink (2 arrays): uint8 ``pack_signs(vote)`` over the p parameter scalars (wire order,
-ceil(p / 8) bytes); float16 (e,) the running statistics. Uplink: the same two arrays with the
-client's sign(delta) and its own statistics.
+Sign downlink and uplink: ``compression.sign_codec.SignCodec`` (packed signs over the p parameter
+scalars in wire order, float16 statistics).
 
-EF-SignSGD: clients send the scaled sign of (delta + residual) per parameter tensor
-(``compression.sign_codec.encode_scaled_sign``) and keep the residual in their state; BatchNorm
-running statistics travel as float16 values, as in SignSGD (a scaled sign step can drive a running
-variance negative). Uplink (3 arrays): uint8 signs (ceil(p / 8)), float32 scales (one per
-parameter tensor), float16 statistics (e,). The server adds the example-weighted mean of the
+EF-SignSGD: clients send the scaled sign of (delta + residual) per parameter tensor and keep the
+residual in their state; BatchNorm running statistics travel as float16 values, as in SignSGD (a
+scaled sign step can drive a running variance negative). Uplink:
+``compression.sign_codec.ScaledSignCodec``. The server adds the example-weighted mean of the
 decoded parameter updates and takes the weighted mean of the statistics. Full-precision downlink.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
-from flwr.common import FitRes, Scalar, parameters_to_ndarrays
+from flwr.common import Scalar
 
-from compression.layout import SplitLayout, concat_flat, split_flat
 from compression.sign_codec import (
+    ScaledSignCodec,
+    SignCodec,
+    SignMessage,
     apply_sign_step,
-    decode_scaled_sign,
     majority_vote,
-    pack_signs,
-    unpack_signs,
+    scaled_sign_values,
 )
-from fl_app.config import ConfigKey
-from fl_app.torch_utils import parameter_split
-from strategies.base import ClientUpdate, CommunicationStrategy, PayloadError
-from strategies.delta import DeltaStrategy, expect_arrays
-
-CONFIG_KEYS: tuple[ConfigKey, ...] = (
-    ConfigKey(
-        "signsgd-server-lr",
-        float,
-        0.001,
-        "server step size applied to the voted sign",
-        min=0.0,
-        min_inclusive=False,
-    ),
-)
-
-
-def join_state(
-    layout: SplitLayout,
-    p_index: list[int],
-    b_index: list[int],
-    params: np.ndarray,
-    buffers: np.ndarray,
-) -> list[np.ndarray]:
-    """The wire state from flat parameters and flat buffers."""
-    state: list[np.ndarray | None] = [None] * (len(p_index) + len(b_index))
-    for index, piece in zip(p_index, split_flat(params, layout.quantized_shapes), strict=True):
-        state[index] = piece.astype(np.float32).copy()
-    for index, piece in zip(b_index, split_flat(buffers, layout.extra_shapes), strict=True):
-        state[index] = piece.astype(np.float32).copy()
-    return state  # type: ignore[return-value]
+from contracts import signsgd
+from contracts.signsgd import SignSGDSettings, join_state
+from core.wire_state import parameter_split
+from strategies.aggregation import example_shares, gather_flat, weighted_sum
+from strategies.base import ClientReply, ClientUpdate, CommunicationStrategy
+from strategies.delta import DeltaStrategy
 
 
 class SignSGDStrategy(CommunicationStrategy):
     """SignSGD with majority vote, 1-bit both ways; see the module docstring."""
 
-    extra_columns = ("full_downlinks",)
+    uplink_name = "SignSGD uplink"
+    round_columns = {"full_downlinks": 0}
+    settings: SignSGDSettings
 
-    def __init__(self, cfg, **kwargs) -> None:  # noqa: ANN001, ANN003
-        super().__init__(cfg, **kwargs)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.p_index, self.b_index, self.layout = parameter_split(self.model)
-        self.step = float(cfg["signsgd-server-lr"])
+        self.codec = SignCodec(self.layout.num_quantized, self.layout.num_extras)
         self.holds: dict[str, int] = {}  # cid -> round of the global model the client holds
         self.vote_message: list[np.ndarray] | None = None  # the last round's sign downlink
         self.vote_round = -1
-        self.full_downlinks: dict[int, int] = {}
-
-    def flat_params(self) -> np.ndarray:
-        return concat_flat([self.global_state[i] for i in self.p_index], np.float32)
-
-    def flat_buffers(self) -> np.ndarray:
-        return concat_flat([self.global_state[i] for i in self.b_index], np.float32)
 
     def _sign_ready(self, server_round: int, cid: str) -> bool:
         return self.vote_round == server_round - 1 and self.holds.get(cid) == server_round - 2
@@ -98,32 +69,20 @@ class SignSGDStrategy(CommunicationStrategy):
         if self._sign_ready(server_round, cid):
             assert self.vote_message is not None
             return self.vote_message
-        self.full_downlinks[server_round] = self.full_downlinks.get(server_round, 0) + 1
+        full = self.round_metrics.get(server_round, {}).get("full_downlinks", 0)
+        self.record_metrics(server_round, full_downlinks=int(full) + 1)
         return self.global_state
 
     def fit_config(self, server_round: int, cid: str) -> dict[str, Scalar]:
         if self._sign_ready(server_round, cid):
-            return {"signsgd-downlink": "sign", "signsgd-base-round": server_round - 2}
-        return {"signsgd-downlink": "full", "signsgd-base-round": server_round - 1}
+            return {signsgd.DOWNLINK: signsgd.SIGN, signsgd.BASE_ROUND: server_round - 2}
+        return {signsgd.DOWNLINK: signsgd.FULL, signsgd.BASE_ROUND: server_round - 1}
 
-    def decode_uplink(self, server_round: int, cid: str, fit_res: FitRes) -> ClientUpdate:
+    def decode_update(self, server_round: int, reply: ClientReply) -> ClientUpdate:
         # A client that answered has installed this round's downlink: it now holds global r - 1.
-        self.holds[cid] = server_round - 1
-        try:
-            arrays = parameters_to_ndarrays(fit_res.parameters)
-            expect_arrays(arrays, 2, "SignSGD")
-            signs = unpack_signs(arrays[0], self.layout.num_quantized)
-            buffers = np.asarray(arrays[1])
-            if buffers.dtype != np.float16 or buffers.shape != (self.layout.num_extras,):
-                raise ValueError(
-                    f"statistics must be float16 ({self.layout.num_extras},), got "
-                    f"{buffers.dtype} {buffers.shape}"
-                )
-            if not np.all(np.isfinite(buffers)):
-                raise ValueError("statistics contain NaN or infinity")
-        except Exception as err:
-            raise PayloadError(f"SignSGD uplink: {type(err).__name__}: {err}") from None
-        return ClientUpdate.of(cid, fit_res, [signs.astype(np.int8), buffers.astype(np.float32)])
+        self.holds[reply.cid] = server_round - 1
+        message = self.codec.decode(reply.arrays)
+        return reply.update([message.signs.astype(np.int8), message.stats.astype(np.float32)])
 
     def tie_break(self, server_round: int) -> np.ndarray:
         rng = np.random.default_rng([self.cfg.seed, server_round, 0x5165])
@@ -131,57 +90,41 @@ class SignSGDStrategy(CommunicationStrategy):
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[np.ndarray]:
         vote = majority_vote(np.stack([u.arrays[0] for u in updates]), self.tie_break(server_round))
-        total = sum(u.num_examples for u in updates)
-        buffers = np.zeros(self.layout.num_extras, dtype=np.float64)
-        for update in updates:
-            buffers += update.num_examples / total * update.arrays[1]
+        buffers = weighted_sum(example_shares(updates), (u.arrays[1] for u in updates))
         # What clients receive is float16: keep the server's copy identical to theirs.
         buffers16 = buffers.astype(np.float16)
-        params = apply_sign_step(self.flat_params(), vote, self.step)
-        self.vote_message = [pack_signs(vote), buffers16]
+        params = gather_flat(self.global_state, self.p_index, "float32")
+        params = apply_sign_step(params, vote, self.settings.server_lr)
+        self.vote_message = self.codec.encode(SignMessage(vote, buffers16))
         self.vote_round = server_round
         return join_state(
             self.layout, self.p_index, self.b_index, params, buffers16.astype(np.float32)
         )
 
-    def aggregate_fit(self, server_round, results, failures):  # noqa: ANN001, ANN201
-        self.vote_message, self.vote_round = None, -1  # no vote this round unless aggregate runs
-        return super().aggregate_fit(server_round, results, failures)
-
-    def round_row(self, server_round: int, loss: float, accuracy: float) -> dict:
-        row = super().round_row(server_round, loss, accuracy)
-        row["full_downlinks"] = self.full_downlinks.get(server_round, 0)
-        return row
-
 
 class EFSignSGDStrategy(DeltaStrategy):
     """EF-SignSGD server: decode per-tensor scaled signs, example-weighted mean."""
 
-    label = "EF-SignSGD"
+    uplink_name = "EF-SignSGD uplink"
 
-    def __init__(self, cfg, **kwargs) -> None:  # noqa: ANN001, ANN003
-        super().__init__(cfg, **kwargs)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.p_index, self.b_index, self.layout = parameter_split(self.model)
-        self.param_sizes = [int(np.prod(s)) for s in self.layout.quantized_shapes]
+        self.param_sizes = tuple(int(np.prod(s)) for s in self.layout.quantized_shapes)
+        self.codec = ScaledSignCodec(self.param_sizes, self.layout.num_extras)
 
-    def decode_delta(self, server_round, cid, arrays, fit_res) -> np.ndarray:  # noqa: ANN001
+    def decode_delta(self, server_round: int, reply: ClientReply) -> np.ndarray:
         """A full-length update: decoded scaled signs for the parameters, and for the
         statistics the client's value minus the global one (so the mean update yields their
         weighted mean)."""
-        expect_arrays(arrays, 3, self.label)
-        params = decode_scaled_sign(arrays[0], arrays[1], self.param_sizes)
-        buffers = np.asarray(arrays[2])
-        if buffers.dtype != np.float16 or buffers.shape != (self.layout.num_extras,):
-            raise ValueError(
-                f"statistics must be float16 ({self.layout.num_extras},), got "
-                f"{buffers.dtype} {buffers.shape}"
-            )
-        global_buffers = concat_flat([self.global_state[i] for i in self.b_index], np.float32)
+        message = self.codec.decode(reply.arrays)
+        params = scaled_sign_values(message.signs, message.scales, self.param_sizes)
+        global_buffers = gather_flat(self.global_state, self.b_index, "float32")
         delta = join_state(
             self.layout,
             self.p_index,
             self.b_index,
             params,
-            buffers.astype(np.float32) - global_buffers,
+            message.stats.astype(np.float32) - global_buffers,
         )
-        return concat_flat(delta, np.float32)
+        return gather_flat(delta, range(len(delta)), "float32")

@@ -39,9 +39,9 @@ def fit_res(
     return FitRes(Status(Code.OK, ""), parameters, num_examples, metrics)
 
 
-def build_test_strategy(base: dict, tmp_path, **overrides):  # noqa: ANN001, ANN201
+def build_test_strategy(base: dict, tmp_path, **overrides):
     """The configured strategy with ``base`` run config, results under ``tmp_path``."""
-    from fl_app.config import parse_run_config
+    from core.config import parse_run_config
     from fl_app.methods import all_config_keys
     from fl_app.server_app import build_strategy
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from flwr.common import Context
 
-from fl_app.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from core.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from core.config import ConfigError
+from core.results import read_rounds
 from fl_app.client_app import client_fn
-from fl_app.config import ConfigError
-from fl_app.inprocess import run_inprocess
-from fl_app.results import read_rounds
+from tools.inprocess import run_inprocess
 
 COMPARED = ("round", "accuracy", "loss", "train_loss", "uplink_bytes", "downlink_bytes", "clients")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fl_app.config import ConfigError, parse_run_config
+from core.config import ConfigError, parse_run_config
 from fl_app.methods import METHODS, all_config_keys
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
@@ -28,7 +28,7 @@ def test_pyproject_defaults_match_the_schema_exactly():
 def test_every_default_is_valid():
     cfg = parse()
     assert cfg.strategy == "fedavg" and cfg.dataset == "digits" and cfg.model == "digits-cnn-bn"
-    assert cfg.num_rounds == 20 and cfg.device == "auto"
+    assert cfg.num_server_rounds == 20 and cfg.device == "auto"
 
 
 def test_required_keys_exist():
@@ -131,3 +131,30 @@ def test_readme_documents_every_key_and_strategy():
     missing = [key.name for key in all_config_keys() if f"`{key.name}`" not in readme]
     missing += [name for name in METHODS.names() if f"`{name}`" not in readme]
     assert not missing, f"README lacks {missing}"
+
+
+def test_settings_groups_name_their_keys_from_their_fields():
+    from contracts.fedbif import FedBiFSettings
+
+    keys = {key.name: key for key in FedBiFSettings.config_keys()}
+    assert keys["fedbif-active-bits"].type is int and keys["fedbif-active-bits"].default == 1
+    assert keys["fedbif-vbi"].type is bool and keys["fedbif-lr"].type is float
+    assert keys["fedbif-selector"].choices == ("sequential", "fixed", "random")
+    cfg = parse(strategy="fedbif", **{"fedbif-active-bits": 2, "fedbif-lr": 0.5})
+    settings = FedBiFSettings.from_values(cfg.values)
+    assert settings.active_bits == 2 and settings.lr == 0.5 and settings.bits == 4
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"strategy": "fedbat", "fedbat-alpha-min": 0.1, "fedbat-alpha-max": 0.01}, "alpha-min"),
+        ({"strategy": "fedbif", "fedbif-active-bits": 3}, "divisible"),
+        ({"strategy": "fedbif", "fedbif-selector": "fixed", "fedbif-fixed-bit": 6}, "fixed-bit"),
+    ],
+)
+def test_cross_key_constraints_fail_when_the_config_is_loaded(raw, message):
+    from fl_app.methods import load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(raw)

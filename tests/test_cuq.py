@@ -26,12 +26,12 @@ from compression.clipping import (
     noise_coefficient,
     optimal_clip,
 )
-from compression.cuq_codec import CuqLayout, decode, dequantize_layers, encode, payload_nbytes
+from compression.cuq_codec import CuqCodec, CuqLayout, CuqMessage, dequantize_layers
 from compression.layout import SplitLayout
 from compression.packing import packed_size
 from fl_app.client_app import client_fn
-from fl_app.inprocess import make_contexts, run_inprocess
 from tests.helpers import build_test_strategy, fit_res, manager_with, npy_bytes
+from tools.inprocess import make_contexts, run_inprocess
 
 BASE = {
     "strategy": "clipped-uq",
@@ -219,10 +219,11 @@ def uplink_from(strategy, weights, extras, examples, partition, errors):
     codes, clips = [], []
     for w in weights:
         clip = np.float32(np.abs(w).max())
-        step = 2 * clip / (2**strategy.up.bits - 1)
+        step = 2 * clip / (2**strategy.up.layout.bits - 1)
         codes.append(np.rint((w + clip) / step).astype(np.uint8).reshape(-1))
         clips.append(clip)
-    arrays = encode(strategy.up, np.concatenate(codes), np.array(clips), extras, errors)
+    message = CuqMessage(np.concatenate(codes), np.array(clips), errors, extras)
+    arrays = strategy.up.encode(message)
     return fit_res(arrays, num_examples=examples, partition_id=partition)
 
 
@@ -230,7 +231,7 @@ def test_strategy_aggregates_layers_by_inverse_sqe_and_extras_by_examples(tmp_pa
     for aggregation in ("inverse-sqe", "fedavg"):
         strategy = strategy_for(tmp_path / aggregation, **{"cuq-aggregation": aggregation})
         proxies = [p for p, _ in strategy.configure_fit(1, Parameters([], ""), manager_with(2))]
-        shapes, levels = strategy.split.quantized_shapes, 2**strategy.up.bits - 1
+        shapes, levels = strategy.split.quantized_shapes, 2**strategy.up.layout.bits - 1
         rng = np.random.default_rng(0)
         weights = [
             [(rng.integers(0, levels + 1, s) * 2 / levels - 1).astype(np.float32) for s in shapes]
@@ -262,7 +263,7 @@ def test_malformed_uplinks_raise_payload_errors(tmp_path):
     strategy = strategy_for(tmp_path)
     ((proxy, _),) = strategy.configure_fit(1, Parameters([], ""), manager_with(1))
     d, e = strategy.split.num_quantized, strategy.split.num_extras
-    layers, codes = strategy.up.num_layers, np.zeros(packed_size(d, 4), np.uint8)
+    layers, codes = strategy.up.layout.num_layers, np.zeros(packed_size(d, 4), np.uint8)
     side = np.ones(2 * layers, np.float32)
     extras = np.zeros(e, np.float16)
     bad_clip, nan_error = side.copy(), side.copy()
@@ -295,16 +296,17 @@ def test_codec_round_trip_and_exact_byte_count():
     codes = rng.integers(0, 8, split.num_quantized).astype(np.uint8)
     clips = rng.uniform(0.1, 1, layout.num_clips).astype(np.float32)
     errors, extras = np.array([0.5, 2.0]), rng.normal(size=16).astype(np.float16)
-    arrays = encode(layout, codes, clips, extras, errors)
+    codec = CuqCodec(layout, with_errors=True, extras_dtype="float16")
+    arrays = codec.encode(CuqMessage(codes, clips, errors, extras))
     assert layout.num_clips == 18
-    message = decode(arrays, layout, with_errors=True)
+    message = codec.decode(arrays)
     np.testing.assert_array_equal(message.codes, codes)
     np.testing.assert_array_equal(message.clips, clips)
     np.testing.assert_allclose(message.errors, errors)
     restored = dequantize_layers(message, layout)
     assert [r.shape for r in restored] == [(8, 3, 3, 3), (10, 50)]
     payload = packed_size(split.num_quantized, 3) + 4 * (18 + 2) + 2 * 16
-    assert payload_nbytes(layout, "float16", True) == payload
+    assert codec.payload_nbytes(message) == payload
     assert sum(npy_bytes(a) for a in arrays) == payload + sum(npy_bytes(a[:0]) for a in arrays)
 
 
@@ -316,7 +318,8 @@ def test_client_uplink_bytes_and_errors_match_what_the_server_rebuilds(tmp_path)
     assert isinstance(client, ClippedUQClient)
     res = client_fn(context).fit(ins)
     arrays = parameters_to_ndarrays(res.parameters)
-    d, e, layers = strategy.split.num_quantized, strategy.split.num_extras, strategy.up.num_layers
+    d, e = strategy.split.num_quantized, strategy.split.num_extras
+    layers = strategy.up.layout.num_layers
     payload = packed_size(d, 2) + 4 * 2 * layers + 2 * e
     headers = sum(npy_bytes(a[:0]) for a in arrays)
     assert sum(len(t) for t in res.parameters.tensors) == payload + headers
@@ -324,7 +327,7 @@ def test_client_uplink_bytes_and_errors_match_what_the_server_rebuilds(tmp_path)
     assert update.arrays[-1].shape == (layers,) and np.all(update.arrays[-1] > 0)
     # The reported SQE is consistent with the reconstruction: each error is below the worst
     # case of d_l * step^2 and well above zero at 2 bits.
-    message = decode(arrays, strategy.up, with_errors=True)
+    message = strategy.up.decode(arrays)
     for size, clip, error in zip(
         strategy.split.quantized_sizes, message.clips, message.errors, strict=True
     ):
@@ -334,7 +337,7 @@ def test_client_uplink_bytes_and_errors_match_what_the_server_rebuilds(tmp_path)
 def test_quantized_downlink_is_small_and_evaluated_as_sent(tmp_path):
     strategy = strategy_for(tmp_path, **{"cuq-downlink-bits": 4})
     ((_, ins),) = strategy.configure_fit(1, Parameters([], ""), manager_with(1))
-    d, e, c = strategy.split.num_quantized, strategy.split.num_extras, strategy.up.num_clips
+    d, e, c = strategy.split.num_quantized, strategy.split.num_extras, strategy.up.layout.num_clips
     arrays = parameters_to_ndarrays(ins.parameters)
     assert len(arrays) == 3 and arrays[1].size == c
     nbytes = sum(len(t) for t in ins.parameters.tensors)
@@ -344,7 +347,9 @@ def test_quantized_downlink_is_small_and_evaluated_as_sent(tmp_path):
     client.load_downlink(arrays, ins.config)
     state = client.model.state_dict()
     for key, want in zip(
-        client.q_keys, [strategy._received[i] for i in strategy.q_index], strict=True
+        client.q_keys,
+        [strategy.downlink_message(1)[1][i] for i in strategy.q_index],
+        strict=True,
     ):
         np.testing.assert_allclose(state[key].numpy(), want, atol=1e-6)
         assert np.unique(want).size <= 16
@@ -363,11 +368,11 @@ def test_short_inprocess_run_learns_with_measured_bpp(tmp_path):
     strategy = run_inprocess(raw, 4)
     last = strategy.history[-1]
     assert last["accuracy"] > 0.6 and last["rejected"] == 0 and last["clients"] == 4
-    d, e, c = strategy.split.num_quantized, strategy.split.num_extras, strategy.up.num_clips
+    d, e, c = strategy.split.num_quantized, strategy.split.num_extras, strategy.up.layout.num_clips
     # Exactly three .npy arrays: packed 4-bit codes, float32 clips + SQEs, float16 extras.
     message = (
         npy_bytes(np.zeros(packed_size(d, 4), np.uint8))
-        + npy_bytes(np.zeros(c + strategy.up.num_layers, np.float32))
+        + npy_bytes(np.zeros(c + strategy.up.layout.num_layers, np.float32))
         + npy_bytes(np.zeros(e, np.float16))
     )
     assert strategy.traffic[1].uplink_bytes == 4 * message

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from flwr.common import Context, FitIns, FitRes
 
+from core.results import read_rounds
 from deploy import certs
 from deploy.cliconfig import write_connection
 from deploy.local import (
@@ -42,8 +43,7 @@ from deploy.nodes import node_config, supernode_command
 from deploy.procs import alive
 from deploy.superlink import superlink_command
 from fl_app.client_app import client_fn
-from fl_app.inprocess import run_inprocess
-from fl_app.results import read_rounds
+from tools.inprocess import run_inprocess
 
 NUM_NODES = 3
 FEDBIF = {

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from fl_app.launch import launch, superlink_pids
-from fl_app.results import read_rounds
+from core.results import read_rounds
+from tools.launch import launch, superlink_pids
 
 
 def test_flwr_run_two_rounds_three_clients(tmp_path):

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fl_app.config import parse_run_config
-from fl_app.experiment import (
+from core.config import parse_run_config
+from core.results import ResultsWriter
+from fl_app.methods import all_config_keys
+from tools.experiment import (
     Experiment,
     Point,
     collect,
@@ -19,8 +21,6 @@ from fl_app.experiment import (
     toml_value,
     write_report,
 )
-from fl_app.methods import all_config_keys
-from fl_app.results import ResultsWriter
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 

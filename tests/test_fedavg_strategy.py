@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from flwr.common import Parameters
 
-from fl_app.config import parse_run_config
+from core.config import parse_run_config
+from core.results import ROUND_COLUMNS, read_rounds
 from fl_app.methods import all_config_keys
-from fl_app.results import ROUND_COLUMNS, read_rounds
 from fl_app.server_app import build_strategy
-from strategies.base import bits_per_parameter
+from strategies.accounting import bits_per_parameter
 from tests.helpers import fit_res, manager_with
 
 

@@ -20,9 +20,9 @@ from compression.binarize import (
 from compression.fedbat_codec import rebuild_update
 from compression.packing import packed_size
 from fl_app.client_app import client_fn
-from fl_app.inprocess import make_contexts, run_inprocess
 from strategies.base import PayloadError
 from tests.helpers import build_test_strategy, fit_res, manager_with, npy_bytes
+from tools.inprocess import make_contexts, run_inprocess
 
 BASE = {
     "strategy": "fedbat",

@@ -8,12 +8,12 @@ import torch
 from flwr.common import Parameters, parameters_to_ndarrays
 
 from clients.fedbif import STATE_KEY, FedBiFClient
-from compression.fedbif_codec import decode_downlink, gather_codes, spread_codes
+from compression.fedbif_codec import UplinkMessage, gather_codes, spread_codes
 from compression.packing import packed_size
+from contracts.fedbif import mask_to_positions, select_active_bits
 from fl_app.client_app import client_fn
-from fl_app.inprocess import make_contexts, run_inprocess
-from strategies.fedbif import mask_to_positions, select_active_bits
 from tests.helpers import build_test_strategy, fit_res, manager_with, npy_bytes
+from tools.inprocess import make_contexts, run_inprocess
 
 BASE = {
     "strategy": "fedbif",
@@ -66,7 +66,8 @@ def test_spread_and_gather_codes_are_inverse():
 def test_eq6_aggregation_equals_recover_then_average(tmp_path):
     strategy = strategy_for(tmp_path)
     proxies = [p for p, _ in strategy.configure_fit(1, Parameters([], ""), manager_with(3))]
-    words, steps, positions = strategy._words, strategy._steps, strategy._positions
+    sent = strategy.quantization(1)
+    words, steps, positions = sent.words, sent.steps, sent.positions
     m, d = strategy.layout.bits, strategy.split.num_quantized
     rng = np.random.default_rng(0)
     uploads = [rng.integers(0, 2 ** len(positions), d, dtype=np.uint8) for _ in range(3)]
@@ -115,9 +116,7 @@ def test_eq6_aggregation_equals_recover_then_average(tmp_path):
 
 
 def strategy_encode(strategy, codes, extras):
-    from compression.fedbif_codec import encode_uplink
-
-    return encode_uplink(codes, extras, len(strategy._positions))
+    return strategy.up.encode(UplinkMessage(codes, extras))
 
 
 def test_examples_weighting_changes_weights(tmp_path):
@@ -260,7 +259,7 @@ def test_client_reproduces_received_model_before_training(tmp_path):
     rebuilt = client.current_weights()
     for key, index in zip(client.q_keys, strategy.q_index, strict=True):
         sent = torch.from_numpy(strategy.global_state[index])
-        step = strategy._steps[strategy.q_index.index(index)]
+        step = strategy.quantization(1).steps[strategy.q_index.index(index)]
         # the received weight is the global weight quantized: within one step of it
         assert torch.all((rebuilt[key].detach() - sent).abs() <= step * 1.0001)
 
@@ -294,10 +293,10 @@ def test_downlink_decodes_to_what_the_server_quantized(tmp_path):
     arrays = parameters_to_ndarrays(ins.parameters)
     assert len(arrays) == 3 and arrays[0].dtype == np.uint8
     assert arrays[0].size == packed_size(strategy.split.num_quantized, 4)
-    words, steps, extras = decode_downlink(arrays, strategy.split, 4)
-    np.testing.assert_array_equal(words, strategy._words)
-    np.testing.assert_array_equal(steps, strategy._steps)
-    assert extras.size == strategy.split.num_extras and ins.config["server-round"] == 1
+    message = strategy.down.decode(arrays)
+    np.testing.assert_array_equal(message.words, strategy.quantization(1).words)
+    np.testing.assert_array_equal(message.steps, strategy.quantization(1).steps)
+    assert message.extras.size == strategy.split.num_extras and ins.config["server-round"] == 1
 
 
 @pytest.mark.slow

@@ -7,9 +7,9 @@ import json
 import numpy as np
 from flwr.common import Context
 
+from core.results import read_rounds
 from fl_app.client_app import client_fn
-from fl_app.inprocess import run_inprocess
-from fl_app.results import read_rounds
+from tools.inprocess import run_inprocess
 
 
 def test_fedavg_digits_dirichlet_reaches_95_percent(tmp_path):

@@ -14,9 +14,9 @@ from compression import lbi_codec
 from compression.lowbit import INT4, INT8, BitWidths, training_bitops
 from compression.packing import packed_size
 from fl_app.client_app import client_fn
-from fl_app.inprocess import make_contexts, run_inprocess
 from strategies.base import PayloadError
 from tests.helpers import build_test_strategy, fit_res, manager_with, npy_bytes
+from tools.inprocess import make_contexts, run_inprocess
 
 BASE = {
     "strategy": "lbi-fl",
@@ -27,7 +27,7 @@ BASE = {
 }
 
 
-def message_bytes(strategy, bits: int) -> int:  # noqa: ANN001
+def message_bytes(strategy, bits: int) -> int:
     """Serialized size of one weight message of ``strategy``'s model at ``bits``."""
     split = strategy.split
     return (
@@ -37,7 +37,12 @@ def message_bytes(strategy, bits: int) -> int:  # noqa: ANN001
     )
 
 
-def one_fit(tmp_path, server_round: int = 1, **overrides):  # noqa: ANN001, ANN003, ANN201
+def weights_of(arrays, split) -> list[np.ndarray]:
+    """The dequantized weights of an LBI-FL message (what its receiver installs)."""
+    return lbi_codec.dequantize(lbi_codec.LBIWeightCodec(split).decode(arrays), split)
+
+
+def one_fit(tmp_path, server_round: int = 1, **overrides):
     raw = {**BASE, "results-dir": str(tmp_path), **overrides}
     strategy = build_test_strategy(BASE, tmp_path, **overrides)
     ((proxy, ins),) = strategy.configure_fit(server_round, Parameters([], ""), manager_with(1))
@@ -55,12 +60,12 @@ def test_weights_travel_packed_at_the_weight_width_both_ways(tmp_path, mode: str
     assert res.metrics["lbi-weight-bits"] == bits and res.metrics["lbi-action"] == -1
     update = strategy.decode_uplink(1, proxy.cid, res)
     arrays = parameters_to_ndarrays(res.parameters)
-    decoded = lbi_codec.decode(arrays, strategy.split)
-    for weights in decoded.weights:  # at most 2^k - 1 distinct values per output channel
+    decoded = weights_of(arrays, strategy.split)
+    for weights in decoded:  # at most 2^k - 1 distinct values per output channel
         for channel in weights:
             assert np.unique(channel).size <= 2**bits - 1
-    received = lbi_codec.decode(parameters_to_ndarrays(ins.parameters), strategy.split)
-    np.testing.assert_array_equal(update.arrays[0], decoded.weights[0] - received.weights[0])
+    received = weights_of(parameters_to_ndarrays(ins.parameters), strategy.split)
+    np.testing.assert_array_equal(update.arrays[0], decoded[0] - received[0])
 
 
 def test_fp32_mode_sends_the_float_model(tmp_path):
@@ -149,7 +154,7 @@ def test_server_averages_changes_against_what_each_client_received(tmp_path):
     before = [array.copy() for array in strategy.global_state]
     instructions = strategy.configure_fit(1, Parameters([], ""), manager_with(2))
     sent = {
-        proxy.cid: lbi_codec.decode(parameters_to_ndarrays(ins.parameters), split)
+        proxy.cid: weights_of(parameters_to_ndarrays(ins.parameters), split)
         for proxy, ins in instructions
     }
     rng = np.random.default_rng(0)
@@ -158,9 +163,10 @@ def test_server_averages_changes_against_what_each_client_received(tmp_path):
         tensors = [rng.normal(size=s).astype(np.float32) for s in split.quantized_shapes]
         codes, scales = lbi_codec.quantize_weights(tensors, bits, "nearest")
         extras = np.full(split.num_extras, index, np.float16)
-        arrays = lbi_codec.encode(split, codes, scales, extras, bits)
-        uploaded = lbi_codec.decode(arrays, split).weights
-        changes.append([u - r for u, r in zip(uploaded, sent[proxy.cid].weights, strict=True)])
+        message = lbi_codec.WeightMessage(bits, codes, scales, extras)
+        arrays = lbi_codec.LBIWeightCodec(split).encode(message)
+        uploaded = weights_of(arrays, split)
+        changes.append([u - r for u, r in zip(uploaded, sent[proxy.cid], strict=True)])
         metrics = {
             "lbi-weight-bits": bits,
             "lbi-activation-bits": 6,

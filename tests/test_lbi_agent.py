@@ -17,24 +17,26 @@ from clients.lbi_agent import (
     NUM_ACTIONS,
     STATE_SIZE,
     STATE_SPEC,
-    Batch,
     BitWidthAgent,
-    DQNTrainer,
     QNetwork,
-    ReplayBuffer,
-    TeacherSamples,
-    Transition,
     apply_action,
-    bc_loss,
     build_state,
-    discounted_returns,
-    dqn_loss,
     load_default_agent,
-    reward,
-    td_targets,
     valid_actions,
 )
 from compression.lowbit import FP32, INT4, INT8, KINDS, BitWidths
+from tools.lbi_agent.learning import (
+    Batch,
+    DQNTrainer,
+    ReplayBuffer,
+    TeacherSamples,
+    Transition,
+    bc_loss,
+    discounted_returns,
+    dqn_loss,
+    reward,
+    td_targets,
+)
 
 
 class FixedQ(nn.Module):
@@ -307,7 +309,7 @@ def test_shipped_agent_loads_and_acts_validly() -> None:
 
 # --------------------------------------------------------------------------- environment
 def test_teacher_schedule_follows_section_4_4_ranges() -> None:
-    from fl_app.train_lbi_agent import EnvConfig, teacher_schedule
+    from tools.lbi_agent.environment import EnvConfig, teacher_schedule
 
     times = EnvConfig().decision_times
     assert times[0] == pytest.approx(0.10) and times[-1] == pytest.approx(0.95)
@@ -333,7 +335,7 @@ def test_teacher_schedule_follows_section_4_4_ranges() -> None:
 
 
 def test_tiny_environment_episode_end_to_end_and_cache_is_exact() -> None:
-    from fl_app.train_lbi_agent import (
+    from tools.lbi_agent.environment import (
         BitWidthEnv,
         EnvConfig,
         load_env_data,
@@ -374,7 +376,7 @@ def test_tiny_environment_episode_end_to_end_and_cache_is_exact() -> None:
 
 
 def test_policy_selection_needs_evidence_against_the_bc_agent() -> None:
-    from fl_app.train_lbi_agent import select_policy
+    from tools.lbi_agent.train import select_policy
 
     bc = {"after": 0, "returns": [5.0, 4.0, 6.0], "score": 5.0}
     noisy = {"after": 8, "returns": [8.0, 1.0, 7.5], "score": 5.5}  # +3, -3, +1.5: within noise

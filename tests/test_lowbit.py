@@ -28,7 +28,7 @@ from compression.lowbit import (
 from compression.packing import packed_size
 
 
-def lowbit_conv(widths: BitWidths, **kwargs) -> LowBitConv2d:  # noqa: ANN003
+def lowbit_conv(widths: BitWidths, **kwargs) -> LowBitConv2d:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1, **kwargs))
     convert_to_lowbit(model, "conv")
@@ -233,20 +233,31 @@ def codec_message(bits: int, rounding: str = "nearest") -> tuple[list, list[np.n
         tensors, bits, rounding, torch.Generator().manual_seed(1)
     )
     extras = rng.normal(size=14).astype(np.float16)
-    return lbi_codec.encode(SPLIT, codes, scales, extras, bits), tensors
+    return encode(SPLIT, codes, scales, extras, bits), tensors
+
+
+def encode(split, codes, scales, extras, bits) -> list[np.ndarray]:
+    message = lbi_codec.WeightMessage(bits, codes, scales, extras)
+    return lbi_codec.LBIWeightCodec(split).encode(message)
+
+
+def decode(arrays, split):
+    """The received message and the weights it stands for."""
+    message = lbi_codec.LBIWeightCodec(split).decode(arrays)
+    return message, lbi_codec.dequantize(message, split)
 
 
 @pytest.mark.parametrize("bits", [4, 6, 8])
 def test_codec_round_trip_and_byte_count(bits: int) -> None:
     arrays, tensors = codec_message(bits)
-    message = lbi_codec.decode(arrays, SPLIT)
+    message, weights = decode(arrays, SPLIT)
     assert message.bits == bits
-    for tensor, decoded in zip(tensors, message.weights, strict=True):
+    for tensor, decoded in zip(tensors, weights, strict=True):
         np.testing.assert_allclose(
             decoded, hand_quantize_weight(torch.from_numpy(tensor), bits), rtol=1e-6, atol=1e-7
         )
     nbytes = sum(a.nbytes for a in arrays)
-    assert nbytes == lbi_codec.payload_nbytes(SPLIT, bits, "float16")
+    assert nbytes == lbi_codec.LBIWeightCodec(SPLIT).payload_nbytes(message)
     assert arrays[0].nbytes == packed_size(108 + 70, bits)
 
 
@@ -258,8 +269,8 @@ def test_codec_stochastic_rounding_is_unbiased() -> None:
     generator = torch.Generator().manual_seed(5)
     for _ in range(draws):
         codes, scales = lbi_codec.quantize_weights([tensor], 4, "stochastic", generator)
-        arrays = lbi_codec.encode(split, codes, scales, np.zeros(0, np.float16), 4)
-        total += lbi_codec.decode(arrays, split).weights[0][0]
+        arrays = encode(split, codes, scales, np.zeros(0, np.float16), 4)
+        total += decode(arrays, split)[1][0][0]
     step = 1 / 7  # one channel: max|w| = 1
     # per-element std of the mean <= step / (2 sqrt(draws)); 4.5 sigma over 201 elements
     assert np.max(np.abs(total / draws - tensor[0])) <= 4.5 * step / (2 * np.sqrt(draws))
@@ -277,7 +288,7 @@ def test_codec_stochastic_rounding_is_unbiased() -> None:
         (lambda a: a[:2], "3 arrays"),
     ],
 )
-def test_codec_rejects_malformed_messages(mutate, reason: str) -> None:  # noqa: ANN001
+def test_codec_rejects_malformed_messages(mutate, reason: str) -> None:
     arrays, _ = codec_message(4)
     with pytest.raises(ValueError, match=reason):
-        lbi_codec.decode(mutate(arrays), SPLIT)
+        decode(mutate(arrays), SPLIT)

@@ -8,7 +8,7 @@ import torch
 
 from compression.bits import BitLayout, bit_planes, compose_planes, step_ste
 from compression.packing import pack_codes, packed_size, unpack_codes
-from compression.quantization import dequantize, max_abs_step, quantize, signed_range
+from compression.primitives import dequantize, max_abs_step, quantize, signed_range
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

@@ -21,12 +21,12 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 
+from core.config import parse_run_config
 from fl_app.client_app import client_fn
-from fl_app.config import parse_run_config
-from fl_app.inprocess import make_contexts
 from fl_app.methods import METHODS, all_config_keys
 from fl_app.server_app import build_strategy
 from tests.helpers import manager_with
+from tools.inprocess import make_contexts
 
 Mutation = Callable[[FitRes], FitRes]
 
@@ -89,7 +89,7 @@ def metrics_without_partition(res: FitRes) -> FitRes:
     return FitRes(res.status, res.parameters, res.num_examples, metrics)
 
 
-def with_metric(key: str, value) -> Mutation:  # noqa: ANN001
+def with_metric(key: str, value) -> Mutation:
     return lambda res: FitRes(
         res.status, res.parameters, res.num_examples, {**res.metrics, key: value}
     )

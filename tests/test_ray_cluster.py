@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from core.results import read_rounds
 from deploy.cliconfig import write_connection
 from deploy.procs import (
     PROJECT_ROOT,
@@ -33,7 +34,6 @@ from deploy.procs import (
     process_tree,
     stop_marked,
 )
-from fl_app.results import read_rounds
 
 RAY = VENV_BIN / "ray"
 pytestmark = [

@@ -7,15 +7,15 @@ import pytest
 import torch
 from flwr.common import Code, FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 
+from core.torch_utils import select_device
 from fl_app.client_app import client_fn
-from fl_app.inprocess import make_contexts
-from fl_app.torch_utils import select_device
+from tools.inprocess import make_contexts
 
 RUN_CONFIG = {"device": "cpu", "local-epochs": 2, "partitioner": "iid", "seed": 3}
 
 
 def initial_state():
-    from fl_app.config import parse_run_config
+    from core.config import parse_run_config
     from fl_app.methods import all_config_keys
     from fl_app.server_app import build_strategy
 

@@ -13,32 +13,37 @@ from clients.update_compression import EF_STATE_KEY, SIGNSGD_STATE_KEY, EFSignSG
 from compression.layout import split_flat
 from compression.packing import packed_size
 from compression.sign_codec import (
+    ScaledSignCodec,
+    ScaledSignMessage,
     apply_sign_step,
-    decode_scaled_sign,
-    encode_scaled_sign,
     majority_vote,
     pack_signs,
+    scaled_sign,
+    scaled_sign_values,
     unpack_signs,
 )
 from compression.update_quantizers import (
-    decode_fixed_step,
-    decode_qsgd,
-    decode_symmetric,
-    encode_fixed_step,
-    encode_qsgd,
-    encode_symmetric,
+    FixedStepCodec,
+    QSGDCodec,
+    SymmetricCodec,
+    dequantize_fixed_step,
+    dequantize_qsgd,
+    dequantize_symmetric,
     fixed_step_width,
+    quantize_fixed_step,
+    quantize_qsgd,
+    quantize_symmetric,
     symmetric_bits,
 )
-from fl_app.config import parse_run_config
-from fl_app.inprocess import make_contexts, run_inprocess
+from core.config import parse_run_config
+from core.wire_state import wire_keys
 from fl_app.methods import METHODS, all_config_keys
 from fl_app.models import build_model
 from fl_app.server_app import build_strategy
-from fl_app.torch_utils import wire_keys
 from strategies.base import PayloadError
 from strategies.dadaquant import PlateauDoubler, client_levels
 from tests.helpers import fit_res, npy_bytes
+from tools.inprocess import make_contexts, run_inprocess
 
 METHOD_NAMES = ("signsgd", "ef-signsgd", "fedpaq", "qsgd", "feddq", "dadaquant")
 SIZES = [300, 7, 1, 500]
@@ -68,6 +73,52 @@ def assert_unbiased(x: np.ndarray, draws: np.ndarray, variance: np.ndarray) -> N
 def rounding_variance(x: np.ndarray, step: np.ndarray) -> np.ndarray:
     frac = (x / step) - np.floor(x / step)
     return step**2 * frac * (1 - frac)
+
+
+# ------------------------------------------------------------------ the client and server paths
+# A client quantizes and encodes with the codec; the server decodes (validating) and dequantizes.
+def encode_symmetric(flat, sizes, levels, generator):
+    message = quantize_symmetric(flat, sizes, levels, generator)
+    return tuple(SymmetricCodec(tuple(sizes), levels).encode(message))
+
+
+def decode_symmetric(packed, steps, sizes, levels):
+    message = SymmetricCodec(tuple(sizes), levels).decode([packed, steps])
+    return dequantize_symmetric(message, sizes)
+
+
+def encode_qsgd(flat, levels, bucket, generator):
+    message = quantize_qsgd(flat, levels, bucket, generator)
+    return tuple(QSGDCodec(np.asarray(flat).size, levels, bucket).encode(message))
+
+
+def decode_qsgd(signs, magnitudes, norms, count, levels, bucket):
+    message = QSGDCodec(count, levels, bucket).decode([signs, magnitudes, norms])
+    return dequantize_qsgd(message, levels, bucket)
+
+
+def encode_fixed_step(flat, sizes, step, generator):
+    message = quantize_fixed_step(flat, sizes, step, generator)
+    return tuple(FixedStepCodec(tuple(sizes)).encode(message))
+
+
+def decode_fixed_step(stream, params, widths, sizes):
+    message = FixedStepCodec(tuple(sizes)).decode([stream, params, widths])
+    return dequantize_fixed_step(message, sizes)
+
+
+def encode_scaled_sign(flat, sizes):
+    signs, scales = scaled_sign(flat, sizes)
+    packed, scales, _ = ScaledSignCodec(tuple(sizes), 0).encode(
+        ScaledSignMessage(signs, scales, np.zeros(0, np.float16))
+    )
+    return packed, scales
+
+
+def decode_scaled_sign(packed, scales, sizes):
+    codec = ScaledSignCodec(tuple(sizes), 0)
+    message = codec.decode([packed, scales, np.zeros(0, np.float16)])
+    return scaled_sign_values(message.signs, message.scales, sizes)
 
 
 # ------------------------------------------------------------------ symmetric (FedPAQ, DAdaQuant)

@@ -3,7 +3,7 @@
 The same ``client_fn``, strategy and Flower serialization (``NumPyClient`` -> ``Client`` ->
 ``FitRes``) as a real run, minus the transport: tests of whole runs (accuracy reached, bytes
 counted, failures survived) and benchmarks finish in seconds instead of paying Ray's start-up.
-``flwr run`` remains the way to run the app; ``tests/test_e2e.py`` covers that path.
+``flwr run`` remains the way to run the app; ``tests/test_e2e_flwr_run.py`` covers that path.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 
 from fl_app.client_app import client_fn as default_client_fn
-from fl_app.config import parse_run_config
-from fl_app.methods import all_config_keys
+from fl_app.methods import load_config
 from fl_app.server_app import build_server
 from strategies.base import CommunicationStrategy
 
@@ -96,8 +95,8 @@ def run_inprocess(
     """Run ``num-server-rounds`` rounds (those left after ``resume-from``); returns the strategy
     (history, traffic, global model). A client that raises is a failure of that round, as in Flower.
     """
-    cfg = parse_run_config(run_config, all_config_keys())
-    strategy, rounds = build_server(cfg)
+    cfg, settings = load_config(dict(run_config))
+    strategy, rounds = build_server(cfg, settings)
     contexts = contexts or make_contexts(cfg.as_dict(), num_clients)
     manager = SimpleClientManager()
     for context in contexts:

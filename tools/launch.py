@@ -6,7 +6,7 @@ outlives the run, and it exits 0 even when the ServerApp crashed. This launcher 
 SuperLink for the run's final status, stops the SuperLink it started, and exits non-zero unless
 the run finished successfully.
 
-    python -m fl_app.launch [--num-supernodes 10] [--run-config "k=v ..."] [--federation-config ...]
+    python -m tools.launch [--num-supernodes 10] [--run-config "k=v ..."] [--federation-config ...]
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A tiny name -> object registry.
+"""A tiny name -> object registry (used by the wiring layer for methods, models, datasets).
 
 Strategies, models and datasets are looked up by the names users type in ``--run-config``.
 Keeping that mapping in registries (filled where each thing is defined) means a new method,

@@ -1,8 +1,8 @@
 """Experiment harness: a grid of run configs x seeds -> runs -> paper-style tables and plots.
 
-    python -m fl_app.experiment run experiments/digits.toml      # resumable; skips finished points
-    python -m fl_app.experiment report experiments/digits.toml   # tables (Markdown, CSV) + PNGs
-    python -m fl_app.experiment run FILE --runner inprocess       # no Ray: quick sweeps
+    python -m tools.experiment run experiments/digits.toml      # resumable; skips finished points
+    python -m tools.experiment report experiments/digits.toml   # tables (Markdown, CSV) + PNGs
+    python -m tools.experiment run FILE --runner inprocess       # no Ray: quick sweeps
 
 An experiment file (TOML):
 
@@ -25,7 +25,7 @@ An experiment file (TOML):
     [grid]
     strategy = ["fedavg", "fedbif"] # a plain list is an axis over one key
 
-Every point runs through ``flwr run`` (``fl_app.launch``) with the offline settings; a point whose
+Every point runs through ``flwr run`` (``tools.launch``) with the offline settings; a point whose
 ``summary.json`` says ``completed`` is skipped, so an interrupted experiment picks up where it was.
 A failed run stops the experiment with a non-zero exit.
 """
@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from fl_app.results import read_rounds
+from core.results import read_rounds
 
 GROUP_KEYS = ("dataset", "model", "partitioner", "dirichlet-alpha", "labels-per-client")
 
@@ -161,7 +161,7 @@ Runner = Callable[[Point, Path], None]
 
 def flwr_runner(experiment: Experiment) -> Runner:
     """Run a point with ``flwr run`` on a local simulation; raise if the run did not complete."""
-    from fl_app.launch import launch
+    from tools.launch import launch
 
     federation = " ".join(f"{k}={toml_value(v)}" for k, v in experiment.federation.items())
 
@@ -180,9 +180,9 @@ def flwr_runner(experiment: Experiment) -> Runner:
 
 
 def inprocess_runner(experiment: Experiment) -> Runner:
-    """Run a point in this process (``fl_app.inprocess``): no Ray or SuperLink start-up per
+    """Run a point in this process (``tools.inprocess``): no Ray or SuperLink start-up per
     point, same strategy/client code and byte accounting; for quick sweeps on small data."""
-    from fl_app.inprocess import run_inprocess
+    from tools.inprocess import run_inprocess
 
     clients = int(experiment.federation.get("num-supernodes", 10))
 

@@ -1,0 +1,49 @@
+"""FedBAT's contract: settings and the uplink layout (``compression.fedbat_codec``).
+
+The downlink is the float32 global model; the uplink carries the sign bits of each client's
+binarized update of every Conv2d/Linear weight, one step size per such tensor, and the extras.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from compression.fedbat_codec import FedBATUplinkCodec
+from compression.layout import EXTRAS_DTYPES
+from core.settings import ConfigError, Settings, setting
+from core.wire_state import quantized_split
+
+
+@dataclass(frozen=True)
+class FedBATSettings(Settings):
+    """``fedbat-*`` keys."""
+
+    prefix = "fedbat"
+    rho: float = setting(
+        6.0, "rho: pace of the step size a0*exp(rho*a_e)", min=0.0, min_inclusive=False
+    )
+    warmup: float = setting(
+        0.5, "phi: share of local steps trained in full precision", min=0.0, max=1.0
+    )
+    alpha_min: float = setting(5e-4, "lower clamp of the step size", min=0.0, min_inclusive=False)
+    alpha_max: float = setting(5e-2, "upper clamp of the step size", min=0.0, min_inclusive=False)
+    lr: float = setting(
+        0.05, "learning rate of the updates and step sizes", min=0.0, min_inclusive=False
+    )
+    extras_dtype: str = setting(
+        "float16", "dtype of biases/BatchNorm on the uplink", choices=EXTRAS_DTYPES
+    )
+
+    def __post_init__(self) -> None:
+        if self.alpha_min >= self.alpha_max:
+            raise ConfigError(
+                f"fedbat-alpha-min ({self.alpha_min:g}) must be below "
+                f"fedbat-alpha-max ({self.alpha_max:g})"
+            )
+
+
+def uplink_codec(settings: FedBATSettings, model: nn.Module) -> FedBATUplinkCodec:
+    """The 1-bit uplink of ``model`` (Conv2d/Linear updates binarized, the rest extras)."""
+    return FedBATUplinkCodec(quantized_split(model)[2], settings.extras_dtype)

@@ -1,0 +1,86 @@
+"""LBI-FL's contract: settings, bit-width modes, the metrics a client reports, the wire layout.
+
+Each client trains at its own widths (k_w, k_a, k_g) and reports, with every upload, the widths
+it trained at (``WEIGHT_BITS``, ``ACTIVATION_BITS``, ``GRADIENT_BITS``), the weight width of
+its next downlink (``NEXT_WEIGHT_BITS``, so the server quantizes that client's next message at
+the width it will train at), the policy's action, the round's training BitOPs with the INT8
+figure for the same work, and the Eq. 5 losses. Weights travel at k_w bits both ways
+(``compression.lbi_codec``), or as the fp32 wire state in ``fp32`` mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from compression import lbi_codec
+from compression.layout import EXTRAS_DTYPES
+from compression.lowbit import FP32, INT4, INT8, KINDS, LAYER_CHOICES, BitWidths
+from core.settings import Settings, setting
+from core.wire_state import quantized_split
+
+MODES = ("agent", "random", "fp32", "ui4", "ui8")
+#: widths a client starts at in each mode (``agent``/``random`` then only raise them).
+INITIAL_WIDTHS: dict[str, BitWidths] = {
+    "agent": INT4,
+    "random": INT4,
+    "fp32": FP32,
+    "ui4": INT4,
+    "ui8": INT8,
+}
+
+WEIGHT_BITS = "lbi-weight-bits"
+ACTIVATION_BITS = "lbi-activation-bits"
+GRADIENT_BITS = "lbi-gradient-bits"
+NEXT_WEIGHT_BITS = "lbi-next-weight-bits"
+ACTION = "lbi-action"
+BITOPS = "bitops"
+BITOPS_INT8 = "bitops-int8"
+#: the width metrics, by tensor kind (``compression.lowbit.KINDS``), then the next weight width.
+WIDTH_METRICS: tuple[str, ...] = (WEIGHT_BITS, ACTIVATION_BITS, GRADIENT_BITS, NEXT_WEIGHT_BITS)
+
+
+def loss_metric(kind: str) -> str:
+    """Metric of the Eq. 5 quantization loss of a tensor kind."""
+    return f"lbi-loss-{kind}"
+
+
+def width_metric(kind: str) -> str:
+    """Metric of the width a tensor kind was trained at."""
+    return WIDTH_METRICS[KINDS.index(kind)]
+
+
+@dataclass(frozen=True)
+class LBISettings(Settings):
+    """``lbi-*`` keys."""
+
+    prefix = "lbi"
+    mode: str = setting("agent", "bit-width policy", choices=MODES)
+    start: int = setting(10, "first round the policy may change widths", min=1)
+    interval: int = setting(5, "rounds between two decisions of a client", min=1)
+    layers: str = setting("conv-linear", "layers trained in low bit", choices=LAYER_CHOICES)
+    scale_interval: int = setting(
+        100, "training steps between weight/activation scale updates", min=1
+    )
+    wire_rounding: str = setting(
+        "stochastic", "rounding of weights on the wire (both ways)", choices=lbi_codec.ROUNDINGS
+    )
+    extras_dtype: str = setting(
+        "float16", "dtype of biases/BatchNorm on the wire", choices=EXTRAS_DTYPES
+    )
+    agent_file: str = setting("", "agent JSON ('' = the shipped clients/lbi_agent.json)")
+
+    @property
+    def quantized_wire(self) -> bool:
+        """Weights travel as k_w-bit codes (every mode but ``fp32``)."""
+        return self.mode != "fp32"
+
+    @property
+    def initial_widths(self) -> BitWidths:
+        return INITIAL_WIDTHS[self.mode]
+
+
+def weight_codec(settings: LBISettings, model: nn.Module) -> lbi_codec.LBIWeightCodec:
+    """The k_w-bit message of ``model`` (both directions)."""
+    return lbi_codec.LBIWeightCodec(quantized_split(model)[2], settings.extras_dtype)

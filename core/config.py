@@ -1,0 +1,93 @@
+"""The run config: the common keys as typed fields, every validated key in ``values``.
+
+``RunConfig`` is the ``Settings`` group of the keys every run has (``strategy``, ``seed``,
+``learning-rate``, ...): ``cfg.learning_rate`` is the validated float of ``learning-rate``.
+Method keys are validated here too but read through each method's own settings group
+(``contracts``), built from ``cfg.values``.
+
+The names a user may give ``strategy``, ``dataset``, ``model`` and ``partitioner`` live in
+registries of the wiring layer above; that layer fills in their ``choices``
+(``fl_app.schema.all_config_keys``), so this module imports nothing above it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.settings import ConfigError, ConfigKey, Scalar, Settings, parse_values, setting
+
+__all__ = ["ConfigError", "ConfigKey", "RunConfig", "parse_run_config", "with_choices"]
+
+
+@dataclass(frozen=True)
+class RunConfig(Settings):
+    """Validated run config; see the module docstring."""
+
+    strategy: str = setting("fedavg", "method to run")
+    dataset: str = setting("digits", "dataset name")
+    model: str = setting("digits-cnn-bn", "model name")
+    partitioner: str = setting("dirichlet", "how data is split")
+    dirichlet_alpha: float = setting(0.5, "Dirichlet concentration", min=0.0, min_inclusive=False)
+    labels_per_client: int = setting(2, "classes per client (label-count)", min=1)
+    data_files: str = setting("", "folder with local train.*/test.* files of a hub dataset")
+    num_server_rounds: int = setting(20, "federated rounds", min=1)
+    fraction_fit: float = setting(
+        1.0, "share of clients sampled per round", min=0.0, max=1.0, min_inclusive=False
+    )
+    min_available_clients: int = setting(2, "clients to wait for before a round", min=1)
+    local_epochs: int = setting(2, "local epochs per round", min=1)
+    batch_size: int = setting(32, "local mini-batch size", min=1)
+    learning_rate: float = setting(0.05, "client SGD learning rate", min=0.0, min_inclusive=False)
+    momentum: float = setting(0.9, "client SGD momentum", min=0.0, max=1.0)
+    weight_decay: float = setting(0.0, "client SGD weight decay", min=0.0)
+    seed: int = setting(42, "seed for data split, init, sampling and training", min=0)
+    device: str = setting("auto", "where to train and evaluate", choices=("auto", "cpu", "cuda"))
+    results_dir: str = setting("results", "folder for results (relative: to the launch dir)")
+    run_name: str = setting("", "results sub-folder; empty: derived from the config")
+    round_timeout: float = setting(
+        0.0, "seconds to wait for clients per round; 0 = no limit", min=0.0
+    )
+    min_fit_results: int = setting(1, "fewer valid client updates skip the round", min=1)
+    checkpoint: bool = setting(True, "write checkpoint.npz to the run folder every round")
+    resume_from: str = setting("", "a run folder (or its checkpoint.npz) to continue from")
+    #: every validated key, method keys included (method settings are built from it).
+    values: Mapping[str, Scalar] = dataclasses.field(default_factory=dict, repr=False)
+
+    def __getitem__(self, key: str) -> Scalar:
+        return self.values[key]
+
+    def as_dict(self) -> dict[str, Scalar]:
+        return dict(self.values)
+
+    @property
+    def results_name(self) -> str:
+        """The results sub-folder: the user's ``run-name``, or one derived from the config."""
+        if self.run_name:
+            return self.run_name
+        return f"{self.strategy}-{self.dataset}-{self.model}-{self.partitioner}-seed{self.seed}"
+
+    def run_dir(self, base: Path | None = None) -> Path:
+        """Absolute results folder: the ServerApp runs from Flower's app cache, not the project,
+        so a relative ``results-dir`` is resolved against ``base`` (default: the working dir)."""
+        root = Path(self.results_dir).expanduser()
+        if not root.is_absolute():
+            root = (base or Path.cwd()) / root
+        return root.resolve() / self.results_name
+
+
+def with_choices(keys: Iterable[ConfigKey], choices: Mapping[str, Iterable[Scalar]]) -> list:
+    """``keys`` with the allowed values of the named ones filled in (registry names)."""
+    return [
+        dataclasses.replace(key, choices=tuple(choices[key.name])) if key.name in choices else key
+        for key in keys
+    ]
+
+
+def parse_run_config(raw: Mapping[str, Any], keys: Iterable[ConfigKey]) -> RunConfig:
+    """Validate ``raw`` against ``keys`` (see ``core.settings.parse_values``)."""
+    values = parse_values(raw, list(keys))
+    return RunConfig.from_values(values, values=values)

@@ -1,0 +1,150 @@
+"""Results of a run as the strategies record them: round rows, the summary, the log line.
+
+``RunProgress`` is everything a run has done so far (recorded rounds, traffic, clients seen,
+the rounds a resumed run already had); ``round_row``, ``summary`` and ``log_round`` turn it
+into the ``rounds.csv`` rows, the ``summary.json`` content and the one console line per round.
+Column and field names are the user-facing interface (``core.results``): add, never rename.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from logging import INFO
+from typing import Any
+
+from flwr.common.logger import log
+
+from core.config import RunConfig
+from strategies.accounting import RoundTraffic, TrafficLedger, bits_per_parameter
+
+MB = 1024 * 1024
+
+
+@dataclass
+class RunProgress:
+    """The rounds recorded so far and what they cost; a checkpoint saves and restores it."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    traffic: TrafficLedger = field(default_factory=TrafficLedger)
+    num_clients: int = 0
+    #: rounds completed before this process started (resume); Flower counts from 1 again.
+    round_offset: int = 0
+    last_train_loss: float = float("nan")
+    started: float = field(default_factory=time.perf_counter)
+
+    def recorded(self, server_round: int) -> bool:
+        return any(row["round"] == server_round for row in self.history)
+
+    def wall_seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def to_meta(self) -> dict[str, Any]:
+        return {
+            "history": self.history,
+            "traffic": self.traffic.to_json(),
+            "num_clients": self.num_clients,
+            "wall_seconds": self.wall_seconds(),
+            "last_train_loss": self.last_train_loss,
+        }
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any], completed_round: int) -> RunProgress:
+        return cls(
+            history=list(meta["history"]),
+            traffic=TrafficLedger.from_json(meta["traffic"]),
+            num_clients=int(meta["num_clients"]),
+            round_offset=completed_round,
+            last_train_loss=float(meta.get("last_train_loss", float("nan"))),
+            started=time.perf_counter() - float(meta["wall_seconds"]),
+        )
+
+
+def round_row(
+    server_round: int,
+    loss: float,
+    accuracy: float,
+    traffic: RoundTraffic,
+    num_scalars: int,
+    train_loss: float,
+    seconds: float,
+    method_columns: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The ``rounds.csv`` row of a round (round 0 = the initial model, no traffic)."""
+    return {
+        "round": server_round,
+        "accuracy": accuracy,
+        "loss": loss,
+        "train_loss": train_loss if server_round > 0 else float("nan"),
+        "uplink_bytes": traffic.uplink_bytes,
+        "downlink_bytes": traffic.downlink_bytes,
+        "uplink_bpp": bits_per_parameter(
+            traffic.uplink_bytes, num_scalars, traffic.uplink_messages
+        ),
+        "downlink_bpp": bits_per_parameter(
+            traffic.downlink_bytes, num_scalars, traffic.downlink_messages
+        ),
+        "clients": traffic.uplink_messages - traffic.rejected,
+        "failures": traffic.failures,
+        "rejected": traffic.rejected,
+        "seconds": seconds if server_round > 0 else 0.0,
+        **method_columns,
+    }
+
+
+def summary(cfg: RunConfig, progress: RunProgress, num_scalars: int, device: str) -> dict[str, Any]:
+    """The ``summary.json`` content for the rounds recorded so far."""
+    totals = progress.traffic.totals()
+    history = progress.history
+    last = history[-1] if history else {}
+    best = max(history, key=lambda row: row["accuracy"]) if history else {}
+    rounds_done = int(last.get("round", 0))
+    return {
+        "strategy": cfg.strategy,
+        "dataset": cfg.dataset,
+        "model": cfg.model,
+        "partitioner": cfg.partitioner,
+        "num_clients": progress.num_clients,
+        "num_rounds": cfg.num_server_rounds,
+        "rounds_completed": rounds_done,
+        "completed": rounds_done >= cfg.num_server_rounds,
+        "num_params": num_scalars,
+        "final_accuracy": last.get("accuracy"),
+        "final_loss": last.get("loss"),
+        "best_accuracy": best.get("accuracy"),
+        "best_round": best.get("round"),
+        "uplink_bytes": totals.uplink_bytes,
+        "downlink_bytes": totals.downlink_bytes,
+        "uplink_messages": totals.uplink_messages,
+        "downlink_messages": totals.downlink_messages,
+        "uplink_bpp": bits_per_parameter(totals.uplink_bytes, num_scalars, totals.uplink_messages),
+        "downlink_bpp": bits_per_parameter(
+            totals.downlink_bytes, num_scalars, totals.downlink_messages
+        ),
+        "failures": totals.failures,
+        "rejected": totals.rejected,
+        "wall_seconds": progress.wall_seconds(),
+        "device": device,
+        "config": cfg.as_dict(),
+    }
+
+
+def log_round(strategy: str, num_rounds: int, row: Mapping[str, Any]) -> None:
+    """The one console line per round: accuracy, loss, measured MB and bpp each way."""
+    log(
+        INFO,
+        "[%s] round %d/%d | acc %.4f | loss %.4f | up %.3f MB | down %.3f MB | "
+        "bpp up %.3f | bpp down %.3f | clients %d | %.1f s",
+        strategy,
+        row["round"],
+        num_rounds,
+        row["accuracy"],
+        row["loss"],
+        row["uplink_bytes"] / MB,
+        row["downlink_bytes"] / MB,
+        row["uplink_bpp"],
+        row["downlink_bpp"],
+        row["clients"],
+        row["seconds"],
+    )
