@@ -6,8 +6,9 @@ Method keys are validated here too but read through each method's own settings g
 (``contracts``), built from ``cfg.values``.
 
 The names a user may give ``strategy``, ``dataset``, ``model`` and ``partitioner`` live in
-registries of the wiring layer above; that layer fills in their ``choices``
-(``fl_app.schema.all_config_keys``), so this module imports nothing above it.
+registries of the wiring layer above; that layer fills in their ``choices`` and resolves
+``model = "auto"`` to the dataset's usual model (``fl_app.methods``), so this module imports
+nothing above it.
 """
 
 from __future__ import annotations
@@ -29,10 +30,16 @@ class RunConfig(Settings):
 
     strategy: str = setting("fedavg", "method to run")
     dataset: str = setting("digits", "dataset name")
-    model: str = setting("digits-cnn-bn", "model name")
+    model: str = setting("auto", "model name; auto: the dataset's usual model")
     partitioner: str = setting("dirichlet", "how data is split")
     dirichlet_alpha: float = setting(0.5, "Dirichlet concentration", min=0.0, min_inclusive=False)
     labels_per_client: int = setting(2, "classes per client (label-count)", min=1)
+    dirichlet_min_size: int = setting(
+        0, "Dirichlet: redraw until every client has this many samples", min=0
+    )
+    dirichlet_self_balancing: bool = setting(
+        False, "Dirichlet: no more samples of a class for clients above the mean size"
+    )
     data_files: str = setting("", "folder with local train.*/test.* files of a hub dataset")
     num_server_rounds: int = setting(20, "federated rounds", min=1)
     fraction_fit: float = setting(

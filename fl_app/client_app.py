@@ -32,6 +32,8 @@ def client_fn(context: Context) -> Client:
         labels_per_client=cfg.labels_per_client,
         seed=cfg.seed,
         data_files=cfg.data_files,
+        min_partition_size=cfg.dirichlet_min_size,
+        self_balancing=cfg.dirichlet_self_balancing,
     )
     model = build_model(
         cfg.model,

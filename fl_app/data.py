@@ -4,19 +4,34 @@ Every client asks for its slice of the training data once per round, and the ser
 on one fixed held-out split. Both come back as ``TensorDataset``s of normalised float32 images
 ``(N, C, H, W)`` and int64 labels ``(N,)``, so training loops never run per-sample transforms.
 
-* ``digits`` is built from scikit-learn and works offline; it is the default.
-* The other datasets are read through ``flwr_datasets.FederatedDataset``: from the Hugging Face
-  Hub, or, when ``data_files`` is set, from local files with the same columns.
+Where the data comes from, in this order:
 
-``data_files`` convention: a directory that holds the train split as ``train.<ext>`` (or shards
-``train-*.<ext>``) and the test split as ``test.<ext>`` (or ``test-*.<ext>``), with ``<ext>`` one
-of parquet, arrow, csv, json, jsonl, all files in one format. A Hub download's ``plain_text/``
-(or subset) folder, e.g. ``train-00000-of-00001.parquet``, already has this layout.
+* ``digits`` is built from scikit-learn and works offline; it is the default.
+* ``fmnist`` and ``mnist`` are read from the original IDX files (``train-images-idx3-ubyte``,
+  ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each
+  optionally ``.gz``) with torchvision's IDX reader: from the ``data_files`` folder when it holds
+  them, else from the folder an OS package installs them in (Debian/Ubuntu:
+  ``apt-get install dataset-fashion-mnist`` -> ``/usr/share/datasets/fashion-mnist``).
+* Every other case goes through ``flwr_datasets.FederatedDataset``: from the Hugging Face Hub
+  (network needed), or, when ``data_files`` is set, from local files with the Hub's columns.
+
+Built-in and IDX data are partitioned in memory by the same flwr-datasets partitioners
+(``partitioner.dataset = ...``) after a shuffle with the run seed, as ``FederatedDataset`` does.
+
+``data_files`` convention for Hub-format files: a directory that holds the train split as
+``train.<ext>`` (or shards ``train-*.<ext>``) and the test split as ``test.<ext>`` (or
+``test-*.<ext>``), with ``<ext>`` one of parquet, arrow, csv, json, jsonl, all files in one
+format. A Hub download's ``plain_text/`` (or subset) folder, e.g.
+``train-00000-of-00001.parquet``, already has this layout.
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
+import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +46,7 @@ from flwr_datasets.partitioner import (
     PathologicalPartitioner,
 )
 from torch.utils.data import TensorDataset
+from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from core.registry import Registry
 
@@ -69,6 +85,12 @@ class DatasetSpec:
     image_column: str
     label_column: str
     test_split: str = "test"
+    #: the model a run uses when ``model`` is ``auto`` (what the papers use on this dataset).
+    default_model: str = "cnn4-fedbat"
+    #: whether the dataset exists as original IDX files (MNIST family), and where OS packages
+    #: install them (tried, in order, when ``data_files`` is empty).
+    idx: bool = False
+    idx_dirs: tuple[str, ...] = ()
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
@@ -76,7 +98,20 @@ DATASETS: Registry[DatasetSpec] = Registry("dataset")
 # digits mean/std: load_digits() images / 16 over all pixels of the 1,437-image train split
 # (stratified 80/20 split, seed _DIGITS_SPLIT_SEED), numpy .mean()/.std(), rounded to 4 decimals.
 DATASETS.add(
-    "digits", DatasetSpec("digits", 10, 1, 8, (0.3055,), (0.3764,), None, None, "image", "label")
+    "digits",
+    DatasetSpec(
+        "digits",
+        10,
+        1,
+        8,
+        (0.3055,),
+        (0.3764,),
+        None,
+        None,
+        "image",
+        "label",
+        default_model="digits-cnn-bn",
+    ),
 )
 DATASETS.add(
     "cifar10",
@@ -91,6 +126,7 @@ DATASETS.add(
         None,
         "img",
         "label",
+        default_model="resnet10",
     ),
 )
 DATASETS.add(
@@ -106,6 +142,7 @@ DATASETS.add(
         None,
         "img",
         "fine_label",
+        default_model="resnet10",
     ),
 )
 DATASETS.add(
@@ -137,11 +174,25 @@ DATASETS.add(
         "image",
         "label",
         test_split="valid",
+        default_model="resnet18",
     ),
 )
 DATASETS.add(
     "mnist",
-    DatasetSpec("mnist", 10, 1, 28, (0.1307,), (0.3081,), "ylecun/mnist", None, "image", "label"),
+    DatasetSpec(
+        "mnist",
+        10,
+        1,
+        28,
+        (0.1307,),
+        (0.3081,),
+        "ylecun/mnist",
+        None,
+        "image",
+        "label",
+        idx=True,
+        idx_dirs=("/usr/share/datasets/mnist",),
+    ),
 )
 DATASETS.add(
     "fmnist",
@@ -156,6 +207,8 @@ DATASETS.add(
         None,
         "image",
         "label",
+        idx=True,
+        idx_dirs=("/usr/share/datasets/fashion-mnist",),
     ),
 )
 
@@ -171,12 +224,20 @@ def make_partitioner(
     alpha: float,
     labels_per_client: int,
     seed: int,
+    min_partition_size: int = 0,
+    self_balancing: bool = False,
 ) -> Partitioner:
     """Build the flwr-datasets partitioner for ``kind``; arguments it does not use are ignored.
 
     Only the arguments a kind uses are validated, so e.g. an ``iid`` run is not rejected over an
     unused ``alpha``. ``iid`` has no seed of its own: the dataset is shuffled with the run seed
     before it is cut into contiguous shards.
+
+    Dirichlet: with ``min_partition_size`` > 0 the partitioner redraws (at most 10 times, then
+    raises) until every client has that many samples, which small data with many clients and a
+    low alpha cannot meet; the default 0 never redraws, so a client may get an empty partition.
+    ``self_balancing`` stops giving a class to clients already above the mean partition size.
+    The FedBAT authors' ``labeldir`` split is ``min_partition_size=10, self_balancing=True``.
     """
     if num_partitions < 1:
         raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
@@ -185,15 +246,14 @@ def make_partitioner(
     if kind == "dirichlet":
         if not alpha > 0:  # also rejects NaN
             raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
-        # min_partition_size=0: the partitioner resamples (at most 10 times, then raises) until
-        # every client has that many samples, which small data with many clients and a low
-        # alpha cannot meet. With 0 it never resamples, so a client may get an empty partition.
+        if min_partition_size < 0:
+            raise ValueError(f"min_partition_size must be >= 0, got {min_partition_size}")
         return DirichletPartitioner(
             num_partitions=num_partitions,
             partition_by=label_column,
             alpha=float(alpha),
-            min_partition_size=0,
-            self_balancing=False,
+            min_partition_size=min_partition_size,
+            self_balancing=self_balancing,
             seed=seed,
         )
     if kind == "label-count":
@@ -211,7 +271,93 @@ def make_partitioner(
     raise ValueError(f"unknown partitioner {kind!r}; valid choices: {', '.join(PARTITIONERS)}")
 
 
+@dataclass(frozen=True)
+class Split:
+    """How a run cuts the training data: hashable, so partitioners are cached per split."""
+
+    kind: str
+    num_partitions: int
+    alpha: float
+    labels_per_client: int
+    seed: int
+    min_partition_size: int = 0
+    self_balancing: bool = False
+
+    def partitioner(self, label_column: str) -> Partitioner:
+        return make_partitioner(
+            self.kind,
+            self.num_partitions,
+            label_column=label_column,
+            alpha=self.alpha,
+            labels_per_client=self.labels_per_client,
+            seed=self.seed,
+            min_partition_size=self.min_partition_size,
+            self_balancing=self.self_balancing,
+        )
+
+
 # --------------------------------------------------------------------------- sources
+
+#: where a dataset's data comes from (see the module docstring).
+BUILTIN, IDX, FILES, HUB = "builtin", "idx", "files", "hub"
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _idx_path(folder: Path, name: str) -> Path | None:
+    """The IDX file ``name`` in ``folder``, plain or gzipped, if present."""
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def has_idx_files(folder: Path) -> bool:
+    """Whether ``folder`` holds all four IDX files of an MNIST-family dataset."""
+    return folder.is_dir() and all(
+        _idx_path(folder, name) is not None for pair in IDX_FILES.values() for name in pair
+    )
+
+
+def source_of(spec: DatasetSpec, data_files: str) -> tuple[str, str]:
+    """(kind, folder) of where ``spec``'s data is read from: see the module docstring."""
+    if spec.hf_path is None:
+        return BUILTIN, ""
+    if data_files:
+        if spec.idx and has_idx_files(Path(data_files).expanduser()):
+            return IDX, str(Path(data_files).expanduser())
+        return FILES, data_files
+    for folder in spec.idx_dirs if spec.idx else ():
+        if has_idx_files(Path(folder)):
+            return IDX, folder
+    return HUB, ""
+
+
+def _read_idx(path: Path, reader: Callable[[str], torch.Tensor]) -> np.ndarray:
+    """One IDX file through torchvision's reader (it takes plain files: a ``.gz`` is expanded
+    into a temporary folder first)."""
+    if path.suffix != ".gz":
+        return reader(str(path)).numpy()
+    with tempfile.TemporaryDirectory() as folder:
+        plain = Path(folder) / path.stem
+        with gzip.open(path, "rb") as source, plain.open("wb") as target:
+            shutil.copyfileobj(source, target)
+        return reader(str(plain)).numpy()
+
+
+def read_idx_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, H, W) uint8, labels (N,) int64) of the ``train`` or ``test`` IDX pair."""
+    image_name, label_name = IDX_FILES[split]
+    image_path, label_path = _idx_path(folder, image_name), _idx_path(folder, label_name)
+    if image_path is None or label_path is None:
+        raise ValueError(f"{folder} lacks {image_name}[.gz] or {label_name}[.gz]")
+    images = _read_idx(image_path, read_image_file)
+    labels = _read_idx(label_path, read_label_file).astype(np.int64)
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{folder}: {images.shape[0]} {split} images but {labels.shape[0]} labels")
+    return images, labels
 
 
 @functools.lru_cache(maxsize=1)
@@ -235,20 +381,42 @@ def _digits_splits() -> datasets.DatasetDict:
     )
 
 
+@functools.lru_cache(maxsize=2)
+def _idx_splits(dataset: str, folder: str) -> datasets.DatasetDict:
+    """The IDX train and test splits of ``dataset`` in ``folder`` as in-memory Datasets."""
+    spec = DATASETS.get(dataset)
+    splits = {}
+    for split in ("train", "test"):
+        images, labels = read_idx_split(Path(folder), split)
+        side = spec.image_size
+        if images.shape[1:] != (side, side):
+            raise ValueError(
+                f"{dataset}: expected {side}x{side} images in {folder}, got {images.shape[1:]}"
+            )
+        if labels.size and (labels.min() < 0 or labels.max() >= spec.num_classes):
+            raise ValueError(f"{dataset}: labels outside 0..{spec.num_classes - 1} in {folder}")
+        features = datasets.Features(
+            {
+                spec.image_column: datasets.Array2D(shape=(side, side), dtype="uint8"),
+                spec.label_column: datasets.ClassLabel(num_classes=spec.num_classes),
+            }
+        )
+        splits[split] = datasets.Dataset.from_dict(
+            {spec.image_column: images, spec.label_column: labels}, features=features
+        )
+    return datasets.DatasetDict(splits)
+
+
+def _local_splits(dataset: str, source: str, folder: str) -> datasets.DatasetDict:
+    """Train and test splits of a built-in or IDX dataset (``test`` is the held-out split)."""
+    return _digits_splits() if source == BUILTIN else _idx_splits(dataset, folder)
+
+
 @functools.lru_cache(maxsize=8)
-def _digits_partitioner(
-    partitioner: str, num_partitions: int, alpha: float, labels_per_client: int, seed: int
-) -> Partitioner:
-    """Digits train split, shuffled with the run seed (as FederatedDataset does), partitioned."""
-    part = make_partitioner(
-        partitioner,
-        num_partitions,
-        label_column="label",
-        alpha=alpha,
-        labels_per_client=labels_per_client,
-        seed=seed,
-    )
-    part.dataset = _digits_splits()["train"].shuffle(seed=seed)
+def _local_partitioner(dataset: str, source: str, folder: str, split: Split) -> Partitioner:
+    """A local train split, shuffled with the run seed (as FederatedDataset does), partitioned."""
+    part = split.partitioner(DATASETS.get(dataset).label_column)
+    part.dataset = _local_splits(dataset, source, folder)["train"].shuffle(seed=split.seed)
     return part
 
 
@@ -283,45 +451,35 @@ def _local_data_files(spec: DatasetSpec, data_files: str) -> tuple[str, dict[str
 
 
 @functools.lru_cache(maxsize=4)
-def _federated_dataset(
-    dataset: str,
-    data_files: str,
-    partitioner: str,
-    num_partitions: int,
-    alpha: float,
-    labels_per_client: int,
-    seed: int,
-) -> FederatedDataset:
+def _federated_dataset(dataset: str, data_files: str, split: Split) -> FederatedDataset:
     """The one place a FederatedDataset is built, for the Hub and for local ``data_files`` alike.
 
     The data is loaded here (not lazily on first use) so that a failure is raised, not cached.
     """
     spec = DATASETS.get(dataset)
-    part = make_partitioner(
-        partitioner,
-        num_partitions,
-        label_column=spec.label_column,
-        alpha=alpha,
-        labels_per_client=labels_per_client,
-        seed=seed,
-    )
+    part = split.partitioner(spec.label_column)
     if data_files:
         builder, files = _local_data_files(spec, data_files)
         fds = FederatedDataset(
-            dataset=builder, partitioners={"train": part}, seed=seed, data_files=files
+            dataset=builder, partitioners={"train": part}, seed=split.seed, data_files=files
         )
         fds.partitioners  # noqa: B018 - property access triggers the load
         return fds
     assert spec.hf_path is not None, f"{dataset} has no Hub id"
     fds = FederatedDataset(
-        dataset=spec.hf_path, subset=spec.hf_subset, partitioners={"train": part}, seed=seed
+        dataset=spec.hf_path, subset=spec.hf_subset, partitioners={"train": part}, seed=split.seed
     )
     try:
         fds.partitioners  # noqa: B018 - property access triggers the download
     except Exception as exc:
+        hint = (
+            "; on Debian/Ubuntu, apt-get install the IDX files (see fl_app.data)"
+            if spec.idx
+            else ""
+        )
         exc.add_note(
             f"could not load {spec.hf_path!r} from the Hugging Face Hub; without "
-            "network, point the data-files setting at a local copy (see fl_app.data)"
+            f"network, point the data-files setting at a local copy{hint}"
         )
         raise
     return fds
@@ -396,25 +554,15 @@ def _check_data_files(spec: DatasetSpec, data_files: str) -> None:
 
 @functools.lru_cache(maxsize=256)
 def _partition_arrays(
-    dataset: str,
-    partition_id: int,
-    num_partitions: int,
-    partitioner: str,
-    alpha: float,
-    labels_per_client: int,
-    seed: int,
-    data_files: str,
+    dataset: str, partition_id: int, split: Split, data_files: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decoded pixels of one partition, cached so later rounds skip image decoding."""
     spec = DATASETS.get(dataset)
-    if spec.hf_path is None:
-        part = _digits_partitioner(partitioner, num_partitions, alpha, labels_per_client, seed)
-        ds = part.load_partition(partition_id)
+    source, folder = source_of(spec, data_files)
+    if source in (BUILTIN, IDX):
+        ds = _local_partitioner(dataset, source, folder, split).load_partition(partition_id)
     else:
-        fds = _federated_dataset(
-            dataset, data_files, partitioner, num_partitions, alpha, labels_per_client, seed
-        )
-        ds = fds.load_partition(partition_id, "train")
+        ds = _federated_dataset(dataset, data_files, split).load_partition(partition_id, "train")
     return _to_arrays(ds, spec)
 
 
@@ -428,10 +576,14 @@ def load_partition(
     labels_per_client: int,
     seed: int,
     data_files: str = "",
+    min_partition_size: int = 0,
+    self_balancing: bool = False,
 ) -> TensorDataset:
     """One client's training data: normalised float32 ``(N, C, H, W)`` images, int64 labels.
 
     The same ``seed`` gives the same partitions; it seeds the shuffle and the partitioner.
+    ``min_partition_size`` and ``self_balancing`` apply to the Dirichlet split
+    (``make_partitioner``).
     """
     spec = DATASETS.get(dataset)
     _check_data_files(spec, data_files)
@@ -450,26 +602,27 @@ def load_partition(
         )
     if partitioner == "dirichlet" and not alpha > 0:
         raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
-    images, labels = _partition_arrays(
-        dataset,
-        partition_id,
-        num_partitions,
+    split = Split(
         partitioner,
+        num_partitions,
         float(alpha),
         int(labels_per_client),
         seed,
-        data_files,
+        int(min_partition_size),
+        bool(self_balancing),
     )
+    images, labels = _partition_arrays(dataset, partition_id, split, data_files)
     return _to_tensors(images, labels, spec)
 
 
 @functools.lru_cache(maxsize=4)
 def _test_set(dataset: str, data_files: str) -> TensorDataset:
     spec = DATASETS.get(dataset)
-    if spec.hf_path is None:
-        split = _digits_splits()["test"]
+    source, folder = source_of(spec, data_files)
+    if source in (BUILTIN, IDX):
+        split = _local_splits(dataset, source, folder)["test"]
     else:
-        fds = _federated_dataset(dataset, data_files, "iid", 1, 1.0, 1, _TEST_SEED)
+        fds = _federated_dataset(dataset, data_files, Split("iid", 1, 1.0, 1, _TEST_SEED))
         split = fds.load_split(spec.test_split)
     return _to_tensors(*_to_arrays(split, spec), spec)
 
@@ -488,7 +641,8 @@ def clear_caches() -> None:
     """Drop every cached dataset, partitioner and tensor (tests, or to free memory)."""
     for cached in (
         _digits_splits,
-        _digits_partitioner,
+        _idx_splits,
+        _local_partitioner,
         _federated_dataset,
         _partition_arrays,
         _test_set,

@@ -8,6 +8,7 @@ names as their choices, then every method's keys) and the README's key tables.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from clients import update_compression as upc
@@ -54,6 +55,8 @@ class Method:
 
 
 METHODS: Registry[Method] = Registry("strategy")
+#: ``model`` value that picks the dataset's usual model (``DatasetSpec.default_model``).
+AUTO_MODEL = "auto"
 
 METHODS.add("fedavg", Method(FedAvgStrategy, TrainingClient, NoSettings, "FedAvg, fp32 both ways"))
 METHODS.add("fedbif", Method(FedBiFStrategy, FedBiFClient, FedBiFSettings, "FedBiF bits freezing"))
@@ -111,7 +114,7 @@ def all_config_keys() -> tuple[ConfigKey, ...]:
         {
             "strategy": METHODS.names(),
             "dataset": DATASETS.names(),
-            "model": MODELS.names(),
+            "model": [AUTO_MODEL, *MODELS.names()],
             "partitioner": PARTITIONERS,
         },
     )
@@ -128,8 +131,12 @@ def load_config(raw: dict) -> tuple[RunConfig, Settings]:
     """Validate a raw run config and build the chosen method's settings, once.
 
     Every bad value (single keys and cross-key constraints) fails here with ``ConfigError``.
+    ``model = "auto"`` becomes the dataset's usual model, so results and checkpoints name it.
     """
     cfg = parse_run_config(raw, all_config_keys())
+    if cfg.model == AUTO_MODEL:
+        model = DATASETS.get(cfg.dataset).default_model
+        cfg = dataclasses.replace(cfg, model=model, values={**cfg.values, "model": model})
     return cfg, METHODS.get(cfg.strategy).settings.from_values(cfg.values)
 
 

@@ -116,6 +116,31 @@ def cnn4(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+@MODELS.register("cnn4-fedbat")
+def cnn4_fedbat(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """The FedBAT authors' CNN4 (their ``CNN4``/``CNN4_MNIST``): four 3x3 conv-BN-ReLU-maxpool
+    blocks of 32/64/128/256 channels without biases, the last map flattened into a linear
+    classifier without bias (256 inputs for 28x28 images, 1,024 for 32x32), conv and linear
+    weights drawn from N(0, 0.01) as in their ``weight_init``; BatchNorm keeps PyTorch's init.
+
+    ``cnn4`` differs in its classifier (global average pooling, a bias) and PyTorch's default
+    initialisation.
+    """
+    _require_min_size("cnn4-fedbat", image_size, 16, "four 2x2 max-pools")
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for width in (32, 64, 128, 256):
+        layers += [*_conv_bn_relu(channels, width), nn.MaxPool2d(2)]
+        channels = width
+    side = image_size // 16
+    layers += [nn.Flatten(), nn.Linear(channels * side * side, num_classes, bias=False)]
+    model = nn.Sequential(*layers)
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.01)
+    return model
+
+
 # VGG-11 ("A") layout with every width halved (64 -> 32, ..., 512 -> 256): ~2.4M params instead
 # of ~9M, which is the "VGG11 light" scale used by FedBiF on SVHN. "M" is a 2x2 max-pool.
 _VGG11_LIGHT = (32, "M", 64, "M", 128, 128, "M", 256, 256, "M", 256, 256, "M")

@@ -41,12 +41,11 @@ def fit_res(
 
 def build_test_strategy(base: dict, tmp_path, **overrides):
     """The configured strategy with ``base`` run config, results under ``tmp_path``."""
-    from core.config import parse_run_config
-    from fl_app.methods import all_config_keys
+    from fl_app.methods import load_config
     from fl_app.server_app import build_strategy
 
     raw = {**base, "results-dir": str(tmp_path), **overrides}
-    return build_strategy(parse_run_config(raw, all_config_keys()))
+    return build_strategy(load_config(raw)[0])
 
 
 def npy_bytes(array: np.ndarray) -> int:

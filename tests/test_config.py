@@ -27,7 +27,7 @@ def test_pyproject_defaults_match_the_schema_exactly():
 
 def test_every_default_is_valid():
     cfg = parse()
-    assert cfg.strategy == "fedavg" and cfg.dataset == "digits" and cfg.model == "digits-cnn-bn"
+    assert cfg.strategy == "fedavg" and cfg.dataset == "digits" and cfg.model == "auto"
     assert cfg.num_server_rounds == 20 and cfg.device == "auto"
 
 
@@ -108,8 +108,10 @@ def test_unknown_key_and_several_errors_reported_together():
 
 
 def test_run_dir_is_absolute_and_named_from_config(tmp_path, monkeypatch):
+    from fl_app.methods import load_config
+
     monkeypatch.chdir(tmp_path)
-    cfg = parse(results_dir="out", seed=7)
+    cfg, _ = load_config({"results-dir": "out", "seed": 7})
     assert cfg.run_dir() == tmp_path / "out" / "fedavg-digits-digits-cnn-bn-dirichlet-seed7"
     assert parse(results_dir="out", run_name="mine").run_dir() == tmp_path / "out" / "mine"
 
@@ -158,3 +160,16 @@ def test_cross_key_constraints_fail_when_the_config_is_loaded(raw, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(raw)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "model"),
+    [("digits", "digits-cnn-bn"), ("fmnist", "cnn4-fedbat"), ("cifar10", "resnet10")],
+)
+def test_auto_model_is_the_datasets_usual_model(dataset, model):
+    from fl_app.methods import load_config
+
+    cfg, _ = load_config({"dataset": dataset})
+    assert cfg.model == model and cfg["model"] == model
+    assert cfg.results_name == f"fedavg-{dataset}-{model}-dirichlet-seed42"
+    assert load_config({"dataset": dataset, "model": "lenet5"})[0].model == "lenet5"

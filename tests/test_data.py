@@ -6,6 +6,7 @@ same columns, read through the same FederatedDataset code path a Hub run uses.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
@@ -232,7 +233,7 @@ def test_repeated_calls_use_the_cache() -> None:
     _digits(0, 4, partitioner="dirichlet")
     _digits(1, 4, partitioner="dirichlet")
     assert data._partition_arrays.cache_info().hits == before + 1
-    assert data._digits_partitioner.cache_info().currsize == 1  # one partitioner for both ids
+    assert data._local_partitioner.cache_info().currsize == 1  # one partitioner for both ids
 
 
 def test_make_partitioner_kinds() -> None:
@@ -355,8 +356,16 @@ def test_local_files_go_through_federated_dataset(
     }
 
 
-def test_hub_path_uses_hub_id(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_path_uses_hub_id(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     calls: list[dict] = []
+    # Without local IDX files (none where this machine's package would put them), fmnist
+    # comes from the hub.
+    fmnist = data.DATASETS.get("fmnist")
+    monkeypatch.setitem(
+        data.DATASETS._items,
+        "fmnist",
+        dataclasses.replace(fmnist, idx_dirs=(str(tmp_path / "none"),)),
+    )
 
     class Blocked(RuntimeError):
         pass

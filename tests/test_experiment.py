@@ -188,3 +188,29 @@ def test_every_model_of_every_file_builds_on_its_dataset(path):
         with torch.no_grad():
             out = model(torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size))
         assert out.shape == (2, spec.num_classes), (model_name, dataset)
+
+
+def test_rows_are_labelled_by_every_setting_that_varies_for_that_method():
+    from tools.experiment import RunResult, label_runs
+
+    def run(**config: object) -> RunResult:
+        defaults = {"fedbif-bits": 4, "lbi-mode": "agent", "learning-rate": 0.05, "seed": 1}
+        return RunResult({**defaults, **config}, {}, [])
+
+    results = [
+        run(strategy="fedavg"),
+        run(strategy="fedavg", seed=2),
+        run(strategy="fedbif", **{"fedbif-bits": 3}),
+        run(strategy="fedbif"),
+        run(strategy="lbi-fl", **{"lbi-mode": "ui8"}),
+        run(strategy="lbi-fl", **{"lbi-mode": "ui4", "learning-rate": 0.1}),
+    ]
+    label_runs(results)
+    assert [r.method for r in results] == [
+        "fedavg learning-rate=0.05",
+        "fedavg learning-rate=0.05",
+        "fedbif fedbif-bits=3 learning-rate=0.05",
+        "fedbif fedbif-bits=4 learning-rate=0.05",
+        "lbi-fl lbi-mode=ui8 learning-rate=0.05",
+        "lbi-fl lbi-mode=ui4 learning-rate=0.1",
+    ]

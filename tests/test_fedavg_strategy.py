@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from flwr.common import Parameters
 
-from core.config import parse_run_config
 from core.results import ROUND_COLUMNS, read_rounds
-from fl_app.methods import all_config_keys
+from fl_app.methods import load_config
 from fl_app.server_app import build_strategy
 from strategies.accounting import bits_per_parameter
 from tests.helpers import fit_res, manager_with
@@ -24,7 +23,7 @@ def make_strategy(tmp_path, **overrides):
         "min-available-clients": 1,
     }
     raw.update({k.replace("_", "-"): v for k, v in overrides.items()})
-    return build_strategy(parse_run_config(raw, all_config_keys()))
+    return build_strategy(load_config(raw)[0])
 
 
 def npy_header_bytes(shape: tuple[int, ...]) -> int:

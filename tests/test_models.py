@@ -13,6 +13,7 @@ EXPECTED_NAMES = {
     "digits-cnn",
     "digits-cnn-bn",
     "cnn4",
+    "cnn4-fedbat",
     "vgg11-light",
     "resnet10",
     "resnet18",
@@ -40,6 +41,8 @@ SUPPORTED = [
     ("cnn4", 1, 28, 10),
     ("cnn4", 3, 32, 10),
     ("cnn4", 3, 32, 100),
+    ("cnn4-fedbat", 1, 28, 10),
+    ("cnn4-fedbat", 3, 32, 10),
     ("vgg11-light", 3, 32, 10),
     ("resnet10", 3, 32, 10),
     ("resnet10", 1, 28, 10),
@@ -133,3 +136,20 @@ def test_too_small_image_is_rejected(name: str, image_size: int) -> None:
 def test_non_positive_arguments_are_rejected() -> None:
     with pytest.raises(ValueError, match="num_classes"):
         build_model("cnn4", in_channels=3, num_classes=0, image_size=32)
+
+
+def test_cnn4_fedbat_is_the_authors_architecture() -> None:
+    """32/64/128/256 conv-BN-ReLU-pool, no conv or linear bias, flatten into a bias-free linear
+    layer (256 inputs at 28x28, 1,024 at 32x32), N(0, 0.01) conv/linear weights."""
+    torch.manual_seed(0)
+    fmnist = _build("cnn4-fedbat", 1, 28, 10)
+    convs = [m for m in fmnist.modules() if isinstance(m, nn.Conv2d)]
+    linears = [m for m in fmnist.modules() if isinstance(m, nn.Linear)]
+    assert [c.out_channels for c in convs] == [32, 64, 128, 256]
+    assert all(c.bias is None for c in convs) and len(linears) == 1 and linears[0].bias is None
+    assert linears[0].in_features == 256
+    assert _build("cnn4-fedbat", 3, 32, 10)[-1].in_features == 1024
+    big = torch.cat([c.weight.reshape(-1) for c in convs[1:]])
+    assert abs(float(big.std()) - 0.01) < 0.0005 and abs(float(big.mean())) < 0.0005
+    # weights + BN affine (2 x 480) and the classifier: the FedBAT CNN4 size for FMNIST
+    assert _num_params(fmnist) == 9 * (32 + 32 * 64 + 64 * 128 + 128 * 256) + 2 * 480 + 2560

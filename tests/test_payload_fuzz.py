@@ -21,9 +21,8 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 
-from core.config import parse_run_config
 from fl_app.client_app import client_fn
-from fl_app.methods import METHODS, all_config_keys
+from fl_app.methods import METHODS, load_config
 from fl_app.server_app import build_strategy
 from tests.helpers import manager_with
 from tools.inprocess import make_contexts
@@ -141,7 +140,7 @@ def valid_results(name: str, tmp_path) -> tuple[dict, list[tuple[object, FitIns]
         "results-dir": str(tmp_path),
         "checkpoint": False,
     }
-    strategy = build_strategy(parse_run_config(raw, all_config_keys()))
+    strategy = build_strategy(load_config(raw)[0])
     manager = manager_with(2)
     instructions = strategy.configure_fit(1, Parameters([], ""), manager)
     contexts = make_contexts(raw, 2)
@@ -153,7 +152,7 @@ def valid_results(name: str, tmp_path) -> tuple[dict, list[tuple[object, FitIns]
 
 
 def aggregated(raw: dict, instructions, results: list[FitRes], extra: list[FitRes]):
-    strategy = build_strategy(parse_run_config(raw, all_config_keys()))
+    strategy = build_strategy(load_config(raw)[0])
     strategy.configure_fit(1, Parameters([], ""), manager_with(2))
     proxies = [proxy for proxy, _ in instructions]
     pairs = list(zip(proxies, results, strict=True))

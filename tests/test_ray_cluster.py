@@ -98,8 +98,13 @@ def test_simulation_runs_on_an_existing_ray_cluster(ray_head, tmp_path):
     superlink = ManagedProcess(
         "superlink",
         [
-            "flower-superlink", "--insecure", "--simulation",
-            "--host", "127.0.0.1", "--port", str(superlink_port),
+            "flower-superlink",
+            "--insecure",
+            "--simulation",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(superlink_port),
         ],  # fmt: skip
         tmp_path / "superlink.log",
         env,
@@ -108,8 +113,13 @@ def test_simulation_runs_on_an_existing_ray_cluster(ray_head, tmp_path):
         assert superlink.wait_for_log("Uvicorn running on", 60), superlink.log()[-3000:]
         run = subprocess.run(
             [
-                "flwr", "run", str(PROJECT_ROOT), "ray-sim", "--stream",
-                "--federation-config", "num-supernodes=2 client-resources-num-cpus=2",
+                "flwr",
+                "run",
+                str(PROJECT_ROOT),
+                "ray-sim",
+                "--stream",
+                "--federation-config",
+                "num-supernodes=2 client-resources-num-cpus=2",
                 "--run-config",
                 f"num-server-rounds=1 device='cpu' results-dir='{tmp_path}' run-name='ray'",
             ],  # fmt: skip

@@ -15,11 +15,10 @@ RUN_CONFIG = {"device": "cpu", "local-epochs": 2, "partitioner": "iid", "seed": 
 
 
 def initial_state():
-    from core.config import parse_run_config
-    from fl_app.methods import all_config_keys
+    from fl_app.methods import load_config
     from fl_app.server_app import build_strategy
 
-    return build_strategy(parse_run_config(RUN_CONFIG, all_config_keys())).global_state
+    return build_strategy(load_config(RUN_CONFIG)[0]).global_state
 
 
 def fit_once(context, state, server_round=1):

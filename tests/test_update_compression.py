@@ -35,9 +35,8 @@ from compression.update_quantizers import (
     quantize_symmetric,
     symmetric_bits,
 )
-from core.config import parse_run_config
 from core.wire_state import wire_keys
-from fl_app.methods import METHODS, all_config_keys
+from fl_app.methods import METHODS, load_config
 from fl_app.models import build_model
 from fl_app.server_app import build_strategy
 from strategies.base import PayloadError
@@ -276,7 +275,7 @@ def cfg_for(tmp_path, strategy, **overrides):
         "results-dir": str(tmp_path),
         **overrides,
     }
-    return parse_run_config(raw, all_config_keys())
+    return load_config(raw)[0]
 
 
 def test_ef_residual_is_carried_across_rounds(tmp_path):
@@ -374,7 +373,7 @@ def test_signsgd_clients_rebuild_the_server_model_from_1_bit_downlinks(tmp_path)
         "results-dir": str(tmp_path),
         "signsgd-server-lr": 0.01,
     }
-    contexts = make_contexts(parse_run_config(base, all_config_keys()).as_dict(), 3)
+    contexts = make_contexts(load_config(base)[0].as_dict(), 3)
     three = run_inprocess({**base, "num-server-rounds": 3}, 3, contexts=contexts)
     two = run_inprocess({**base, "num-server-rounds": 2, "run-name": "two"}, 3)
     # After round 3 every client holds global(2), rebuilt from signs in rounds 2 and 3.

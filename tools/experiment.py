@@ -51,7 +51,15 @@ import numpy as np
 
 from core.results import read_rounds
 
-GROUP_KEYS = ("dataset", "model", "partitioner", "dirichlet-alpha", "labels-per-client")
+GROUP_KEYS = (
+    "dataset",
+    "model",
+    "partitioner",
+    "dirichlet-alpha",
+    "dirichlet-min-size",
+    "dirichlet-self-balancing",
+    "labels-per-client",
+)
 
 
 @dataclass(frozen=True)
@@ -80,13 +88,14 @@ class Experiment:
         return self.output / self.name
 
     def points(self) -> list[Point]:
-        """Cartesian product of the axes, times the seeds."""
+        """Cartesian product of the axes, times the seeds; seed-major, so an interrupted
+        experiment has whole tables for its first seeds."""
         points = []
-        for combo in itertools.product(*self.axes) if self.axes else [()]:
-            merged: dict[str, Any] = dict(self.fixed)
-            for setting in combo:
-                merged.update(setting)
-            for seed in self.seeds:
+        for seed in self.seeds:
+            for combo in itertools.product(*self.axes) if self.axes else [()]:
+                merged: dict[str, Any] = dict(self.fixed)
+                for setting in combo:
+                    merged.update(setting)
                 config = {**merged, "seed": seed}
                 points.append(Point(point_name(config, self.fixed), config))
         names = [p.name for p in points]
@@ -232,10 +241,12 @@ class RunResult:
     config: dict[str, Any]
     summary: dict[str, Any]
     rounds: list[dict[str, float]]
+    #: the row label: the strategy and its settings that vary in the experiment.
+    label: str = ""
 
     @property
     def method(self) -> str:
-        return str(self.config["strategy"])
+        return self.label or str(self.config["strategy"])
 
     @property
     def group(self) -> tuple[str, ...]:
@@ -257,15 +268,40 @@ class RunResult:
 
 def _relevant(key: str, config: Mapping[str, Any]) -> bool:
     partitioner = config.get("partitioner")
-    if key == "dirichlet-alpha":
+    if key.startswith("dirichlet-"):
         return partitioner == "dirichlet"
     if key == "labels-per-client":
         return partitioner == "label-count"
     return True
 
 
+#: keys that never tell two table rows apart: seeds are averaged, groups make tables.
+_NOT_LABELS = {"seed", "results-dir", "run-name", "strategy", "checkpoint", *GROUP_KEYS}
+
+
+def label_runs(results: list[RunResult]) -> None:
+    """Label each run by its strategy plus every setting that varies across the experiment and
+    concerns that run: common keys, and the keys of its own method (``lbi-mode`` labels LBI-FL
+    rows, not FedAvg's), so no two settings of one method merge into one row."""
+    from core.config import RunConfig
+    from fl_app.methods import METHODS
+
+    common = {key.name for key in RunConfig.config_keys()}
+    keys = set().union(*(r.config for r in results)) - _NOT_LABELS
+    varying = sorted(k for k in keys if len({json.dumps(r.config.get(k)) for r in results}) > 1)
+    for result in results:
+        strategy = str(result.config["strategy"])
+        own = (
+            {key.name for key in METHODS.get(strategy).settings.config_keys()}
+            if strategy in METHODS
+            else set()
+        )
+        shown = [k for k in varying if k in own] + [k for k in varying if k in common]
+        result.label = " ".join([strategy, *(f"{k}={result.config.get(k)}" for k in shown)])
+
+
 def collect(folder: Path) -> list[RunResult]:
-    """Every completed run under ``folder``."""
+    """Every completed run under ``folder``, labelled (``label_runs``)."""
     results = []
     for summary_path in sorted(folder.glob("*/summary.json")):
         summary = json.loads(summary_path.read_text())
@@ -273,6 +309,8 @@ def collect(folder: Path) -> list[RunResult]:
             continue
         rounds = read_rounds(summary_path.parent / "rounds.csv")
         results.append(RunResult(dict(summary["config"]), summary, rounds))
+    if results:
+        label_runs(results)
     return results
 
 
