@@ -2,8 +2,9 @@
 
 Each round every Conv2d/Linear weight w_l stays frozen at the received global value and a
 trainable update u_l starts at zero; the forward pass uses w_l + u_l. Of the T local steps, the
-first ``warmup_steps(T, phi) = ceil(phi * T)`` train u_l in full precision. At that step the
-client fixes a0_l = mean|u_l| and from then on the forward pass uses
+first ``warmup_steps(T, phi)`` = floor(phi * T) (the authors' code; ``fedbat-warmup-rounding =
+ceil`` gives ceil(phi * T)) train u_l in full precision. At that step the client fixes
+a0_l = mean|u_l| and from then on the forward pass uses
 
     w_l + B(u_l, a_l),   a_l = clamp(a0_l * exp(rho * a_e_l), a_min, a_max),
 
@@ -47,9 +48,15 @@ from core.wire_state import quantized_split, set_wire_state, wire_keys
 UPLINK_TAG = 0xBA7  # separates the uplink draw's seed from the training seed
 
 
-def warmup_steps(total_steps: int, phi: float) -> int:
-    """Number of full-precision steps: steps 0 .. ceil(phi * T) - 1 skip the binarizer."""
-    return min(total_steps, math.ceil(phi * total_steps - 1e-9))
+def warmup_steps(total_steps: int, phi: float, rounding: str = "floor") -> int:
+    """Number of full-precision steps (steps 0 .. n - 1 skip the binarizer): floor(phi * T), as
+    the authors' code binarizes once ``iter > phi * T``, or ceil(phi * T). The 1e-9 keeps a
+    product like 0.3 * 10 = 3.0000000000000004 on its integer."""
+    if rounding == "floor":
+        return min(total_steps, math.floor(phi * total_steps + 1e-9))
+    if rounding == "ceil":
+        return min(total_steps, math.ceil(phi * total_steps - 1e-9))
+    raise ValueError(f"rounding must be 'floor' or 'ceil', got {rounding!r}")
 
 
 class FedBATClient(TrainingClient):
@@ -136,8 +143,8 @@ class FedBATClient(TrainingClient):
         }
 
     def weight_overrides(self, step: int, total_steps: int) -> dict[str, torch.Tensor] | None:
-        """w + u during warm-up, w + B(u, a) after it (the switch happens at ceil(phi * T))."""
-        binarize = step >= warmup_steps(total_steps, self.phi)
+        """w + u during warm-up, w + B(u, a) after it (the switch: ``warmup_steps``)."""
+        binarize = step >= warmup_steps(total_steps, self.phi, self.settings.warmup_rounding)
         if binarize and self.alpha0 is None:
             self.start_binarization(step)
         return self.current_weights(binarize)

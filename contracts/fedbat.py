@@ -15,6 +15,10 @@ from compression.layout import EXTRAS_DTYPES
 from core.settings import ConfigError, Settings, setting
 from core.wire_state import quantized_split
 
+#: how phi * T becomes a whole number of warm-up steps: the authors binarize once
+#: ``iter > phi * T`` (iter from 1), i.e. after floor(phi * T) full-precision steps.
+WARMUP_ROUNDINGS = ("floor", "ceil")
+
 
 @dataclass(frozen=True)
 class FedBATSettings(Settings):
@@ -22,10 +26,15 @@ class FedBATSettings(Settings):
 
     prefix = "fedbat"
     rho: float = setting(
-        6.0, "rho: pace of the step size a0*exp(rho*a_e)", min=0.0, min_inclusive=False
+        6.0, "rho: pace of the step size a0*exp(rho*a_e) (0: a fixed a0)", min=0.0
     )
     warmup: float = setting(
         0.5, "phi: share of local steps trained in full precision", min=0.0, max=1.0
+    )
+    warmup_rounding: str = setting(
+        "floor",
+        "warm-up steps floor(phi*T) as the authors' code, or ceil(phi*T)",
+        choices=WARMUP_ROUNDINGS,
     )
     alpha_min: float = setting(5e-4, "lower clamp of the step size", min=0.0, min_inclusive=False)
     alpha_max: float = setting(5e-2, "upper clamp of the step size", min=0.0, min_inclusive=False)

@@ -127,10 +127,19 @@ def test_codes_and_values_round_trip():
 
 def test_warmup_steps():
     assert warmup_steps(10, 0.5) == 5
-    assert warmup_steps(7, 0.5) == 4
+    assert warmup_steps(7, 0.5, "ceil") == 4
     assert warmup_steps(10, 0.0) == 0
     assert warmup_steps(10, 1.0) == 10
     assert warmup_steps(10, 0.3) == 3
+
+
+@pytest.mark.parametrize(("total", "floor", "ceil"), [(7, 3, 4), (14, 7, 7), (9, 4, 5)])
+def test_warmup_floors_like_the_authors_code(total, floor, ceil):
+    """The authors binarize once ``iter > phi * T`` (iter = 1, 2, ...): their warm-up steps are
+    the iterations with iter <= phi * T."""
+    authors = sum(1 for it in range(1, total + 1) if not it > 0.5 * total)
+    assert warmup_steps(total, 0.5) == authors == floor
+    assert warmup_steps(total, 0.5, "ceil") == ceil
 
 
 # ------------------------------------------------------------------------------ client
@@ -281,3 +290,16 @@ def test_short_inprocess_run_learns_at_about_one_bpp_uplink(tmp_path):
     assert 1.0 < rows[-1]["uplink_bpp"] < 1.3
     assert rows[-1]["downlink_bpp"] > 32.0
     assert all(np.float32(5e-4) <= r["mean_alpha"] <= np.float32(5e-2) for r in rows[1:])
+
+
+def test_rho_zero_keeps_the_step_size_at_its_start(tmp_path):
+    """rho = 0 (the authors' ablation): a = clamp(a0 * exp(0)) does not move with a_e."""
+    strategy = strategy_for(tmp_path, **{"fedbat-rho": 0.0})
+    ins = downlink(strategy)
+    client = make_client(tmp_path, **{"fedbat-rho": 0.0})
+    client.fit(parameters_to_ndarrays(ins.parameters), ins.config)
+    assert client.alpha0 is not None
+    expected = [
+        float(np.clip(np.float32(a0), np.float32(5e-4), np.float32(5e-2))) for a0 in client.alpha0
+    ]
+    np.testing.assert_allclose(client.sent_alphas, expected, rtol=1e-6)
