@@ -70,8 +70,14 @@ class ClippedUQClient(TrainingClient):
         params = dict(self.model.named_parameters())
         layout = self.up.layout
         return {
-            key: fake_quantize(params[key], layout.bits, self.settings.rounding, layout.granularity)
-            for key in self.q_keys
+            key: fake_quantize(
+                params[key],
+                bits,
+                self.settings.rounding,
+                layout.granularity,
+                clip_method=self.settings.clip,
+            )
+            for key, bits in zip(self.q_keys, layout.widths, strict=True)
         }
 
     # ----------------------------------------------------------------- uplink
@@ -82,7 +88,7 @@ class ClippedUQClient(TrainingClient):
             derive_seed(self.cfg.seed, self.partition_id, int(config.get(ROUND, 0))) ^ UPLINK_SALT
         )
         codes, clips, errors, _ = quantize_layers(
-            weights, self.up.layout, self.settings.rounding, generator
+            weights, self.up.layout, self.settings.rounding, generator, self.settings.clip
         )
         self.last_errors = errors
         extras = concat_flat(

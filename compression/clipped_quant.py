@@ -82,9 +82,11 @@ def quantize_tensor(
     rounding: str,
     granularity: str,
     generator: torch.Generator | None = None,
+    clip_method: str = "mse",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """Optimal clip, codes, dequantized tensor and SQE of one weight tensor, in one call."""
-    clip = optimal_clip(x, bits, rounding, granularity)
+    """Clip (``compression.clipping``, by ``clip_method``), codes, dequantized tensor and SQE of
+    one weight tensor, in one call."""
+    clip = optimal_clip(x, bits, rounding, granularity, clip_method)
     codes = clipped_quantize(
         x, clip, bits, stochastic=rounding == "stochastic", generator=generator
     )
@@ -106,7 +108,7 @@ def inverse_error_weights(errors: np.ndarray, floor: float = 1e-30) -> np.ndarra
 
 
 class ClippedQuantSTE(torch.autograd.Function):
-    """Forward: clipped uniform quantization with the MSE-optimal clip of the current weights.
+    """Forward: clipped uniform quantization with the chosen clip of the current weights.
     Backward: straight-through (identity), so quantization-aware training updates float
     shadow weights that the quantizer reads again at every step."""
 
@@ -118,15 +120,23 @@ class ClippedQuantSTE(torch.autograd.Function):
         rounding: str,
         granularity: str,
         generator: torch.Generator | None,
+        clip_method: str,
     ) -> torch.Tensor:
         _, _, x_hat, _ = quantize_tensor(
-            weight.detach(), bits, rounding=rounding, granularity=granularity, generator=generator
+            weight.detach(),
+            bits,
+            rounding=rounding,
+            granularity=granularity,
+            generator=generator,
+            clip_method=clip_method,
         )
         return x_hat.to(weight.dtype)
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
-        return grad_output, None, None, None, None
+    def backward(
+        ctx, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor, None, None, None, None, None]:
+        return grad_output, None, None, None, None, None
 
 
 def fake_quantize(
@@ -135,6 +145,7 @@ def fake_quantize(
     rounding: str,
     granularity: str,
     generator: torch.Generator | None = None,
+    clip_method: str = "mse",
 ) -> torch.Tensor:
     """Quantized weights with a straight-through gradient (for quantization-aware training)."""
-    return ClippedQuantSTE.apply(weight, bits, rounding, granularity, generator)
+    return ClippedQuantSTE.apply(weight, bits, rounding, granularity, generator, clip_method)

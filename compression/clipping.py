@@ -1,21 +1,31 @@
-"""MSE-optimal clipping thresholds for B-bit clipped uniform quantization (arXiv 2405.13365).
+"""Clipping thresholds for B-bit clipped uniform quantization (arXiv 2405.13365).
 
-Clipping |x| at s before quantizing to a B-bit grid on [-s, s] trades two errors. Values inside
-the range get rounding noise of about ``coef * s^2`` each, values outside get the clipping error
-(|x| - s)^2, so the modelled squared error of a tensor is
+Clipping |x| at s before quantizing to a B-bit grid on [-s, s] trades two errors: values
+outside get the clipping error (|x| - s)^2, values inside the rounding error of the grid. Three
+ways to choose s, by ``CLIP_METHODS`` (the run-config key ``cuq-clip``):
 
-    J(s) = coef * s^2 * #{0 < |x| <= s} + sum_{|x| > s} (|x| - s)^2 .
+* ``mse`` (default): the s that minimises the *exact* squared error of the quantizer that runs
+  (``mse_clip``). Our grid puts 2^B levels on [-s, s], both ends included, step
+  Delta = 2 s / (2^B - 1); a value at fractional grid position f costs Delta^2 f (1 - f) in
+  expectation under stochastic rounding and Delta^2 min(f, 1 - f)^2 under nearest rounding, so
 
-Setting dJ/ds = 0 gives the fixed-point recursion of the paper (OCTAV-style):
+      J(s) = sum_{|x| > s} (|x| - s)^2 + Delta(s)^2 sum_{|x| <= s} g(frac((|x| + s) / Delta(s))).
 
-    s <- sum_{|x| > s} |x| / ( coef * #{0 < |x| <= s} + #{|x| > s} ).
+  (Symmetry: -x sits at 1 - f, which g treats alike, so J depends on |x| only.) J has no closed
+  form minimiser; it is evaluated on candidates around the model optimum below, then refined
+  by golden-section search. Long rows are summarised first in a histogram of |x|
+  (``search_size``; per bin: count, sum, sum of squares, so the clipping term stays exact and
+  only the rounding term uses the bin's mean position, a bin being a small fraction of a grid
+  step); the model optimum, where the search starts, is taken on the same summary.
+* ``model``: the fixed point of the error *model* that treats f as uniform (noise
+  ``coef * s^2`` per in-range value, ``noise_coefficient``), the OCTAV-style recursion
 
-``coef`` depends on the grid and the rounding. The paper uses the nominal ``4^-B / 3``
-(step 2s / 2^B, deterministic rounding: step^2 / 12 = s^2 4^-B / 3). Our grid puts 2^B levels
-on [-s, s] including both ends (``compression.clipped_quant``), so the step is 2s / (2^B - 1);
-nearest rounding then costs step^2 / 12 and stochastic rounding step^2 / 6 on average
-(E[f (1 - f)] for a uniform fractional part f). ``noise_coefficient`` returns the exact value for
-the grid used, so the clip minimises the error of the quantizer that actually runs.
+      s <- sum_{|x| > s} |x| / ( coef * #{0 < |x| <= s} + #{|x| > s} )
+
+  solved to convergence in float64 (``fixed_point_clip``). It is the start of the ``mse``
+  search. Measured against the exact J it is 4.5-7.4% off at 2 bits.
+* ``octav``: the authors' code: the same recursion with the paper's nominal coefficient
+  4^-B / 3 and exactly 10 float32 iterations from mean|x| (``octav_clip``).
 
 The same recursion with expectations in place of sums gives the clip of a Gaussian or Laplace
 population in units of its scale: the "closed-form" approximations ``k * sigma`` / ``k * b``
@@ -25,11 +35,17 @@ population in units of its scale: the "closed-form" approximations ``k * sigma``
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 ROUNDINGS = ("stochastic", "deterministic")
 GRANULARITIES = ("layer", "channel")
+CLIP_METHODS = ("mse", "model", "octav")
+#: golden-section steps of the refinement after the coarse search.
+_GOLDEN_STEPS = 20
+#: largest (rows x candidates x values) block evaluated at once, to bound memory.
+_BLOCK = 1 << 23
 #: Clip used for a row whose entries are all zero: keeps the step positive and the error ~0.
 TINY_CLIP = 1e-12
 
@@ -110,13 +126,169 @@ def tensor_rows(x: torch.Tensor, granularity: str) -> torch.Tensor:
     raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
 
 
+def octav_clip(rows: torch.Tensor, bits: int, iterations: int = 10) -> torch.Tensor:
+    """The authors' clip per row of ``rows`` (R, n): ``iterations`` float32 steps of the
+    recursion with coefficient 4^-B / 3, from s = mean|x|; a row whose denominator reaches 0
+    keeps its clip (their code stops there)."""
+    magnitude = rows.detach().abs().float()
+    coef = torch.tensor(4.0**-bits / 3.0, dtype=torch.float32)
+    clip = magnitude.mean(1)
+    for _ in range(iterations):
+        outside = magnitude > clip.unsqueeze(1)
+        inside = (magnitude <= clip.unsqueeze(1)) & (magnitude > 0)
+        numerator = torch.where(outside, magnitude, magnitude.new_zeros(())).sum(1)
+        denominator = coef * inside.sum(1).float() + outside.sum(1).float()
+        clip = torch.where(denominator > 0, numerator / denominator.clamp_min(1e-30), clip)
+    return clip
+
+
+def rounding_error(position: torch.Tensor, rounding: str) -> torch.Tensor:
+    """g(f): squared error of a value at fractional grid position f, in units of Delta^2
+    (expected under stochastic rounding, realised under nearest)."""
+    frac = position - torch.floor(position)
+    if rounding == "stochastic":
+        return frac * (1.0 - frac)
+    if rounding == "deterministic":
+        return torch.minimum(frac, 1.0 - frac).square()
+    raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+
+
+@dataclass(frozen=True)
+class MagnitudeSummary:
+    """Rows of |x| as weighted points: per point its mean position, count, sum and sum of
+    squares (the exact values themselves when the row is short, histogram bins otherwise)."""
+
+    position: torch.Tensor  # (R, K)
+    count: torch.Tensor  # (R, K)
+    total: torch.Tensor  # (R, K)
+    squares: torch.Tensor  # (R, K)
+
+    @classmethod
+    def of(cls, magnitude: torch.Tensor, bins: int) -> MagnitudeSummary:
+        if magnitude.shape[1] <= bins:
+            return cls(magnitude, torch.ones_like(magnitude), magnitude, magnitude.square())
+        peak = magnitude.max(1, keepdim=True).values.clamp_min(TINY_CLIP)
+        index = (magnitude / peak * bins).long().clamp_(max=bins - 1)
+        shape = (magnitude.shape[0], bins)
+        count = magnitude.new_zeros(shape).scatter_add_(1, index, torch.ones_like(magnitude))
+        total = magnitude.new_zeros(shape).scatter_add_(1, index, magnitude)
+        squares = magnitude.new_zeros(shape).scatter_add_(1, index, magnitude.square())
+        position = torch.where(count > 0, total / count.clamp_min(1.0), magnitude.new_zeros(()))
+        return cls(position, count, total, squares)
+
+    def model_clip(self, coef: float, max_iter: int = 100, rtol: float = 1e-7) -> torch.Tensor:
+        """The fixed point of the uniform-noise model (``fixed_point_clip``) on this summary."""
+        peak = torch.where(self.count > 0, self.position, self.position.new_zeros(()))
+        upper = peak.max(1).values.clamp_min(TINY_CLIP)
+        positive = torch.where(self.position > 0, self.count, self.count.new_zeros(())).sum(1)
+        clip = (self.total.sum(1) / self.count.sum(1)).clamp(TINY_CLIP, None).minimum(upper)
+        for _ in range(max_iter):
+            outside = self.position > clip.unsqueeze(1)
+            numerator = torch.where(outside, self.total, self.total.new_zeros(())).sum(1)
+            beyond = torch.where(outside, self.count, self.count.new_zeros(())).sum(1)
+            denominator = coef * (positive - beyond) + beyond
+            new = torch.where(denominator > 0, numerator / denominator.clamp_min(1e-300), clip)
+            new = new.clamp(TINY_CLIP, None).minimum(upper)
+            if bool(((new - clip).abs() <= rtol * clip).all()):
+                return new
+            clip = new
+        return clip
+
+    def error(self, clips: torch.Tensor, bits: int, rounding: str) -> torch.Tensor:
+        """J at every clip of ``clips`` (R, M): the exact squared error of the quantizer."""
+        rows, points = self.position.shape
+        block = max(1, _BLOCK // max(1, points * clips.shape[1]))
+        out = []
+        for start in range(0, rows, block):
+            part = slice(start, start + block)
+            s = clips[part].unsqueeze(2)  # (r, M, 1)
+            position = self.position[part].unsqueeze(1)  # (r, 1, K)
+            outside = position > s
+            clipped = self.squares[part].unsqueeze(1) - 2 * s * self.total[part].unsqueeze(1)
+            clipped = clipped + s.square() * self.count[part].unsqueeze(1)
+            step = 2.0 * s / (2**bits - 1)
+            grid = rounding_error((position + s) / step, rounding) * step.square()
+            terms = torch.where(outside, clipped, grid * self.count[part].unsqueeze(1))
+            out.append(terms.sum(2))
+        return torch.cat(out)
+
+
+def search_size(rows: int) -> tuple[int, int]:
+    """(coarse candidates, histogram bins of a long row). One row (a layer's clip): 48
+    candidates, 16,384 bins. Per-channel rows: 16 candidates, 512 bins, so hundreds of rows
+    stay affordable (measured on resnet18: the exact error at most 0.03% above the brute-force
+    minimum at 2 and 4 bits; at 8 bits, where nearest rounding's realised error is a fine
+    saw-tooth in s, up to 1.7%)."""
+    if rows == 1:
+        return 48, 16384
+    return 16, 512
+
+
+def mse_clip(rows: torch.Tensor, bits: int, rounding: str = "stochastic") -> torch.Tensor:
+    """Per row of ``rows`` (R, n), the clip minimising the exact squared error J (module
+    docstring): candidates on [0.6 s0, min(1.6 s0, max|x|)] around the model optimum s0, then
+    golden-section search between the best candidate's neighbours. float64 clips (R,)."""
+    magnitude = rows.detach().abs().double()
+    if magnitude.dim() != 2 or magnitude.shape[1] == 0:
+        raise ValueError(f"rows must be a non-empty 2-D tensor, got shape {tuple(rows.shape)}")
+    peak = magnitude.max(1).values.clamp_min(TINY_CLIP)
+    candidates_count, bins = search_size(magnitude.shape[0])
+    summary = MagnitudeSummary.of(magnitude, bins)
+    start = summary.model_clip(noise_coefficient(bits, rounding))
+    low = (0.6 * start).clamp_min(TINY_CLIP)
+    high = torch.maximum(torch.minimum(1.6 * start, peak), low)
+    fractions = torch.linspace(0.0, 1.0, candidates_count, dtype=torch.float64)
+    candidates = low.unsqueeze(1) + (high - low).unsqueeze(1) * fractions
+    errors = summary.error(candidates, bits, rounding)
+    best = errors.argmin(1)
+    spacing = (high - low) / (candidates_count - 1)
+    chosen = candidates.gather(1, best.unsqueeze(1)).squeeze(1)
+    left = torch.maximum(chosen - spacing, low)
+    right = torch.minimum(chosen + spacing, high)
+    ratio = (math.sqrt(5.0) - 1.0) / 2.0
+    a, b = right - ratio * (right - left), left + ratio * (right - left)
+    error_a = summary.error(a.unsqueeze(1), bits, rounding).squeeze(1)
+    error_b = summary.error(b.unsqueeze(1), bits, rounding).squeeze(1)
+    for _ in range(_GOLDEN_STEPS):
+        lower = error_a <= error_b
+        right = torch.where(lower, b, right)
+        left = torch.where(lower, left, a)
+        new_a, new_b = right - ratio * (right - left), left + ratio * (right - left)
+        error_new = summary.error(torch.where(lower, new_a, new_b).unsqueeze(1), bits, rounding)
+        error_new = error_new.squeeze(1)
+        a, b = torch.where(lower, new_a, b), torch.where(lower, a, new_b)
+        error_a, error_b = (
+            torch.where(lower, error_new, error_b),
+            torch.where(lower, error_a, error_new),
+        )
+    # Keep the best point seen: the refinement never ends worse than the coarse search.
+    refined = torch.where(error_a <= error_b, a, b)
+    refined_error = torch.minimum(error_a, error_b)
+    final = torch.where(
+        refined_error <= errors.gather(1, best.unsqueeze(1)).squeeze(1), refined, chosen
+    )
+    return final.clamp(TINY_CLIP, None).minimum(peak)
+
+
 def optimal_clip(
-    x: torch.Tensor, bits: int, rounding: str = "stochastic", granularity: str = "layer"
+    x: torch.Tensor,
+    bits: int,
+    rounding: str = "stochastic",
+    granularity: str = "layer",
+    method: str = "mse",
 ) -> torch.Tensor:
-    """float32 clips of ``x``: shape (1,) per layer, (C,) per channel (1-D tensors: always (1,))."""
-    coef = noise_coefficient(bits, rounding)
-    clip, _ = fixed_point_clip(tensor_rows(x, granularity), coef)
-    return clip.float()
+    """float32 clips of ``x``: shape (1,) per layer, (C,) per channel (1-D tensors: always
+    (1,)), by ``method`` (module docstring)."""
+    rows = tensor_rows(x, granularity)
+    if method == "mse":
+        clip = mse_clip(rows, bits, rounding)
+    elif method == "model":
+        clip, _ = fixed_point_clip(rows, noise_coefficient(bits, rounding))
+    elif method == "octav":
+        clip = octav_clip(rows, bits)
+    else:
+        raise ValueError(f"clip method must be one of {CLIP_METHODS}, got {method!r}")
+    return clip.float().clamp_min(TINY_CLIP)
 
 
 def num_clips(shape: tuple[int, ...], granularity: str) -> int:

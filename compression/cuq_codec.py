@@ -6,8 +6,10 @@ and running statistics, e scalars). Everything is concatenated in wire order so 
 three ``.npy`` arrays whatever the model depth (~128 bytes of header each).
 
 Uplink, client -> server (3 arrays, ``CuqCodec`` with ``with_errors``):
-    0. uint8  ``pack_codes(codes, B)``: the B-bit code u of every quantized scalar
-       (value = -s + u * 2s / (2^B - 1), ``compression.clipped_quant``), ceil(d * B / 8) bytes;
+    0. uint8: the B_l-bit code u of every quantized scalar (value = -s + u * 2s / (2^B_l - 1),
+       ``compression.clipped_quant``): ``pack_codes(codes, B)`` over all d scalars,
+       ceil(d * B / 8) bytes, when every tensor has the same width B; with per-tensor widths
+       B_l, tensor after tensor, each ``pack_codes(codes_l, B_l)`` (ceil(d_l * B_l / 8) bytes);
     1. float32 (c + L,): the c clips s (c = L per layer, or the sum of the output-channel counts
        per channel, in wire order), then the L per-tensor squared quantization errors;
     2. float16 or float32 (e,): the client's trained extras.
@@ -32,11 +34,59 @@ from compression.packing import pack_codes, packed_size, unpack_codes
 
 @dataclass(frozen=True)
 class CuqLayout:
-    """Shapes, bits and clip granularity of one direction's messages."""
+    """Shapes, bits and clip granularity of one direction's messages; ``layer_bits`` gives
+    each quantized tensor its own width (empty: ``bits`` for all)."""
 
     split: SplitLayout
     bits: int
     granularity: str
+    layer_bits: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.layer_bits and len(self.layer_bits) != len(self.split.quantized_shapes):
+            raise ValueError(
+                f"{len(self.layer_bits)} layer widths for "
+                f"{len(self.split.quantized_shapes)} quantized tensors"
+            )
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """The width of every quantized tensor."""
+        return self.layer_bits or (self.bits,) * len(self.split.quantized_shapes)
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.widths)) <= 1
+
+    @property
+    def codes_nbytes(self) -> int:
+        if self.uniform:
+            return packed_size(self.split.num_quantized, self.widths[0] if self.widths else 1)
+        sizes = self.split.quantized_sizes
+        return sum(packed_size(n, b) for n, b in zip(sizes, self.widths, strict=True))
+
+    def pack(self, codes: np.ndarray) -> np.ndarray:
+        """Array 0 of a message from the codes of every quantized scalar (wire order)."""
+        if self.uniform:
+            return pack_codes(codes, self.widths[0] if self.widths else 1)
+        pieces = np.split(np.asarray(codes), np.cumsum(self.split.quantized_sizes)[:-1])
+        packed = [pack_codes(p, b) for p, b in zip(pieces, self.widths, strict=True)]
+        return np.concatenate(packed) if packed else np.zeros(0, dtype=np.uint8)
+
+    def unpack(self, packed: np.ndarray) -> np.ndarray:
+        """Inverse of ``pack``; checks the byte length exactly."""
+        if self.uniform:
+            width = self.widths[0] if self.widths else 1
+            return unpack_codes(packed, width, self.split.num_quantized)
+        packed = np.asarray(packed)
+        if packed.dtype != np.uint8 or packed.ndim != 1 or packed.size != self.codes_nbytes:
+            raise ValueError(f"codes must be {self.codes_nbytes} uint8 bytes, got {packed.size}")
+        out, offset = [], 0
+        for size, bits in zip(self.split.quantized_sizes, self.widths, strict=True):
+            length = packed_size(size, bits)
+            out.append(unpack_codes(packed[offset : offset + length], bits, size))
+            offset += length
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.uint8)
 
     @property
     def clip_counts(self) -> list[int]:
@@ -83,7 +133,7 @@ class CuqCodec(Codec[CuqMessage]):
             errors = np.asarray(message.errors, dtype=np.float32).reshape(-1)
             side = np.concatenate([side, errors])
         return [
-            pack_codes(message.codes, self.layout.bits),
+            self.layout.pack(message.codes),
             side,
             np.asarray(message.extras).astype(self.extras_dtype, copy=False),
         ]
@@ -91,7 +141,7 @@ class CuqCodec(Codec[CuqMessage]):
     def _decode(self, arrays: list[np.ndarray]) -> CuqMessage:
         packed, side, extras = arrays
         layout = self.layout
-        codes = unpack_codes(packed, layout.bits, layout.split.num_quantized)
+        codes = layout.unpack(packed)
         side = checked_floats(side, (self.side_size,), "clips/errors", ("float32",))
         clips = side[: layout.num_clips]
         if np.any(clips <= 0):
@@ -104,7 +154,7 @@ class CuqCodec(Codec[CuqMessage]):
 
     def payload_nbytes(self, message: CuqMessage | None = None) -> int:
         return (
-            packed_size(self.layout.split.num_quantized, self.layout.bits)
+            self.layout.codes_nbytes
             + 4 * self.side_size
             + self.layout.split.num_extras * np.dtype(self.extras_dtype).itemsize
         )
@@ -115,20 +165,22 @@ def quantize_layers(
     layout: CuqLayout,
     rounding: str,
     generator: torch.Generator | None = None,
+    clip_method: str = "mse",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Quantize every quantized tensor with its optimal clip(s).
+    """Quantize every quantized tensor at its width with its clip(s) (``clip_method``).
 
     Returns the concatenated codes (d,) uint8, clips (c,) float32, per-tensor SQE (L,) float64
     and the dequantized tensors (what the receiver will reconstruct, float32).
     """
     codes, clips, errors, restored = [], [], [], []
-    for array in tensors:
+    for array, bits in zip(tensors, layout.widths, strict=True):
         clip, code, x_hat, error = quantize_tensor(
             torch.from_numpy(np.asarray(array, dtype=np.float32)),
-            layout.bits,
+            bits,
             rounding=rounding,
             granularity=layout.granularity,
             generator=generator,
+            clip_method=clip_method,
         )
         codes.append(code.reshape(-1).numpy())
         clips.append(clip.numpy())
@@ -149,7 +201,9 @@ def dequantize_layers(message: CuqMessage, layout: CuqLayout) -> list[np.ndarray
     clip_pieces = np.split(message.clips, np.cumsum(layout.clip_counts)[:-1])
     return [
         clipped_dequantize(
-            torch.from_numpy(code.reshape(shape)), torch.from_numpy(clip), layout.bits
+            torch.from_numpy(code.reshape(shape)), torch.from_numpy(clip), bits
         ).numpy()
-        for code, clip, shape in zip(code_pieces, clip_pieces, shapes, strict=True)
+        for code, clip, shape, bits in zip(
+            code_pieces, clip_pieces, shapes, layout.widths, strict=True
+        )
     ]

@@ -25,9 +25,7 @@ class FedBATSettings(Settings):
     """``fedbat-*`` keys."""
 
     prefix = "fedbat"
-    rho: float = setting(
-        6.0, "rho: pace of the step size a0*exp(rho*a_e) (0: a fixed a0)", min=0.0
-    )
+    rho: float = setting(6.0, "rho: pace of the step size a0*exp(rho*a_e) (0: a fixed a0)", min=0.0)
     warmup: float = setting(
         0.5, "phi: share of local steps trained in full precision", min=0.0, max=1.0
     )

@@ -141,6 +141,33 @@ def cnn4_fedbat(in_channels: int, num_classes: int, image_size: int) -> nn.Modul
     return model
 
 
+@MODELS.register("mnist-cnn-cuq")
+def mnist_cnn_cuq(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """The clipped-quantization authors' MNIST network (their ``QuantizedNet``): two 3x3 conv
+    layers of 16 channels without bias, each with BatchNorm, tanh and a 2x2 max-pool, then
+    linear 784 -> 100 with BatchNorm and tanh, and linear 100 -> classes with BatchNorm. Its
+    four weight tensors are the ones their per-layer widths {4, 2, 2, 4} refer to. (Their
+    final log-softmax is left to the cross-entropy loss.)"""
+    _require_min_size("mnist-cnn-cuq", image_size, 4, "two 2x2 max-pools")
+    side = image_size // 4
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 16, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.Tanh(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 16, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.Tanh(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * side * side, 100),
+        nn.BatchNorm1d(100),
+        nn.Tanh(),
+        nn.Linear(100, num_classes),
+        nn.BatchNorm1d(num_classes),
+    )
+
+
 # VGG-11 ("A") layout with every width halved (64 -> 32, ..., 512 -> 256): ~2.4M params instead
 # of ~9M, which is the "VGG11 light" scale used by FedBiF on SVHN. "M" is a 2x2 max-pool.
 _VGG11_LIGHT = (32, "M", 64, "M", 128, 128, "M", 256, 256, "M", 256, 256, "M")

@@ -1,8 +1,9 @@
 """Clipped uniform quantization (arXiv 2405.13365): B-bit uplink with MSE-optimal clips.
 
 Each client trains, then quantizes every Conv2d/Linear weight to B bits on [-s, s] with the
-clip s that minimises the squared quantization error (``compression.clipping``), stochastic or
-nearest rounding, and sends the packed codes, the clips and each tensor's squared error (SQE).
+clip s that minimises the exact squared error of the quantizer (``compression.clipping``;
+``cuq-clip=octav`` is the authors' iteration), stochastic or nearest rounding, and sends the
+packed codes, the clips and each tensor's squared error (SQE).
 
 The server dequantizes and aggregates each quantized tensor either by FedAvg (example-weighted)
 or, as the paper proposes, by inverse SQE: client k's copy of layer l gets weight
@@ -63,7 +64,7 @@ class ClippedUQStrategy(CommunicationStrategy):
         )
         weights = [self.global_state[i] for i in self.q_index]
         codes, clips, _, restored = quantize_layers(
-            weights, self.down.layout, self.settings.rounding, generator
+            weights, self.down.layout, self.settings.rounding, generator, self.settings.clip
         )
         extras = gather_flat(self.global_state, self.e_index, self.settings.extras_dtype)
         arrays = self.down.encode(CuqMessage(codes, clips, None, extras))
