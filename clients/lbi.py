@@ -87,7 +87,13 @@ class LBIClient(TrainingClient):
         self.q_keys = [keys[i] for i in self.q_index]
         self.e_keys = [keys[i] for i in self.e_index]
         self.codec = lbi.weight_codec(self.settings, self.model)
-        convert_to_lowbit(self.model, self.settings.layers, self.settings.scale_interval)
+        convert_to_lowbit(
+            self.model,
+            self.settings.layers,
+            self.settings.scale_interval,
+            widen=self.settings.scale_widening,
+            per_channel=self.settings.weight_scale == "channel",
+        )
         self.received_grid: tuple[int, np.ndarray] | None = None
         self.input_shape = tuple(self.train_set.tensors[0].shape[1:])
         self.macs = sum(layer_macs(self.model, self.input_shape).values())
@@ -142,6 +148,7 @@ class LBIClient(TrainingClient):
             self.settings.wire_rounding,
             generator,
             grid_scales=self.received_grid[1] if same_grid else None,
+            per_channel=self.codec.per_channel,
         )
         extras = concat_flat(
             [state[k].detach().cpu().numpy() for k in self.e_keys], self.settings.extras_dtype

@@ -7,8 +7,9 @@ the model depth:
 
     0. uint8 ``pack_codes(u, k)``: u = c + (2^(k-1) - 1) for the signed code c in
        [-(2^(k-1) - 1), 2^(k-1) - 1] of every quantized scalar (value = c * s), ceil(d k / 8) B;
-    1. float32 (1 + C,): k, then one scale per output channel of every tensor in wire order
-       (C = sum of the tensors' first dimensions), s = max|w_channel| / (2^(k-1) - 1);
+    1. float32 (1 + S,): k, then the scales in wire order: one per output channel of every
+       tensor (S = C = the sum of the tensors' first dimensions, s = max|w_channel| /
+       (2^(k-1) - 1)), or, with per-tensor scales (the paper's), one per tensor (S = L);
     2. float16 or float32 (e,): the extras.
 
 The width travels in the message, so a receiver never decodes with a width it guessed; the
@@ -26,7 +27,13 @@ import torch
 from compression.codec import Codec
 from compression.layout import EXTRAS_DTYPES, SplitLayout, checked_floats
 from compression.packing import pack_codes, packed_size, unpack_codes
-from compression.primitives import channel_scale, grid, quantize_nearest, stochastic_round
+from compression.primitives import (
+    channel_scale,
+    grid,
+    max_abs_scale,
+    quantize_nearest,
+    stochastic_round,
+)
 
 ROUNDINGS = ("stochastic", "nearest")
 MIN_BITS, MAX_BITS = 2, 8
@@ -48,27 +55,33 @@ def quantize_weights(
     rounding: str,
     generator: torch.Generator | None = None,
     grid_scales: Sequence[float] | None = None,
+    per_channel: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Signed codes (d,) int8 and per-channel scales (C,) float32 on the symmetric k-bit grid.
+    """Signed codes (d,) int8 and scales float32 on the symmetric k-bit grid: one per output
+    channel (C,), or with ``per_channel=False`` one per tensor (L,).
 
     ``stochastic`` rounding keeps E[decoded] = weights, so averaging many clients' messages does
     not lose updates smaller than half a step; ``nearest`` is the training-forward quantizer.
-    ``grid_scales``: (C,) scales to keep where they still cover the channel's max|w| (a client
-    passes those of the message it received: weights that did not move then come back exactly,
-    and only the change is rounded); a channel that grew takes its own max-abs scale.
+    ``grid_scales``: scales (as returned) to keep where they still cover max|w| (a client passes
+    those of the message it received: weights that did not move then come back exactly, and
+    only the change is rounded); a channel or tensor that grew takes its own max-abs scale.
     """
     _check_bits(bits)
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     low, high = grid(bits, signed=True)
     codes, scales = [], []
-    channels = [int(np.shape(array)[0]) for array in tensors]
-    if grid_scales is not None and len(grid_scales) != sum(channels):
-        raise ValueError(f"{len(grid_scales)} grid scales for {sum(channels)} channels")
-    offsets = np.cumsum([0, *channels])
+    counts = [int(np.shape(array)[0]) if per_channel else 1 for array in tensors]
+    if grid_scales is not None and len(grid_scales) != sum(counts):
+        raise ValueError(f"{len(grid_scales)} grid scales for {sum(counts)} scales")
+    offsets = np.cumsum([0, *counts])
     for index, array in enumerate(tensors):
         weights = torch.from_numpy(np.asarray(array, dtype=np.float32))
-        scale = channel_scale(weights, bits)
+        scale = (
+            channel_scale(weights, bits)
+            if per_channel
+            else max_abs_scale(weights, bits, signed=True).reshape([1] * weights.dim())
+        )
         if grid_scales is not None:
             kept = np.asarray(grid_scales[offsets[index] : offsets[index + 1]], dtype=np.float32)
             scale = torch.maximum(scale, torch.from_numpy(kept).reshape(scale.shape))
@@ -86,12 +99,14 @@ def quantize_weights(
 class LBIWeightCodec(Codec[WeightMessage]):
     """The k_w-bit weight message (both directions); the width travels in array 1.
 
-    ``extras_dtypes`` are the extras dtypes a receiver accepts; ``extras_dtype`` the one sent.
+    ``extras_dtypes`` are the extras dtypes a receiver accepts; ``extras_dtype`` the one sent;
+    ``per_channel`` says whether a scale covers an output channel or a whole tensor.
     """
 
     split: SplitLayout
     extras_dtype: str = "float16"
     extras_dtypes: tuple[str, ...] = EXTRAS_DTYPES
+    per_channel: bool = True
     name = "an LBI-FL message"
     num_arrays = 3
 
@@ -100,7 +115,7 @@ class LBIWeightCodec(Codec[WeightMessage]):
         _check_bits(bits)
         split = self.split
         if message.codes.shape != (split.num_quantized,) or message.scales.shape != (
-            num_channels(split),
+            num_scales(split, self.per_channel),
         ):
             raise ValueError("codes/scales do not match the layout")
         offset = grid(bits, signed=True)[1]
@@ -114,7 +129,9 @@ class LBIWeightCodec(Codec[WeightMessage]):
     def _decode(self, arrays: list[np.ndarray]) -> WeightMessage:
         packed, side, extras = arrays
         split = self.split
-        side = checked_floats(side, (1 + num_channels(split),), "width/scales", ("float32",))
+        side = checked_floats(
+            side, (1 + num_scales(split, self.per_channel),), "width/scales", ("float32",)
+        )
         bits = float(side[0])
         if not bits.is_integer() or not MIN_BITS <= bits <= MAX_BITS:
             raise ValueError(
@@ -137,19 +154,21 @@ class LBIWeightCodec(Codec[WeightMessage]):
     def payload_nbytes(self, message: WeightMessage) -> int:
         return (
             packed_size(self.split.num_quantized, message.bits)
-            + 4 * (1 + num_channels(self.split))
+            + 4 * (1 + num_scales(self.split, self.per_channel))
             + self.split.num_extras * np.dtype(self.extras_dtype).itemsize
         )
 
 
 def dequantize(message: WeightMessage, split: SplitLayout) -> list[np.ndarray]:
-    """The float32 weight tensors (in their shapes) a message's codes and scales stand for."""
+    """The float32 weight tensors (in their shapes) a message's codes and scales stand for
+    (per-channel or per-tensor scales, told apart by their count)."""
     signed = message.codes.astype(np.float32)
     shapes = split.quantized_shapes
     pieces = np.split(signed, np.cumsum(split.quantized_sizes)[:-1]) if shapes else []
-    scale_pieces = (
-        np.split(message.scales, np.cumsum([s[0] for s in shapes])[:-1]) if shapes else []
-    )
+    scales = message.scales
+    if scales.size == len(shapes) and scales.size != num_channels(split):
+        scales = np.repeat(scales, [s[0] for s in shapes])  # one scale per tensor
+    scale_pieces = np.split(scales, np.cumsum([s[0] for s in shapes])[:-1]) if shapes else []
     return [
         (piece.reshape(shape[0], -1) * scale[:, None]).reshape(shape)
         for piece, scale, shape in zip(pieces, scale_pieces, shapes, strict=True)
@@ -157,8 +176,13 @@ def dequantize(message: WeightMessage, split: SplitLayout) -> list[np.ndarray]:
 
 
 def num_channels(split: SplitLayout) -> int:
-    """C: scales in a message, one per output channel of every quantized tensor."""
+    """C: the output channels of every quantized tensor (per-channel scales)."""
     return sum(shape[0] for shape in split.quantized_shapes)
+
+
+def num_scales(split: SplitLayout, per_channel: bool) -> int:
+    """Scales in a message: C per channel, L per tensor."""
+    return num_channels(split) if per_channel else len(split.quantized_shapes)
 
 
 def _check_bits(bits: int) -> None:

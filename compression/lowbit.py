@@ -16,9 +16,12 @@ a ReLU output does not waste the sign bit. Biases are added in full precision (a
 keeps them in its int32 accumulator). Bit-width 32 means "not quantized" (the FP32 mode).
 
 Scales: weight and activation scales are max-abs scales re-taken every ``refresh_interval``
-training steps (the paper refreshes every 100 iterations); in between they are reused, except that
-a tensor whose max-abs outgrows its scale widens it at once (never clipped by a stale scale;
-the scale only shrinks at the next refresh). The gradient
+training steps (the paper refreshes every 100 iterations); in between they are reused. By
+default (``widen=True``) a tensor whose max-abs outgrows its scale widens it at once (never
+clipped by a stale scale; the scale only shrinks at the next refresh); ``widen=False`` keeps
+the paper's stale scale, so an outgrowing value is clipped until the next refresh. Weight
+scales are one per output channel (``per_channel=True``, the default) or, as in the paper, one
+per tensor. The gradient
 scale is taken from each backward's own max|dL/dy|, because gradient magnitudes move by orders of
 magnitude between steps and a stale scale would clip or flush them to zero.
 
@@ -131,12 +134,16 @@ class _LowBitMixin(nn.Module):
 
     bits: BitWidths
     refresh_interval: int
+    widen: bool
+    per_channel: bool
 
-    def _init_lowbit(self, refresh_interval: int) -> None:
+    def _init_lowbit(self, refresh_interval: int, widen: bool, per_channel: bool) -> None:
         if refresh_interval < 1:
             raise ValueError(f"refresh_interval must be >= 1, got {refresh_interval}")
         self.bits = FP32
         self.refresh_interval = refresh_interval
+        self.widen = widen
+        self.per_channel = per_channel
         self.steps = 0
         # Non-persistent: the state_dict (and so the wire format) is that of the float model.
         self.register_buffer("weight_scale", torch.ones(()), persistent=False)
@@ -154,17 +161,27 @@ class _LowBitMixin(nn.Module):
             self.loss_sums[kind] = self.loss_sums[kind] + quantization_loss(original, quantized)
         self.loss_counts[kind] += 1
 
-    def _update_scales(self, x: torch.Tensor, refresh: bool) -> None:
-        """Re-take the max-abs scales on a refresh step; in between, only let them grow.
+    def weight_scales(self, bits: int) -> torch.Tensor:
+        """Max-abs scales of the current weights: per output channel, or one for the tensor."""
+        if self.per_channel:
+            return channel_scale(self.weight, bits)
+        return max_abs_scale(self.weight, bits, signed=True)
 
-        A tensor that outgrew a stale scale would be clipped, and the straight-through gradient
-        would push its shadow values further out (measured: training diverges within an epoch).
-        ``torch.maximum`` keeps this free of host syncs; the activation's signedness (a Python
-        bool that picks the grid) is only re-read on refresh steps.
+    def _update_scales(self, x: torch.Tensor, refresh: bool) -> None:
+        """Re-take the max-abs scales on a refresh step; in between, only let them grow
+        (``widen``) or keep them as they are (the paper).
+
+        A tensor that outgrew a stale scale is clipped, and the straight-through gradient then
+        pushes its shadow values further out (measured: INT8 training diverges within an epoch
+        on digits), hence widening by default. ``torch.maximum`` keeps this free of host syncs;
+        the activation's signedness (a Python bool that picks the grid) is only re-read on
+        refresh steps.
         """
+        if not (refresh or self.widen):
+            return
         with torch.no_grad():
             if self.bits.weight != FULL_PRECISION_BITS:
-                scale = channel_scale(self.weight, self.bits.weight)
+                scale = self.weight_scales(self.bits.weight)
                 self.weight_scale = scale if refresh else torch.maximum(self.weight_scale, scale)
             if self.bits.activation != FULL_PRECISION_BITS:
                 if refresh:
@@ -209,7 +226,7 @@ class _LowBitMixin(nn.Module):
             return self.weight_scale, self.activation_scale, self.activation_signed
         signed = bool(x.detach().amin() < 0)
         return (
-            channel_scale(self.weight, self.bits.weight),
+            self.weight_scales(self.bits.weight),
             max_abs_scale(x, self.bits.activation, signed),
             signed,
         )
@@ -235,7 +252,9 @@ class LowBitLinear(nn.Linear, _LowBitMixin):
         return _LowBitMixin.forward(self, x)
 
 
-def _lowbit_copy(module: nn.Module, refresh_interval: int) -> nn.Module:
+def _lowbit_copy(
+    module: nn.Module, refresh_interval: int, widen: bool, per_channel: bool
+) -> nn.Module:
     """A low-bit layer that shares ``module``'s parameters (same state_dict keys and tensors)."""
     if type(module) is nn.Conv2d:
         new: nn.Module = LowBitConv2d(
@@ -257,16 +276,22 @@ def _lowbit_copy(module: nn.Module, refresh_interval: int) -> nn.Module:
     new.weight = module.weight
     new.bias = module.bias
     new.train(module.training)
-    new._init_lowbit(refresh_interval)
+    new._init_lowbit(refresh_interval, widen, per_channel)
     return new.to(module.weight.device)
 
 
 def convert_to_lowbit(
-    model: nn.Module, layers: str = "conv-linear", refresh_interval: int = 100
+    model: nn.Module,
+    layers: str = "conv-linear",
+    refresh_interval: int = 100,
+    *,
+    widen: bool = True,
+    per_channel: bool = True,
 ) -> nn.Module:
     """Replace (in place) the model's Conv2d (and Linear) modules by low-bit ones; returns it.
 
-    The new layers start in full precision (``FP32``) until ``set_bit_widths`` is called.
+    The new layers start in full precision (``FP32``) until ``set_bit_widths`` is called;
+    ``widen`` and ``per_channel`` are the scale options of the module docstring.
     """
     if layers not in LAYER_CHOICES:
         raise ValueError(f"layers must be one of {LAYER_CHOICES}, got {layers!r}")
@@ -274,7 +299,7 @@ def convert_to_lowbit(
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) in targets:
-                setattr(parent, name, _lowbit_copy(child, refresh_interval))
+                setattr(parent, name, _lowbit_copy(child, refresh_interval, widen, per_channel))
     return model
 
 

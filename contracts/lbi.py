@@ -21,6 +21,7 @@ from core.settings import Settings, setting
 from core.wire_state import quantized_split
 
 MODES = ("agent", "random", "fp32", "ui4", "ui8")
+SCALES = ("channel", "tensor")
 #: widths a client starts at in each mode (``agent``/``random`` then only raise them).
 INITIAL_WIDTHS: dict[str, BitWidths] = {
     "agent": INT4,
@@ -63,6 +64,12 @@ class LBISettings(Settings):
     scale_interval: int = setting(
         100, "training steps between weight/activation scale updates", min=1
     )
+    scale_widening: bool = setting(
+        True, "scales grow at once when a tensor outgrows them (false: the paper's stale scales)"
+    )
+    weight_scale: str = setting(
+        "channel", "weight scales per output channel, or per tensor (the paper)", choices=SCALES
+    )
     wire_rounding: str = setting(
         "stochastic", "rounding of weights on the wire (both ways)", choices=lbi_codec.ROUNDINGS
     )
@@ -83,4 +90,8 @@ class LBISettings(Settings):
 
 def weight_codec(settings: LBISettings, model: nn.Module) -> lbi_codec.LBIWeightCodec:
     """The k_w-bit message of ``model`` (both directions)."""
-    return lbi_codec.LBIWeightCodec(quantized_split(model)[2], settings.extras_dtype)
+    return lbi_codec.LBIWeightCodec(
+        quantized_split(model)[2],
+        settings.extras_dtype,
+        per_channel=settings.weight_scale == "channel",
+    )

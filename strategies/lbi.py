@@ -98,6 +98,7 @@ class LBIStrategy(CommunicationStrategy):
             bits,
             self.settings.wire_rounding,
             generator,
+            per_channel=self.codec.per_channel,
         )
         extras = gather_flat(self.global_state, self.e_index, self.settings.extras_dtype)
         arrays = self.codec.encode(lbi_codec.WeightMessage(bits, codes, scales, extras))

@@ -240,3 +240,18 @@ def test_untrained_weights_come_back_exactly_on_the_received_grid(tmp_path):
     uplink = client.encode_uplink({"server-round": 1})
     np.testing.assert_array_equal(uplink[0], arrays[0])
     np.testing.assert_array_equal(uplink[1], arrays[1])
+
+
+def test_per_tensor_scales_travel_one_scale_per_tensor(tmp_path):
+    overrides = {"lbi-weight-scale": "tensor", "lbi-scale-widening": False}
+    strategy, proxy, ins, _, res = one_fit(tmp_path, **overrides)
+    split = strategy.split
+    per_tensor = (
+        npy_bytes(np.zeros(packed_size(split.num_quantized, 4), np.uint8))
+        + npy_bytes(np.zeros(1 + len(split.quantized_shapes), np.float32))
+        + npy_bytes(np.zeros(split.num_extras, np.float16))
+    )
+    assert sum(len(t) for t in ins.parameters.tensors) == per_tensor
+    assert sum(len(t) for t in res.parameters.tensors) == per_tensor
+    update = strategy.decode_uplink(1, proxy.cid, res)
+    assert all(np.all(np.isfinite(a)) for a in update.arrays)

@@ -292,3 +292,50 @@ def test_codec_rejects_malformed_messages(mutate, reason: str) -> None:
     arrays, _ = codec_message(4)
     with pytest.raises(ValueError, match=reason):
         decode(mutate(arrays), SPLIT)
+
+
+def test_stale_scales_without_widening_and_per_tensor_weight_scales() -> None:
+    """widen=False keeps a scale until the next refresh (the paper); per_channel=False takes
+    one max-abs scale for the whole weight tensor."""
+    for widen in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 4))
+        convert_to_lowbit(model, "conv-linear", refresh_interval=10, widen=widen)
+        set_bit_widths(model, BitWidths(4, 4, 4))
+        layer = model[0]
+        x = torch.randn(8, 6)
+        model(x).sum().backward()  # step 0: scales taken
+        taken = layer.weight_scale.clone()
+        with torch.no_grad():
+            layer.weight.mul_(3.0)  # outgrow the scale between refreshes
+        model(x).sum().backward()
+        if widen:
+            torch.testing.assert_close(layer.weight_scale, 3.0 * taken)
+        else:
+            torch.testing.assert_close(layer.weight_scale, taken)
+    model = nn.Sequential(nn.Linear(6, 4))
+    convert_to_lowbit(model, "conv-linear", per_channel=False)
+    set_bit_widths(model, BitWidths(4, 4, 4))
+    model(torch.randn(8, 6)).sum().backward()
+    layer = model[0]
+    assert layer.weight_scale.numel() == 1
+    torch.testing.assert_close(layer.weight_scale, layer.weight.detach().abs().max() / 7)
+
+
+def test_codec_with_one_scale_per_tensor() -> None:
+    rng = np.random.default_rng(2)
+    tensors = [rng.normal(size=s).astype(np.float32) for s in SPLIT.quantized_shapes]
+    codes, scales = lbi_codec.quantize_weights(tensors, 4, "nearest", per_channel=False)
+    assert scales.shape == (2,)
+    np.testing.assert_allclose(scales, [np.abs(t).max() / 7 for t in tensors], rtol=1e-6)
+    codec = lbi_codec.LBIWeightCodec(SPLIT, per_channel=False)
+    message = lbi_codec.WeightMessage(4, codes, scales, np.zeros(14, np.float16))
+    arrays = codec.encode(message)
+    assert arrays[1].shape == (3,) and codec.payload_nbytes(message) == sum(
+        a.nbytes for a in arrays
+    )
+    weights = lbi_codec.dequantize(codec.decode(arrays), SPLIT)
+    for tensor, got, scale in zip(tensors, weights, scales, strict=True):
+        np.testing.assert_allclose(got, np.clip(np.rint(tensor / scale), -7, 7) * scale, rtol=1e-6)
+    with pytest.raises(ValueError, match="width/scales"):
+        lbi_codec.LBIWeightCodec(SPLIT).decode(arrays)  # a per-channel receiver refuses it

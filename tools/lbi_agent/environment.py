@@ -392,13 +392,13 @@ def teacher_schedule(
 ) -> dict[int, int]:
     """A Section 4.4 teacher sample as {decision index: action}.
 
-    Each kind going to INT8 draws a time uniformly among the decision times in its range
-    (gradients [0.10, 0.45], activations [0.50, 0.90], weights [0.50, 0.95] or, with probability
-    ``weight_keep_prob``, kept at INT4). INT4 -> INT8 takes two +2 raises, one per decision: the
-    first at the first free decision at or after the drawn time, the second at the next free one.
-    Kinds are placed in the order gradient, activation, weight, so a later kind moves past a
-    decision an earlier one took; a raise that finds no decision left is dropped (e.g. weights
-    drawn at 0.95 end at INT6).
+    Each kind going to INT8 reaches it at a time drawn uniformly within its range (gradients
+    [0.10, 0.45], activations [0.50, 0.90], weights [0.50, 0.95] or, with probability
+    ``weight_keep_prob``, kept at INT4). INT4 -> INT8 takes two +2 raises at two decisions of the
+    range that no earlier kind took: the decision that reaches INT8 is drawn among those that
+    leave a free decision before it in the range, and the first raise goes to the latest such
+    free decision. Kinds are placed in the order gradient, activation, weight; a kind whose range
+    holds fewer than two free decisions is left at INT4 (never moved outside its range).
     """
     times = np.asarray(decision_times)
     plan: dict[int, int] = {}
@@ -406,17 +406,16 @@ def teacher_schedule(
     if rng.random() >= weight_keep_prob:
         ranges.append(("weight", WEIGHT_RANGE))
     for kind, (low, high) in ranges:
-        candidates = np.flatnonzero((times >= low - 1e-9) & (times <= high + 1e-9))
-        if candidates.size == 0:
+        free = [
+            int(i)
+            for i in np.flatnonzero((times >= low - 1e-9) & (times <= high + 1e-9))
+            if int(i) not in plan
+        ]
+        if len(free) < 2:
             continue
-        index = int(rng.choice(candidates))
-        for _ in range(2):
-            while index in plan:
-                index += 1
-            if index >= len(times):
-                break
-            plan[index] = 1 + KINDS.index(kind)
-            index += 1
+        second = int(rng.choice(free[1:]))
+        first = max(i for i in free if i < second)
+        plan[first] = plan[second] = 1 + KINDS.index(kind)
     return plan
 
 

@@ -13,9 +13,10 @@ only). Following Goecks et al. (2020), which the paper cites for BC "as a regula
 update, so exploration refines the teacher's schedules instead of forgetting them after a few
 noisy episodes.
 
-Returns: Eq. 9 regresses q(s, a) on the Monte-Carlo return of the teacher sample. It is computed
-here with the same discount gamma as the DQN target (``discounted_returns``), so that BC fits the
-quantity DQN keeps estimating; with gamma = 1 it is the paper's plain sum of rewards.
+Returns: Eq. 9 regresses q(s, a) on the Monte-Carlo return of the teacher sample
+(``discounted_returns``): the paper's plain sum of rewards with gamma = 1 (the training
+command's default ``--bc-gamma``), or discounted with the DQN's gamma so that BC fits the quantity
+DQN keeps estimating.
 """
 
 from __future__ import annotations

@@ -102,7 +102,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher-episodes", type=int, default=24)
     p.add_argument("--weight-keep-prob", type=float, default=0.5)
     p.add_argument("--dqn-episodes", type=int, default=48)
-    p.add_argument("--gamma", type=float, default=0.95)
+    p.add_argument("--gamma", type=float, default=0.95, help="discount of the DQN target")
+    p.add_argument(
+        "--bc-gamma",
+        type=float,
+        default=1.0,
+        help="discount of the Eq. 9 return (1: the paper's plain sum of rewards)",
+    )
     p.add_argument("--agent-lr", type=float, default=1e-3)
     p.add_argument("--agent-batch", type=int, default=64)
     p.add_argument("--bc-steps", type=int, default=2000)
@@ -420,6 +426,7 @@ def agent_metadata(
             "teacher_episodes": args.teacher_episodes,
             "dqn_episodes": args.dqn_episodes,
             "gamma": args.gamma,
+            "bc_gamma": args.bc_gamma,
             "bc_steps": args.bc_steps,
             "bc_weight": args.bc_weight,
             "kl_weight": args.kl_weight,
@@ -461,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         training = Training(args, build_environments(args, log), log)
         teacher_episodes = collect_teacher(training)
         teacher = TeacherSamples.from_episodes(
-            [e.transitions for e in teacher_episodes], args.gamma
+            [e.transitions for e in teacher_episodes], args.bc_gamma
         )
         replay = ReplayBuffer(args.replay_capacity)
         for episode in teacher_episodes:
