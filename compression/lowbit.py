@@ -16,12 +16,16 @@ a ReLU output does not waste the sign bit. Biases are added in full precision (a
 keeps them in its int32 accumulator). Bit-width 32 means "not quantized" (the FP32 mode).
 
 Scales: weight and activation scales are max-abs scales re-taken every ``refresh_interval``
-training steps (the paper refreshes every 100 iterations); in between they are reused. By
-default (``widen=True``) a tensor whose max-abs outgrows its scale widens it at once (never
-clipped by a stale scale; the scale only shrinks at the next refresh); ``widen=False`` keeps
-the paper's stale scale, so an outgrowing value is clipped until the next refresh. Weight
-scales are one per output channel (``per_channel=True``, the default) or, as in the paper, one
-per tensor. The gradient
+training steps (the paper refreshes every 100 iterations); in between they are reused, and
+``widen`` (``WIDENINGS``) says which may grow at once when a tensor outgrows its scale:
+``weights`` (default): a weight that outgrows its scale widens it (never clipped by a stale
+scale; the scale only shrinks at the next refresh), while activations keep the scale taken at
+the refresh and outliers are clipped; ``none``: the paper's stale scales for both; ``all``:
+both widen. Measured on digits (seed 7, INT4): widening activation scales lets one outlier
+batch stretch the 15-level unsigned grid until most ReLU outputs round to zero and training
+collapses to chance, while a weight scale that cannot widen clips weights whose shadow values
+the straight-through gradient then pushes further out. Weight scales are one per output channel
+(``per_channel=True``, the default) or, as in the paper, one per tensor. The gradient
 scale is taken from each backward's own max|dL/dy|, because gradient magnitudes move by orders of
 magnitude between steps and a stale scale would clip or flush them to zero.
 
@@ -61,6 +65,8 @@ from compression.primitives import (
 )
 
 KINDS: tuple[str, ...] = ("weight", "activation", "gradient")
+#: which scales grow at once between refreshes (module docstring).
+WIDENINGS: tuple[str, ...] = ("weights", "none", "all")
 LAYER_CHOICES: tuple[str, ...] = ("conv", "conv-linear")
 #: a width of 32 leaves that tensor kind in full precision.
 FULL_PRECISION_BITS = 32
@@ -134,12 +140,14 @@ class _LowBitMixin(nn.Module):
 
     bits: BitWidths
     refresh_interval: int
-    widen: bool
+    widen: str
     per_channel: bool
 
-    def _init_lowbit(self, refresh_interval: int, widen: bool, per_channel: bool) -> None:
+    def _init_lowbit(self, refresh_interval: int, widen: str, per_channel: bool) -> None:
         if refresh_interval < 1:
             raise ValueError(f"refresh_interval must be >= 1, got {refresh_interval}")
+        if widen not in WIDENINGS:
+            raise ValueError(f"widen must be one of {WIDENINGS}, got {widen!r}")
         self.bits = FP32
         self.refresh_interval = refresh_interval
         self.widen = widen
@@ -168,22 +176,17 @@ class _LowBitMixin(nn.Module):
         return max_abs_scale(self.weight, bits, signed=True)
 
     def _update_scales(self, x: torch.Tensor, refresh: bool) -> None:
-        """Re-take the max-abs scales on a refresh step; in between, only let them grow
-        (``widen``) or keep them as they are (the paper).
-
-        A tensor that outgrew a stale scale is clipped, and the straight-through gradient then
-        pushes its shadow values further out (measured: INT8 training diverges within an epoch
-        on digits), hence widening by default. ``torch.maximum`` keeps this free of host syncs;
-        the activation's signedness (a Python bool that picks the grid) is only re-read on
-        refresh steps.
-        """
-        if not (refresh or self.widen):
-            return
+        """Re-take the max-abs scales on a refresh step; in between, let the kinds ``widen``
+        names grow and keep the others (module docstring). ``torch.maximum`` keeps this free of
+        host syncs; the activation's signedness (a Python bool that picks the grid) is only
+        re-read on refresh steps."""
+        widen_weights = refresh or self.widen in ("weights", "all")
+        widen_activations = refresh or self.widen == "all"
         with torch.no_grad():
-            if self.bits.weight != FULL_PRECISION_BITS:
+            if self.bits.weight != FULL_PRECISION_BITS and widen_weights:
                 scale = self.weight_scales(self.bits.weight)
                 self.weight_scale = scale if refresh else torch.maximum(self.weight_scale, scale)
-            if self.bits.activation != FULL_PRECISION_BITS:
+            if self.bits.activation != FULL_PRECISION_BITS and widen_activations:
                 if refresh:
                     self.activation_signed = bool(x.amin() < 0)
                 scale = max_abs_scale(x, self.bits.activation, self.activation_signed)
@@ -253,7 +256,7 @@ class LowBitLinear(nn.Linear, _LowBitMixin):
 
 
 def _lowbit_copy(
-    module: nn.Module, refresh_interval: int, widen: bool, per_channel: bool
+    module: nn.Module, refresh_interval: int, widen: str, per_channel: bool
 ) -> nn.Module:
     """A low-bit layer that shares ``module``'s parameters (same state_dict keys and tensors)."""
     if type(module) is nn.Conv2d:
@@ -285,7 +288,7 @@ def convert_to_lowbit(
     layers: str = "conv-linear",
     refresh_interval: int = 100,
     *,
-    widen: bool = True,
+    widen: str = "weights",
     per_channel: bool = True,
 ) -> nn.Module:
     """Replace (in place) the model's Conv2d (and Linear) modules by low-bit ones; returns it.

@@ -16,7 +16,7 @@ from torch import nn
 
 from compression import lbi_codec
 from compression.layout import EXTRAS_DTYPES
-from compression.lowbit import FP32, INT4, INT8, KINDS, LAYER_CHOICES, BitWidths
+from compression.lowbit import FP32, INT4, INT8, KINDS, LAYER_CHOICES, WIDENINGS, BitWidths
 from core.settings import Settings, setting
 from core.wire_state import quantized_split
 
@@ -64,8 +64,10 @@ class LBISettings(Settings):
     scale_interval: int = setting(
         100, "training steps between weight/activation scale updates", min=1
     )
-    scale_widening: bool = setting(
-        True, "scales grow at once when a tensor outgrows them (false: the paper's stale scales)"
+    scale_widening: str = setting(
+        "weights",
+        "scales that grow at once when outgrown between refreshes (none: the paper)",
+        choices=WIDENINGS,
     )
     weight_scale: str = setting(
         "channel", "weight scales per output channel, or per tensor (the paper)", choices=SCALES

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 from torchvision.models import mobilenet_v2
+from torchvision.models import resnet18 as tv_resnet18
+from torchvision.models import resnet50 as tv_resnet50
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.models.vision_transformer import VisionTransformer
 
@@ -361,3 +364,132 @@ def vit_small(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     if in_channels != 3:
         model.conv_proj = nn.Conv2d(in_channels, 384, kernel_size=patch, stride=patch)
     return model
+
+
+# --------------------------------------------------------------------------- LBI-FL's Table 2
+# The variants whose forward MACs on 32x32 CIFAR input match the LBI-FL paper's BitOPs (Table 2:
+# BitOPs at FP32 = MACs x 32 x 32 x 3): ``benchmarks/README.md`` lists both counts.
+
+
+@MODELS.register("lenet-cifar")
+def lenet_cifar(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """The CIFAR "LeNet" of FL papers: 5x5 convs of 64 channels (no padding), 2x2 max-pools,
+    then 384-192-classes; 14.69 M MACs at 32x32 (the LBI-FL paper counts 14.81 M)."""
+    _require_min_size("lenet-cifar", image_size, 16, "two 5x5 convs and two 2x2 max-pools")
+    side = ((image_size - 4) // 2 - 4) // 2
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 64, kernel_size=5),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, kernel_size=5),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * side * side, 384),
+        nn.ReLU(inplace=True),
+        nn.Linear(384, 192),
+        nn.ReLU(inplace=True),
+        nn.Linear(192, num_classes),
+    )
+
+
+def _imagenet_stem(model: nn.Module, in_channels: int) -> nn.Module:
+    if in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    return model
+
+
+@MODELS.register("resnet18-imagenet")
+def resnet18_imagenet(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """torchvision's ResNet-18 with its ImageNet stem (7x7 stride-2 conv, max-pool), as the
+    LBI-FL paper counts it on CIFAR: 37.0 M MACs at 32x32 (``resnet18``, with the CIFAR stem,
+    has 555 M)."""
+    return _imagenet_stem(tv_resnet18(num_classes=num_classes), in_channels)
+
+
+@MODELS.register("resnet50-imagenet")
+def resnet50_imagenet(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """torchvision's ResNet-50 with its ImageNet stem (83.4 M MACs at 32x32; the LBI-FL paper
+    counts 84.1 M)."""
+    return _imagenet_stem(tv_resnet50(num_classes=num_classes), in_channels)
+
+
+@MODELS.register("mobilenetv2-cifar")
+def mobilenetv2_cifar(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """MobileNetV2 as CIFAR code bases adapt it: stride-1 stem and a stride-1 second stage
+    (the first stride-2 block), so 32x32 inputs keep 32x32 maps through the early blocks:
+    88.0 M MACs at 32x32, 7% below the LBI-FL paper's 94.6 M (its variant is not stated)."""
+    model = mobilenetv2(in_channels, num_classes, image_size)
+    first_stride_two = model.features[2].conv[1][0]  # the depthwise conv of stage 2's block 1
+    first_stride_two.stride = (1, 1)
+    return model
+
+
+class _Attention(nn.Module):
+    """Multi-head self-attention with ``nn.Linear`` projections (so low-bit conversion and the
+    BitOPs count see them, unlike ``nn.MultiheadAttention``'s fused parameter)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        out = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.norm1, self.attention = nn.LayerNorm(dim), _Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attention(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class CifarViT(nn.Module):
+    """A ViT for small images: patch embedding (a strided conv), class token, learned position
+    embedding, pre-norm blocks, a linear head on the class token."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        image_size: int,
+        patch: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        mlp_dim: int,
+    ) -> None:
+        super().__init__()
+        tokens = (image_size // patch) ** 2
+        self.embed = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.position = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+        self.blocks = nn.Sequential(*(_Block(dim, heads, mlp_dim) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.position
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+@MODELS.register("vit-cifar")
+def vit_cifar(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """The CIFAR ViT of common code bases (4x4 patches, width 512, 6 blocks, 8 heads, MLP 512):
+    615 M MACs in its linear layers at 32x32, the LBI-FL paper's "ViT-S" count (622 M)."""
+    if image_size % 4:
+        raise ValueError(f"model 'vit-cifar': image_size {image_size} is not a multiple of 4")
+    return CifarViT(in_channels, num_classes, image_size, 4, 512, 6, 8, 512)

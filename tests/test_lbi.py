@@ -243,7 +243,7 @@ def test_untrained_weights_come_back_exactly_on_the_received_grid(tmp_path):
 
 
 def test_per_tensor_scales_travel_one_scale_per_tensor(tmp_path):
-    overrides = {"lbi-weight-scale": "tensor", "lbi-scale-widening": False}
+    overrides = {"lbi-weight-scale": "tensor", "lbi-scale-widening": "none"}
     strategy, proxy, ins, _, res = one_fit(tmp_path, **overrides)
     split = strategy.split
     per_tensor = (

@@ -179,9 +179,9 @@ def test_quantization_losses_average_per_kind_over_layers_and_steps() -> None:
     assert quantization_losses(model) == {"weight": 0.0, "activation": 0.0, "gradient": 0.0}
 
 
-def test_scales_refresh_on_the_interval_and_only_grow_in_between() -> None:
+def activation_scales(widen: str) -> tuple[list[float], list[float]]:
     model = nn.Sequential(nn.Linear(4, 2))
-    convert_to_lowbit(model, refresh_interval=3)
+    convert_to_lowbit(model, refresh_interval=3, widen=widen)
     set_bit_widths(model, INT8)
     layer = model[0]
     torch.manual_seed(0)
@@ -190,12 +190,23 @@ def test_scales_refresh_on_the_interval_and_only_grow_in_between() -> None:
     for batch in batches:
         model(batch).sum().backward()
         scales.append(float(layer.activation_scale))
-    peak = [float(b.abs().max()) / 127 for b in batches]
+    return scales, [float(b.abs().max()) / 127 for b in batches]
+
+
+def test_scales_refresh_on_the_interval_and_only_grow_in_between() -> None:
+    scales, peak = activation_scales("all")
     assert scales[0] == pytest.approx(peak[0])  # refresh
     assert scales[1] == pytest.approx(peak[1])  # outgrew: widened at once, never clipped
     assert scales[2] == scales[1]  # smaller batch: kept until the next refresh
     assert scales[3] == pytest.approx(peak[3])  # refresh: shrinks to the current batch
     assert scales[4] == scales[3] and scales[5] == pytest.approx(peak[5])
+
+
+def test_by_default_activation_scales_stay_until_the_refresh() -> None:
+    """Activations keep the scale of the refresh step (outliers are clipped until the next)."""
+    scales, peak = activation_scales("weights")
+    assert scales[0] == scales[1] == scales[2] == pytest.approx(peak[0])
+    assert scales[3] == scales[4] == scales[5] == pytest.approx(peak[3])
 
 
 def test_bitops_of_known_layers_equal_the_hand_count() -> None:
@@ -295,9 +306,9 @@ def test_codec_rejects_malformed_messages(mutate, reason: str) -> None:
 
 
 def test_stale_scales_without_widening_and_per_tensor_weight_scales() -> None:
-    """widen=False keeps a scale until the next refresh (the paper); per_channel=False takes
+    """widen="none" keeps a scale until the next refresh (the paper); per_channel=False takes
     one max-abs scale for the whole weight tensor."""
-    for widen in (True, False):
+    for widen in ("weights", "none"):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(6, 4))
         convert_to_lowbit(model, "conv-linear", refresh_interval=10, widen=widen)
@@ -309,7 +320,7 @@ def test_stale_scales_without_widening_and_per_tensor_weight_scales() -> None:
         with torch.no_grad():
             layer.weight.mul_(3.0)  # outgrow the scale between refreshes
         model(x).sum().backward()
-        if widen:
+        if widen == "weights":
             torch.testing.assert_close(layer.weight_scale, 3.0 * taken)
         else:
             torch.testing.assert_close(layer.weight_scale, taken)

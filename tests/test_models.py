@@ -15,6 +15,11 @@ EXPECTED_NAMES = {
     "cnn4",
     "cnn4-fedbat",
     "mnist-cnn-cuq",
+    "lenet-cifar",
+    "resnet18-imagenet",
+    "resnet50-imagenet",
+    "mobilenetv2-cifar",
+    "vit-cifar",
     "vgg11-light",
     "resnet10",
     "resnet18",
@@ -45,6 +50,11 @@ SUPPORTED = [
     ("cnn4-fedbat", 1, 28, 10),
     ("cnn4-fedbat", 3, 32, 10),
     ("mnist-cnn-cuq", 1, 28, 10),
+    ("lenet-cifar", 3, 32, 10),
+    ("resnet18-imagenet", 3, 32, 10),
+    ("mobilenetv2-cifar", 3, 32, 10),
+    ("vit-cifar", 3, 32, 10),
+    ("vit-cifar", 1, 28, 10),
     ("vgg11-light", 3, 32, 10),
     ("resnet10", 3, 32, 10),
     ("resnet10", 1, 28, 10),
@@ -155,3 +165,23 @@ def test_cnn4_fedbat_is_the_authors_architecture() -> None:
     assert abs(float(big.std()) - 0.01) < 0.0005 and abs(float(big.mean())) < 0.0005
     # weights + BN affine (2 x 480) and the classifier: the FedBAT CNN4 size for FMNIST
     assert _num_params(fmnist) == 9 * (32 + 32 * 64 + 64 * 128 + 128 * 256) + 2 * 480 + 2560
+
+
+@pytest.mark.parametrize(
+    ("name", "paper_bitops"),
+    [
+        ("lenet-cifar", 45.5e9),
+        ("resnet18-imagenet", 114.2e9),
+        ("resnet50-imagenet", 258.4e9),
+        ("vit-cifar", 1910.5e9),
+    ],
+)
+def test_lbi_table2_bitops_are_reproduced_within_two_percent(
+    name: str, paper_bitops: float
+) -> None:
+    """The LBI-FL paper's FP32 BitOPs on CIFAR-10 (Table 2) = forward MACs x 32 x 32 x 3."""
+    from compression.lowbit import FP32, convert_to_lowbit, layer_macs, training_bitops
+
+    model = convert_to_lowbit(_build(name, 3, 32, 10), "conv-linear")
+    macs = sum(layer_macs(model, (3, 32, 32)).values())
+    assert training_bitops(macs, FP32) == pytest.approx(paper_bitops, rel=0.02)
