@@ -40,12 +40,12 @@ from deploy.procs import (
     PROJECT_ROOT,
     ManagedProcess,
     flwr_environment,
-    free_port,
     pids_with_environment,
     process_tree,
     stop_marked,
 )
 from deploy.superlink import superlink_command
+from tools.launch import free_port
 
 RUN_ID_PATTERN = re.compile(r"run (?:ID )?(\d{3,})", re.IGNORECASE)
 #: CLI connection names written into the user's ``config.toml``.

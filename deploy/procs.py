@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,17 +22,6 @@ from tools.launch import offline_environment
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (bind port 0 and let the kernel choose).
-
-    The port is released before it is used, so another process could take it meanwhile; the
-    kernel hands out ephemeral ports round-robin, which makes that unlikely in practice.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def flwr_environment(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:

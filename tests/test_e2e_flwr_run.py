@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from core.results import read_rounds
 from tools.launch import launch, superlink_pids
 
@@ -31,16 +33,34 @@ def test_flwr_run_two_rounds_three_clients(tmp_path):
 
 
 def test_flwr_run_reports_a_failed_server_app(tmp_path):
-    # Valid for Flower (the key exists) but rejected by our validation inside the ServerApp.
+    # A valid config whose ServerApp fails at start: the checkpoint to resume from is missing.
     code, status, _ = launch(
-        run_config="num-server-rounds=1 batch-size=0",
+        run_config=f"num-server-rounds=1 resume-from='{tmp_path / 'missing'}' "
+        f"results-dir='{tmp_path}'",
         num_supernodes=2,
         flwr_home=tmp_path / "flwr-home",
         log_path=tmp_path / "run.log",
     )
     assert code != 0
     assert status.startswith("finished:failed")
-    assert "batch-size must be int >= 1" in (tmp_path / "run.log").read_text()
+    assert "no checkpoint at" in (tmp_path / "run.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("run_config", "message"),
+    [
+        ("num-server-rounds=1 batch-size=0", "batch-size must be int >= 1, got 0"),
+        ("num-server-roundz=3", "unknown key 'num-server-roundz'; valid keys: "),
+        ("strategy='fedbat' fedbat-alpha-min=0.5", "must be below fedbat-alpha-max"),
+    ],
+)
+def test_a_config_the_app_refuses_is_not_submitted(tmp_path, run_config, message):
+    """Flower would only say "Invalid run configuration" for an unknown key; the launcher
+    names it, with the valid keys, before any SuperLink starts."""
+    code, status, results_dir = launch(run_config=run_config, flwr_home=tmp_path / "home")
+    assert code == 2 and results_dir is None
+    assert status.startswith("not started: ") and message in status
+    assert not (tmp_path / "home").exists()
 
 
 def test_flwr_run_fedbif(tmp_path):
@@ -56,3 +76,23 @@ def test_flwr_run_fedbif(tmp_path):
     summary = json.loads((results_dir / "summary.json").read_text())
     assert summary["strategy"] == "fedbif" and summary["completed"]
     assert 1.0 < summary["uplink_bpp"] < 1.2 and 4.0 < summary["downlink_bpp"] < 4.2
+
+
+def test_two_runs_at_the_same_time_do_not_meet(tmp_path):
+    """Each launch gets its own Flower home and free SuperLink ports (as two `make run`s, or the
+    tests beside a `make run`): both complete, and each stops only its own SuperLink."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(name: str) -> tuple[int, str, object]:
+        return launch(
+            run_config=f"num-server-rounds=2 results-dir='{tmp_path}' run-name='{name}' "
+            "device='cpu'",
+            num_supernodes=2,
+            log_path=tmp_path / f"{name}.log",
+        )
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(run, ["first", "second"]))
+    for name, (code, status, results_dir) in zip(["first", "second"], outcomes, strict=True):
+        assert code == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+        assert status == "finished:completed" and results_dir == tmp_path / name

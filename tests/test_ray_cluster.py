@@ -30,10 +30,10 @@ from deploy.procs import (
     ManagedProcess,
     alive,
     flwr_environment,
-    free_port,
     process_tree,
     stop_marked,
 )
+from tools.launch import free_port
 
 RAY = VENV_BIN / "ray"
 pytestmark = [

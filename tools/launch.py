@@ -2,9 +2,15 @@
 
 ``flwr run . --stream`` alone is not enough for scripts and CI: it starts a detached SuperLink that
 outlives the run, and it exits 0 even when the ServerApp crashed. This launcher (used by
-``make run`` and the end-to-end test) sets the offline environment, runs ``flwr run``, asks the
-SuperLink for the run's final status, stops the SuperLink it started, and exits non-zero unless
-the run finished successfully.
+``make run``, the experiment harness and the end-to-end tests):
+
+* validates the run config against the app's schema before submitting (Flower itself only
+  says "Invalid run configuration" for an unknown key);
+* gives the run its own Flower home and free local ports for the SuperLink's APIs, so several
+  runs on one machine (tests beside ``make run``, two harnesses) never share a SuperLink;
+* runs ``flwr run``, asks the SuperLink for the run's final status, stops the SuperLink it
+  started (found by a marker in its environment, never another job's), and exits non-zero
+  unless the run finished successfully.
 
     python -m tools.launch [--num-supernodes 10] [--run-config "k=v ..."] [--federation-config ...]
 """
@@ -15,11 +21,16 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
+
+from flwr.common.config import parse_config_args
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RUN_ID_PATTERN = re.compile(r"run (?:ID )?(\d{3,})", re.IGNORECASE)
@@ -50,12 +61,41 @@ def offline_environment(flwr_home: Path) -> dict[str, str]:
     return env
 
 
-def superlink_pids(flwr_home: Path | None = None) -> set[int]:
-    """PIDs of running ``flower-superlink`` processes (Linux /proc); with ``flwr_home``, only
-    those started under that ``FLWR_HOME``: the SuperLink inherits the environment of the
-    ``flwr run`` that started it, so a launcher never stops another job's SuperLink."""
+#: environment variable marking the processes one launch started.
+LAUNCH_MARKER = "COMMFL_LAUNCH"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (bind port 0 and let the kernel choose).
+
+    The port is released before it is used, so another process could take it meanwhile; the
+    kernel hands out ephemeral ports round-robin, which makes that unlikely in practice.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def validate_run_config(run_config: str) -> None:
+    """Check ``--run-config`` overrides against the app's schema before anything starts;
+    ``ConfigError`` names every bad key and lists the valid ones."""
+    from fl_app.methods import load_config
+
+    load_config(parse_config_args([run_config]) if run_config.strip() else {})
+
+
+def superlink_pids(flwr_home: Path | None = None, launch_id: str | None = None) -> set[int]:
+    """PIDs of running ``flower-superlink`` processes (Linux /proc); with ``flwr_home`` or
+    ``launch_id``, only those started under that ``FLWR_HOME`` or by that launch: the SuperLink
+    inherits the environment of the ``flwr run`` that started it, so a launcher never stops
+    another job's SuperLink."""
     pids = set()
-    marker = f"FLWR_HOME={flwr_home}".encode() if flwr_home is not None else None
+    if launch_id is not None:
+        marker: bytes | None = f"{LAUNCH_MARKER}={launch_id}".encode()
+    elif flwr_home is not None:
+        marker = f"FLWR_HOME={flwr_home}".encode()
+    else:
+        marker = None
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -117,10 +157,26 @@ def launch(
     flwr_home: Path | None = None,
     log_path: Path | None = None,
 ) -> tuple[int, str, Path | None]:
-    """Run the app; returns (exit code, run status, results folder)."""
-    flwr_home = flwr_home or PROJECT_ROOT / ".flwr"
+    """Run the app; returns (exit code, run status, results folder).
+
+    ``flwr_home`` is used as given; by default each launch gets a fresh one under
+    ``.flwr/launches/`` (removed afterwards), so concurrent launches share no SuperLink state.
+    A run config the app would refuse is not submitted: exit code 2, the reason as status.
+    """
+    from core.config import ConfigError
+
+    try:
+        validate_run_config(run_config)
+    except ConfigError as err:
+        return 2, f"not started: {err}", None
+    launch_id = uuid.uuid4().hex[:12]
+    private_home = flwr_home is None
+    flwr_home = flwr_home or PROJECT_ROOT / ".flwr" / "launches" / launch_id
     flwr_home.mkdir(parents=True, exist_ok=True)
     env = offline_environment(flwr_home)
+    env[LAUNCH_MARKER] = launch_id
+    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
+    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
     flwr = str(Path(sys.executable).parent / "flwr")
     federation = federation_config or (
         f"num-supernodes={num_supernodes} client-resources-num-cpus=1"
@@ -128,7 +184,6 @@ def launch(
     command = [flwr, "run", str(PROJECT_ROOT), "--stream", "--federation-config", federation]
     if run_config:
         command += ["--run-config", run_config]
-    before = superlink_pids(flwr_home)
     run_id: int | None = None
     results_dir: Path | None = None
     log_file = log_path.open("w") if log_path else None
@@ -155,7 +210,9 @@ def launch(
     finally:
         if log_file:
             log_file.close()
-        stop_processes(superlink_pids(flwr_home) - before)
+        stop_processes(superlink_pids(launch_id=launch_id))
+        if private_home:
+            shutil.rmtree(flwr_home, ignore_errors=True)
     ok = returncode == 0 and status == "finished:completed"
     return (0 if ok else 1), status, results_dir
 
