@@ -1,5 +1,6 @@
 # The README's two commands. Both create .venv when missing and install the project into it.
-#   make run   - the main job: a local simulation (offline, digits), results under results/
+#   make run   - the main job: FedBiF through flwr run (offline, digits) beside FedAvg of the same
+#                setting (cached per config and code version), results and curves under results/
 #   make test  - the whole test suite
 # Overrides: make run NUM_SUPERNODES=20 RUN_CONFIG="strategy='fedavg' num-server-rounds=5"
 
@@ -30,8 +31,8 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 run: $(VENV)/.installed
-	$(PY) -m tools.launch --num-supernodes $(NUM_SUPERNODES) \
-		--run-config "results-dir='$(RESULTS_DIR)' $(RUN_CONFIG)" \
+	$(PY) -m tools.main_job --num-supernodes $(NUM_SUPERNODES) \
+		--results-dir "$(RESULTS_DIR)" --run-config "$(RUN_CONFIG)" \
 		$(if $(FEDERATION_CONFIG),--federation-config "$(FEDERATION_CONFIG)") \
 		--log $(CURDIR)/.flwr/last-run.log
 

@@ -38,6 +38,10 @@ from core.wire_state import get_wire_state, set_wire_state
 class TrainingClient(NumPyClient):
     """Local training on one partition; full precision both ways unless a subclass says so."""
 
+    #: set on a simulated model-poisoning attacker (``clients.attacks``): the uplink then
+    #: carries received + factor * (trained - received) instead of the trained result.
+    poison_factor: float | None = None
+
     def __init__(
         self,
         cfg: RunConfig,
@@ -100,6 +104,16 @@ class TrainingClient(NumPyClient):
         """Arrays sent back to the server."""
         return get_wire_state(self.model)
 
+    def poison(self, received: NDArrays, factor: float) -> None:
+        """Simulated attack: make the trained result received + factor * (trained - received)
+        before it is encoded (the wire state; methods whose uplink is not the model's weights
+        extend this)."""
+        trained = get_wire_state(self.model)
+        scale = np.float32(factor)
+        set_wire_state(
+            self.model, [r + scale * (t - r) for r, t in zip(received, trained, strict=True)]
+        )
+
     # ----------------------------------------------------------------- Flower NumPyClient API
     def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
         return get_wire_state(self.model)
@@ -109,9 +123,12 @@ class TrainingClient(NumPyClient):
     ) -> tuple[NDArrays, int, dict[str, Scalar]]:
         server_round = int(config.get(ROUND, 0))
         self.load_downlink(parameters, config)
+        received = get_wire_state(self.model) if self.poison_factor is not None else None
         started = time.perf_counter()
         train_loss = self.train(server_round)
         train_seconds = time.perf_counter() - started
+        if received is not None and self.poison_factor is not None:
+            self.poison(received, self.poison_factor)
         payload = self.encode_uplink(config)
         metrics: dict[str, Scalar] = {
             PARTITION_ID: self.partition_id,

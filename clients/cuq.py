@@ -24,7 +24,7 @@ from compression.layout import concat_flat, split_flat
 from contracts import cuq
 from contracts.cuq import ClippedUQSettings
 from contracts.messages import ROUND
-from core.seeding import derive_seed
+from core.seeding import torch_generator
 from core.wire_state import quantized_split, set_wire_state, wire_keys
 
 #: salt of the uplink rounding seed, so it differs from the training seed of the same round.
@@ -84,8 +84,8 @@ class ClippedUQClient(TrainingClient):
     def encode_uplink(self, config: dict[str, Scalar]) -> NDArrays:
         state = self.model.state_dict()
         weights = [state[k].detach().cpu().float().numpy() for k in self.q_keys]
-        generator = torch.Generator().manual_seed(
-            derive_seed(self.cfg.seed, self.partition_id, int(config.get(ROUND, 0))) ^ UPLINK_SALT
+        generator = torch_generator(
+            self.cfg.seed, self.partition_id, int(config.get(ROUND, 0)), UPLINK_SALT
         )
         codes, clips, errors, _ = quantize_layers(
             weights, self.up.layout, self.settings.rounding, generator, self.settings.clip

@@ -42,7 +42,7 @@ from compression.layout import concat_flat
 from contracts import fedbat
 from contracts.fedbat import FedBATSettings
 from contracts.messages import ROUND
-from core.seeding import derive_seed
+from core.seeding import torch_generator
 from core.wire_state import quantized_split, set_wire_state, wire_keys
 
 UPLINK_TAG = 0xBA7  # separates the uplink draw's seed from the training seed
@@ -82,6 +82,8 @@ class FedBATClient(TrainingClient):
         self.switch_step: int | None = None  # the step at which binarization started
         self.binarized: list[torch.Tensor] = []
         self.sent_alphas: list[float] = []
+        #: 1 unless a simulated attacker reverses (< 0) or scales the binarized update.
+        self.uplink_factor = 1.0
 
     # ----------------------------------------------------------------- downlink
     def load_downlink(self, arrays: NDArrays, config: dict[str, Scalar]) -> None:
@@ -154,20 +156,27 @@ class FedBATClient(TrainingClient):
         """Bits (d,) and float32 alphas (L,) of the trained updates; sets ``self.binarized``."""
         if self.alpha0 is None:  # phi = 1: no binarized step ran, a0 from the final update
             self.start_binarization(-1)
-        generator = torch.Generator().manual_seed(
-            derive_seed(self.cfg.seed, self.partition_id, server_round, UPLINK_TAG)
-        )
+        generator = torch_generator(self.cfg.seed, self.partition_id, server_round, UPLINK_TAG)
         bits, alphas, self.binarized = [], [], []
         with torch.no_grad():
             for update, alpha in zip(self.updates, self.step_sizes(), strict=True):
                 alpha32 = alpha.detach().to(torch.float32)
                 codes = binarize_to_codes(update, alpha32, uniform_noise(update, generator))
+                if self.uplink_factor != 1.0:  # simulated attack (``poison``)
+                    alpha32 = alpha32 * abs(self.uplink_factor)
+                    codes = 1 - codes if self.uplink_factor < 0 else codes
                 self.binarized.append(codes_to_values(codes, alpha32))
                 bits.append(codes.reshape(-1).cpu().numpy())
                 alphas.append(float(alpha32))
         self.sent_alphas = alphas
         flat_bits = np.concatenate(bits) if bits else np.zeros(0, dtype=np.uint8)
         return flat_bits, np.asarray(alphas, dtype=np.float32)
+
+    def poison(self, received: NDArrays, factor: float) -> None:
+        """Extras as the base class; the binarized update is reversed or scaled as it is
+        encoded (bits flipped for a negative factor, step sizes times |factor|)."""
+        super().poison(received, factor)
+        self.uplink_factor = factor
 
     def encode_uplink(self, config: dict[str, Scalar]) -> NDArrays:
         bits, alphas = self.final_binarization(int(config.get(ROUND, 0)))

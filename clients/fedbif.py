@@ -37,7 +37,7 @@ from compression.layout import concat_flat, split_flat
 from contracts import fedbif
 from contracts.fedbif import FedBiFSettings
 from contracts.messages import ROUND
-from core.seeding import derive_seed
+from core.seeding import torch_generator
 from core.wire_state import quantized_split, wire_keys
 
 STATE_KEY = "fedbif"
@@ -122,9 +122,7 @@ class FedBiFClient(TrainingClient):
                 .to(self.device)
                 for t in range(len(self.q_keys))
             ]
-        generator = torch.Generator().manual_seed(
-            derive_seed(self.cfg.seed, self.partition_id, server_round, 0xB1F)
-        )
+        generator = torch_generator(self.cfg.seed, self.partition_id, server_round, 0xB1F)
         return [
             kaiming_magnitudes(shape, self.layout.bits, generator)
             .clamp_min_(MIN_MAGNITUDE)
@@ -206,6 +204,15 @@ class FedBiFClient(TrainingClient):
             [state[k].detach().cpu().numpy() for k in self.e_keys], self.settings.extras_dtype
         )
         return self.up.encode(UplinkMessage(self.activated_codes(), extras))
+
+    def poison(self, received: NDArrays, factor: float) -> None:
+        """Extras as the base class; a negative factor also inverts every trained bit (the
+        1-bit uplink's counterpart of reversing the update; bits cannot be scaled)."""
+        super().poison(received, factor)
+        if factor < 0:
+            with torch.no_grad():
+                for virtual in self.virtual:
+                    virtual.neg_()
 
     def _save_magnitudes(self) -> None:
         """Store |v| of all m bits (trained ones updated) as float16 in ``context.state``."""

@@ -55,7 +55,7 @@ from compression.lowbit import (
 from contracts import lbi
 from contracts.lbi import LBISettings
 from contracts.messages import ROUND
-from core.seeding import derive_seed
+from core.seeding import numpy_rng, torch_generator
 from core.wire_state import quantized_split, set_wire_state, wire_keys
 
 STATE_KEY = "lbi"
@@ -137,8 +137,8 @@ class LBIClient(TrainingClient):
         if not self.settings.quantized_wire:
             return super().encode_uplink(config)
         state = self.model.state_dict()
-        generator = torch.Generator().manual_seed(
-            derive_seed(self.cfg.seed, self.partition_id, int(config.get(ROUND, 0))) ^ UPLINK_SALT
+        generator = torch_generator(
+            self.cfg.seed, self.partition_id, int(config.get(ROUND, 0)), UPLINK_SALT
         )
         bits = self.widths.weight
         same_grid = self.received_grid is not None and self.received_grid[0] == bits
@@ -195,9 +195,7 @@ class LBIClient(TrainingClient):
             state = build_state(time_step, self.widths, losses, self.last_change)
             action = load_agent(self.settings.agent_file).act(state, self.widths)
         else:
-            rng = np.random.default_rng(
-                [self.cfg.seed, self.partition_id, server_round, RANDOM_POLICY_SALT]
-            )
+            rng = numpy_rng(self.cfg.seed, self.partition_id, server_round, RANDOM_POLICY_SALT)
             action = int(rng.choice(np.flatnonzero(valid_actions(self.widths))))
         self.last_decision = server_round
         new_widths = apply_action(self.widths, action)

@@ -45,7 +45,7 @@ from contracts.update_quantization import (
     FedPAQSettings,
     QSGDSettings,
 )
-from core.seeding import derive_seed
+from core.seeding import torch_generator
 from core.wire_state import get_wire_state, parameter_split, set_wire_state
 
 EF_STATE_KEY = "ef-signsgd"
@@ -71,8 +71,7 @@ class DeltaClient(TrainingClient):
         return concat_flat(get_wire_state(self.model), np.float32) - self.received
 
     def generator(self, config: dict[str, Scalar]) -> torch.Generator:
-        seed = derive_seed(self.cfg.seed, self.partition_id, int(config.get(ROUND, 0)), 7)
-        return torch.Generator().manual_seed(seed)
+        return torch_generator(self.cfg.seed, self.partition_id, int(config.get(ROUND, 0)), 7)
 
     def compress(self, delta: np.ndarray, config: dict[str, Scalar]) -> NDArrays:
         raise NotImplementedError

@@ -28,7 +28,7 @@ import torch
 from compression.clipped_quant import clipped_dequantize, quantize_tensor
 from compression.clipping import num_clips
 from compression.codec import Codec
-from compression.layout import EXTRAS_DTYPES, SplitLayout, checked_floats
+from compression.layout import SplitLayout, checked_floats
 from compression.packing import pack_codes, packed_size, unpack_codes
 
 
@@ -149,7 +149,7 @@ class CuqCodec(Codec[CuqMessage]):
         errors = side[layout.num_clips :] if self.with_errors else None
         if errors is not None and np.any(errors < 0):
             raise ValueError("squared errors must be non-negative")
-        extras = checked_floats(extras, (layout.split.num_extras,), "extras", EXTRAS_DTYPES)
+        extras = checked_floats(extras, (layout.split.num_extras,), "extras", (self.extras_dtype,))
         return CuqMessage(codes=codes, clips=clips, errors=errors, extras=extras)
 
     def payload_nbytes(self, message: CuqMessage | None = None) -> int:

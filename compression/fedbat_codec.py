@@ -58,7 +58,7 @@ class FedBATUplinkCodec(Codec[UplinkMessage]):
         alphas = checked_floats(alphas, (layers,), "alphas", ("float32",))
         if np.any(alphas <= 0):
             raise ValueError("alphas must be positive")
-        extras = checked_floats(extras, (self.split.num_extras,), "extras")
+        extras = checked_floats(extras, (self.split.num_extras,), "extras", (self.extras_dtype,))
         return UplinkMessage(bits, alphas, extras)
 
     def payload_nbytes(self, message: UplinkMessage | None = None) -> int:

@@ -65,10 +65,10 @@ class FedBiFDownlinkCodec(Codec[DownlinkMessage]):
     def _decode(self, arrays: list[np.ndarray]) -> DownlinkMessage:
         packed, steps, extras = arrays
         words = unpack_codes(packed, self.bits, self.split.num_quantized)
-        steps = checked_floats(steps, (len(self.split.quantized_shapes),), "steps")
+        steps = checked_floats(steps, (len(self.split.quantized_shapes),), "steps", ("float32",))
         if np.any(steps <= 0):
             raise ValueError("steps must be positive")
-        extras = checked_floats(extras, (self.split.num_extras,), "extras")
+        extras = checked_floats(extras, (self.split.num_extras,), "extras", (self.extras_dtype,))
         return DownlinkMessage(words, steps, extras)
 
     def payload_nbytes(self, message: DownlinkMessage | None = None) -> int:
@@ -98,7 +98,8 @@ class FedBiFUplinkCodec(Codec[UplinkMessage]):
     def _decode(self, arrays: list[np.ndarray]) -> UplinkMessage:
         packed, extras = arrays
         codes = unpack_codes(packed, self.active_bits, self.split.num_quantized)
-        return UplinkMessage(codes, checked_floats(extras, (self.split.num_extras,), "extras"))
+        extras = checked_floats(extras, (self.split.num_extras,), "extras", (self.extras_dtype,))
+        return UplinkMessage(codes, extras)
 
     def payload_nbytes(self, message: UplinkMessage | None = None) -> int:
         return (

@@ -1,7 +1,8 @@
 """Wire format of a full-precision model (FedAvg both ways; the fp32 downlink of other methods).
 
-One array per wire tensor, in wire order, each in its own shape and a float dtype (the sender's
-float32 state). Decoding checks the count, every shape, a floating dtype and finite values.
+One float32 array per wire tensor, in wire order, each in its own shape. Decoding checks the
+count, every shape, the exact dtype (a float64 value that overflows float32 is refused, not
+cast to infinity) and finite values.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ class FloatStateCodec(Codec[list[np.ndarray]]):
         for index, (array, shape) in enumerate(zip(arrays, self.shapes, strict=True)):
             if array.shape != shape:
                 raise ValueError(f"array {index}: expected shape {shape}, got {array.shape}")
-            if not np.issubdtype(array.dtype, np.floating):
-                raise ValueError(f"array {index}: expected a float dtype, got {array.dtype}")
+            if array.dtype != np.float32:
+                raise ValueError(f"array {index}: expected float32, got {array.dtype}")
             if not np.all(np.isfinite(array)):
                 raise ValueError(f"array {index}: contains NaN or infinity")
         return arrays

@@ -54,7 +54,7 @@ EXTRAS_DTYPES = ("float16", "float32")
 
 
 def checked_floats(
-    array: np.ndarray, shape: tuple[int, ...], name: str, dtypes: Sequence[str] = EXTRAS_DTYPES
+    array: np.ndarray, shape: tuple[int, ...], name: str, dtypes: Sequence[str]
 ) -> np.ndarray:
     """A received float array as float32, after checking its dtype, shape and finiteness.
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from compression.codec import Codec
-from compression.layout import EXTRAS_DTYPES, SplitLayout, checked_floats
+from compression.layout import SplitLayout, checked_floats
 from compression.packing import pack_codes, packed_size, unpack_codes
 from compression.primitives import (
     channel_scale,
@@ -99,13 +99,13 @@ def quantize_weights(
 class LBIWeightCodec(Codec[WeightMessage]):
     """The k_w-bit weight message (both directions); the width travels in array 1.
 
-    ``extras_dtypes`` are the extras dtypes a receiver accepts; ``extras_dtype`` the one sent;
-    ``per_channel`` says whether a scale covers an output channel or a whole tensor.
+    ``extras_dtype`` is the extras' dtype, sent and required on receipt (a float32 upload under
+    a float16 run could hold values whose mean overflows the float16 downlink); ``per_channel``
+    says whether a scale covers an output channel or a whole tensor.
     """
 
     split: SplitLayout
     extras_dtype: str = "float16"
-    extras_dtypes: tuple[str, ...] = EXTRAS_DTYPES
     per_channel: bool = True
     name = "an LBI-FL message"
     num_arrays = 3
@@ -148,7 +148,7 @@ class LBIWeightCodec(Codec[WeightMessage]):
                 f"code {int(unsigned.max())} outside the {bits_int}-bit symmetric grid"
             )
         codes = (unsigned.astype(np.int16) - offset).astype(np.int8)
-        extras = checked_floats(extras, (split.num_extras,), "extras", self.extras_dtypes)
+        extras = checked_floats(extras, (split.num_extras,), "extras", (self.extras_dtype,))
         return WeightMessage(bits=bits_int, codes=codes, scales=scales, extras=extras)
 
     def payload_nbytes(self, message: WeightMessage) -> int:

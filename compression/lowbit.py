@@ -18,13 +18,13 @@ keeps them in its int32 accumulator). Bit-width 32 means "not quantized" (the FP
 Scales: weight and activation scales are max-abs scales re-taken every ``refresh_interval``
 training steps (the paper refreshes every 100 iterations); in between they are reused, and
 ``widen`` (``WIDENINGS``) says which may grow at once when a tensor outgrows its scale:
-``weights`` (default): a weight that outgrows its scale widens it (never clipped by a stale
-scale; the scale only shrinks at the next refresh), while activations keep the scale taken at
-the refresh and outliers are clipped; ``none``: the paper's stale scales for both; ``all``:
-both widen. Measured on digits (seed 7, INT4): widening activation scales lets one outlier
-batch stretch the 15-level unsigned grid until most ReLU outputs round to zero and training
-collapses to chance, while a weight scale that cannot widen clips weights whose shadow values
-the straight-through gradient then pushes further out. Weight scales are one per output channel
+``none`` (default): the paper's stale scales, values beyond them clipped (and, through the
+clipped straight-through gradient of ``fake_quantize``, not pushed further out); ``weights``: a
+weight that outgrows its scale widens it, activations keep theirs; ``all``: both widen. Measured
+on digits (INT4, Dirichlet 0.5, 10 clients, 30 rounds, seeds 0-9): ``none`` 99.06 +- 0.27%,
+``weights`` 98.53 +- 1.21%, ``all`` 88.44 +- 10.57% (INT8: 99.14 +- 0.53%): a growing activation
+scale lets one outlier batch stretch the 15-level unsigned grid until most ReLU outputs round
+to zero. Weight scales are one per output channel
 (``per_channel=True``, the default) or, as in the paper, one per tensor. The gradient
 scale is taken from each backward's own max|dL/dy|, because gradient magnitudes move by orders of
 magnitude between steps and a stale scale would clip or flush them to zero.
@@ -288,7 +288,7 @@ def convert_to_lowbit(
     layers: str = "conv-linear",
     refresh_interval: int = 100,
     *,
-    widen: str = "weights",
+    widen: str = "none",
     per_channel: bool = True,
 ) -> nn.Module:
     """Replace (in place) the model's Conv2d (and Linear) modules by low-bit ones; returns it.

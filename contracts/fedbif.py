@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 from torch import nn
 
 from compression.bits import LAYOUTS, BitLayout
 from compression.fedbif_codec import FedBiFDownlinkCodec, FedBiFUplinkCodec
 from compression.layout import EXTRAS_DTYPES
+from core.seeding import numpy_rng
 from core.settings import ConfigError, Settings, setting
 from core.wire_state import quantized_split
 
@@ -97,7 +97,7 @@ def select_active_bits(
             )
         return tuple(range(fixed_bit - active + 1, fixed_bit + 1))
     if selector == "random":
-        rng = np.random.default_rng([seed, server_round, 0xB1F])
+        rng = numpy_rng(seed, server_round, 0xB1F)
         return tuple(sorted(int(b) for b in rng.choice(bits, size=active, replace=False)))
     raise ValueError(f"fedbif-selector must be one of {SELECTORS}, got {selector!r}")
 

@@ -42,6 +42,16 @@ BITOPS_INT8 = "bitops-int8"
 WIDTH_METRICS: tuple[str, ...] = (WEIGHT_BITS, ACTIVATION_BITS, GRADIENT_BITS, NEXT_WEIGHT_BITS)
 
 
+def allowed_widths(mode: str) -> frozenset[int]:
+    """The widths a client of ``mode`` can report: fixed in fp32/ui4/ui8; INT4 raised by 2 up
+    to INT8 by the agent or the random policy."""
+    if mode == "fp32":
+        return frozenset({FP32.weight})
+    if mode in ("ui4", "ui8"):
+        return frozenset({INITIAL_WIDTHS[mode].weight})
+    return frozenset({4, 6, 8})
+
+
 def loss_metric(kind: str) -> str:
     """Metric of the Eq. 5 quantization loss of a tensor kind."""
     return f"lbi-loss-{kind}"
@@ -65,8 +75,8 @@ class LBISettings(Settings):
         100, "training steps between weight/activation scale updates", min=1
     )
     scale_widening: str = setting(
-        "weights",
-        "scales that grow at once when outgrown between refreshes (none: the paper)",
+        "none",
+        "scales that grow at once when outgrown between refreshes (none: the paper's stale scales)",
         choices=WIDENINGS,
     )
     weight_scale: str = setting(

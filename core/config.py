@@ -14,6 +14,7 @@ nothing above it.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +24,28 @@ from core.settings import ConfigError, ConfigKey, Scalar, Settings, parse_values
 
 __all__ = ["ConfigError", "ConfigKey", "RunConfig", "parse_run_config", "with_choices"]
 
+AGGREGATIONS = ("mean", "trimmed-mean", "median")
+ATTACKS = (
+    "none",
+    "nonfinite",
+    "huge",
+    "wrong-dtype",
+    "inflate-examples",
+    "bad-metrics",
+    "sign-flip",
+    "scaled-update",
+    "crash",
+    "stall",
+)
+#: a run name is one path component: no separator, never "." or "..".
+_PLAIN_NAME = re.compile(r"(?!\.\.?$)[A-Za-z0-9._=,+-]+")
+
 
 @dataclass(frozen=True)
 class RunConfig(Settings):
     """Validated run config; see the module docstring."""
 
-    strategy: str = setting("fedavg", "method to run")
+    strategy: str = setting("fedbif", "method to run")
     dataset: str = setting("digits", "dataset name")
     model: str = setting("auto", "model name; auto: the dataset's usual model")
     partitioner: str = setting("dirichlet", "how data is split")
@@ -51,7 +68,9 @@ class RunConfig(Settings):
     learning_rate: float = setting(0.05, "client SGD learning rate", min=0.0, min_inclusive=False)
     momentum: float = setting(0.9, "client SGD momentum", min=0.0, max=1.0)
     weight_decay: float = setting(0.0, "client SGD weight decay", min=0.0)
-    seed: int = setting(42, "seed for data split, init, sampling and training", min=0)
+    seed: int = setting(
+        42, "seed for data split, init, sampling and training", min=0, max=2**63 - 1
+    )
     device: str = setting("auto", "where to train and evaluate", choices=("auto", "cpu", "cuda"))
     results_dir: str = setting("results", "folder for results (relative: to the launch dir)")
     run_name: str = setting("", "results sub-folder; empty: derived from the config")
@@ -59,10 +78,50 @@ class RunConfig(Settings):
         0.0, "seconds to wait for clients per round; 0 = no limit", min=0.0
     )
     min_fit_results: int = setting(1, "fewer valid client updates skip the round", min=1)
+    aggregation: str = setting(
+        "mean",
+        "how client updates combine: weighted mean, coordinate-wise trimmed mean or median",
+        choices=AGGREGATIONS,
+    )
+    trim_fraction: float = setting(
+        0.1, "share of the round's updates trimmed from each end (trimmed-mean)", min=0.0, max=0.49
+    )
+    update_norm_bound: float = setting(
+        3.0,
+        "an update longer than this times the round's median norm is scaled down (0: off)",
+        min=0.0,
+    )
+    update_norm_reject: float = setting(
+        100.0,
+        "an update longer than this times the round's lower median norm is rejected (0: off)",
+        min=0.0,
+    )
+    max_examples: int = setting(
+        0,
+        "cap on a client's claimed example count (0: its partition's size where the server can "
+        "compute it, else 10x the round's median claim)",
+        min=0,
+    )
+    attack: str = setting("none", "simulated attack by some clients (evaluation)", choices=ATTACKS)
+    attack_fraction: float = setting(
+        0.1, "share of the partitions that attack, chosen by seed", min=0.0, max=1.0
+    )
+    attack_scale: float = setting(10.0, "factor of scaled-update attacks", min=0.0)
+    attack_stall_seconds: float = setting(
+        30.0, "how long a stall attack sleeps before answering", min=0.0
+    )
     checkpoint: bool = setting(True, "write checkpoint.npz to the run folder every round")
     resume_from: str = setting("", "a run folder (or its checkpoint.npz) to continue from")
     #: every validated key, method keys included (method settings are built from it).
     values: Mapping[str, Scalar] = dataclasses.field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.run_name and not _PLAIN_NAME.fullmatch(self.run_name):
+            raise ConfigError(
+                f"run-name must be a plain folder name (letters, digits, '.', '_', '-', '=', "
+                f"',', '+'; not '.' or '..'), got {self.run_name!r}: results stay inside "
+                "results-dir"
+            )
 
     def __getitem__(self, key: str) -> Scalar:
         return self.values[key]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,41 +28,65 @@ ROUND_COLUMNS: tuple[str, ...] = (
     "failures",
     "rejected",
     "seconds",
+    "clipped",
+    "aggregate_refused",
 )
 
 
 class ResultsWriter:
-    """Writes the results folder of one run; creates it, and starts ``rounds.csv`` afresh."""
+    """Writes the results folder of one run.
+
+    Nothing in the folder is touched until the run records its first round (or a resume has
+    been validated, ``rewrite_rounds``): a run refused at start never empties the
+    ``rounds.csv`` of the run it was meant to continue.
+    """
 
     def __init__(self, run_dir: Path, extra_columns: tuple[str, ...] = ()) -> None:
         self.run_dir = run_dir
         self.columns = ROUND_COLUMNS + tuple(c for c in extra_columns if c not in ROUND_COLUMNS)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rounds_path = run_dir / "rounds.csv"
         self.summary_path = run_dir / "summary.json"
-        with self.rounds_path.open("w", newline="") as handle:
-            csv.writer(handle).writerow(self.columns)
+        self._started = False
 
     def write_round(self, row: Mapping[str, Any]) -> None:
-        """Append one round; every column (common and method-specific) must be present."""
+        """Append one round (the first write of a run starts ``rounds.csv`` afresh); every
+        column (common and method-specific) must be present."""
         missing = [c for c in self.columns if c not in row]
         if missing:
             raise KeyError(f"round row lacks columns {missing}")
+        if not self._started:
+            self.rewrite_rounds([])
         with self.rounds_path.open("a", newline="") as handle:
             csv.writer(handle).writerow([row[c] for c in self.columns])  # full precision
 
     def rewrite_rounds(self, rows: list[Mapping[str, Any]]) -> None:
         """Replace ``rounds.csv`` with ``rows`` (a resumed run continues after them)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         with self.rounds_path.open("w", newline="") as handle:
             csv.writer(handle).writerow(self.columns)
+        self._started = True
         for row in rows:
             self.write_round(row)
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
-        """Atomically replace ``summary.json`` (write to a temp file, then rename)."""
+        """Atomically replace ``summary.json`` (write to a temp file, then rename). Non-finite
+        numbers become ``null``: the file stays valid JSON whatever a round produced."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.summary_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
+        text = json.dumps(finite_json(summary), indent=2, sort_keys=False, allow_nan=False)
+        tmp.write_text(text + "\n")
         os.replace(tmp, self.summary_path)
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, infinity) replaced by ``None``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
 
 
 def read_rounds(path: Path) -> list[dict[str, float]]:

@@ -327,7 +327,8 @@ class LocalFederation:
         max_retries: int | None = None,
         name: str | None = None,
     ) -> ManagedProcess:
-        """Start SuperNode ``index`` (partition ``index`` of ``num_nodes``).
+        """Start SuperNode ``index`` (partition ``index`` of ``num_nodes``); a regular node keeps
+        its client state in ``workdir/node-state/node<index>`` (``state-dir``).
 
         ``key_name``, ``tls=False``, ``ca_cert`` (another CA) and ``authenticate=False`` make the
         misbehaving nodes the tests need: an unregistered key, no TLS, a foreign CA.
@@ -349,6 +350,7 @@ class LocalFederation:
             port=port,
             max_retries=max_retries,
             max_wait_time=None if max_retries is None else 30,
+            state_dir=self.workdir / "node-state" / f"node{index}" if regular else None,
         )
         return self._start(name, host, command, f"{name}-home")
 
@@ -359,6 +361,24 @@ class LocalFederation:
             if not node.wait_for_log(SUPERNODE_READY, timeout):
                 raise DeploymentError(f"{node.name} did not join:\n{node.log()[-3000:]}")
         return nodes
+
+    def restart_supernode(self, index: int, timeout: float = 120) -> ManagedProcess:
+        """Stop SuperNode ``index`` (SIGTERM: it signs off at the SuperLink) and start it again,
+        retrying while the SuperLink still holds the old one online (a SuperNode that died
+        without signing off is readmitted only after its heartbeat lapsed, up to 60 s)."""
+        old = next(p for p in self.processes if p.name == f"supernode-{index}")
+        old.stop()
+        self.processes.remove(old)
+        deadline = time.monotonic() + timeout
+        while True:
+            node = self.start_supernode(index)
+            if node.wait_for_log(SUPERNODE_READY, max(1.0, deadline - time.monotonic())):
+                return node
+            node.stop()
+            self.processes.remove(node)
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"supernode-{index} did not rejoin:\n{node.log()[-3000:]}")
+            time.sleep(5)
 
     def run(self, run_config: str, timeout: float = 600) -> RunResult:
         """``flwr run . deploy --stream``, then the run's entry of ``flwr ls``."""

@@ -5,7 +5,8 @@ Each SuperNode serves one data partition: the app's ClientApp reads ``partition-
 be started with ``--node-config "partition-id=i num-partitions=n"``. Per-client state (FedBiF's
 virtual-bit magnitudes, EF-SignSGD's error feedback) lives in the node's ``context.state`` inside
 the SuperNode process: it survives across rounds even though every message runs in a fresh
-ClientApp process, and is lost when the SuperNode restarts.
+ClientApp process. With ``--state-dir`` (node config ``state-dir``) the ClientApp also keeps it in
+a file there (``core.node_state``), so a SuperNode restarted mid-run carries on with it.
 
 A SuperNode opens no port to the network. It dials the SuperLink; its ``--port`` is a local
 API (bound to 127.0.0.1) between the SuperNode and its ClientApp processes, so only several
@@ -13,7 +14,7 @@ SuperNodes on one machine need different ``--port`` values.
 
     python -m deploy.nodes register certs/supernode-*.pub --superlink prod
     python -m deploy.nodes start --superlink 10.0.0.5:8000 --ca certs/ca.crt \\
-        --key certs/supernode-0 --partition-id 0 --num-partitions 3
+        --key certs/supernode-0 --partition-id 0 --num-partitions 3 --state-dir /var/lib/commfl
 """
 
 from __future__ import annotations
@@ -35,11 +36,17 @@ class RegistrationError(RuntimeError):
     """``flwr supernode register`` did not register the key (the message says why)."""
 
 
-def node_config(partition_id: int, num_partitions: int) -> str:
-    """The ``--node-config`` value the app's ClientApp expects."""
+def node_config(partition_id: int, num_partitions: int, state_dir: Path | None = None) -> str:
+    """The ``--node-config`` value the app's ClientApp expects (``state-dir``: where the node
+    keeps its client state across restarts)."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id must be in [0, {num_partitions}), got {partition_id}")
-    return f"partition-id={partition_id} num-partitions={num_partitions}"
+    config = f"partition-id={partition_id} num-partitions={num_partitions}"
+    if state_dir is not None:
+        if "'" in str(state_dir):
+            raise ValueError(f"state-dir may not contain a single quote: {state_dir}")
+        config += f" state-dir='{state_dir}'"
+    return config
 
 
 def supernode_command(
@@ -52,6 +59,7 @@ def supernode_command(
     port: int = DEFAULT_PORT,
     max_retries: int | None = None,
     max_wait_time: float | None = None,
+    state_dir: Path | None = None,
 ) -> list[str]:
     """The ``flower-supernode`` command line.
 
@@ -66,7 +74,7 @@ def supernode_command(
     if private_key is not None:
         command += ["--auth-supernode-private-key", str(private_key)]
     command += [
-        "--node-config", node_config(partition_id, num_partitions),
+        "--node-config", node_config(partition_id, num_partitions, state_dir),
         "--port", str(port),
     ]  # fmt: skip
     if max_retries is not None:
@@ -139,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument(
         "--port", type=int, default=DEFAULT_PORT, help="local API port, distinct per node"
     )
+    start.add_argument(
+        "--state-dir", type=Path, default=None, help="keep client state here across restarts"
+    )
     start.add_argument("--print-only", action="store_true")
     args = parser.parse_args(argv)
     env = _cli_env()
@@ -154,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         ca_cert=args.ca.resolve(),
         private_key=args.key.resolve(),
         port=args.port,
+        state_dir=args.state_dir.resolve() if args.state_dir else None,
     )
     print(shlex.join(command), flush=True)
     if args.print_only:

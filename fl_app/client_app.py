@@ -1,11 +1,22 @@
-"""ClientApp: builds the configured method's ``NumPyClient`` for the node that got the message."""
+"""ClientApp: builds the configured method's ``NumPyClient`` for the node that got the message.
+
+A SuperNode started with ``state-dir`` in its node config keeps its ``context.state`` in a file
+there as well (``core.node_state``): written after every fit, read back when a restarted
+SuperNode finds its state empty.
+"""
 
 from __future__ import annotations
 
-from flwr.client import Client, ClientApp
-from flwr.common import Context
+from logging import INFO, WARNING
+from pathlib import Path
 
+from flwr.client import Client, ClientApp, NumPyClient
+from flwr.common import Context, NDArrays, Scalar
+from flwr.common.logger import log
+
+from clients.attacks import AttackingClient, attacking_partitions
 from core.config import ConfigError
+from core.node_state import NodeStateError, NodeStateStore
 from fl_app.data import DATASETS, load_partition
 from fl_app.methods import METHODS, load_config
 from fl_app.models import build_model
@@ -22,6 +33,7 @@ def client_fn(context: Context) -> Client:
             f"node config lacks {err}; start each SuperNode with "
             '--node-config "partition-id=<i> num-partitions=<n>"'
         ) from None
+    store = node_state_store(context, cfg.strategy, partition_id)
     spec = DATASETS.get(cfg.dataset)
     train_set = load_partition(
         cfg.dataset,
@@ -45,7 +57,58 @@ def client_fn(context: Context) -> Client:
     client = client_cls(
         cfg, settings, context=context, model=model, train_set=train_set, partition_id=partition_id
     )
-    return client.to_client()
+    served: NumPyClient = client
+    if cfg.attack != "none" and partition_id in attacking_partitions(
+        cfg.seed, num_partitions, cfg.attack_fraction
+    ):
+        served = AttackingClient(client, cfg)
+    if store is not None:
+        served = PersistedStateClient(served, context, store)
+    return served.to_client()
+
+
+def node_state_store(context: Context, strategy: str, partition_id: int) -> NodeStateStore | None:
+    """The node's state file when its node config names a ``state-dir``; a node whose state is
+    empty (first message, or a restarted SuperNode) gets the saved state back."""
+    directory = context.node_config.get("state-dir")
+    if not directory:
+        return None
+    store = NodeStateStore(Path(str(directory)), int(context.run_id), strategy, partition_id)
+    if len(context.state) == 0:
+        try:
+            saved = store.load()
+        except NodeStateError as err:
+            log(WARNING, "node state not restored, starting fresh: %s", err)
+            saved = None
+        if saved is not None:
+            for name, record in saved.items():
+                context.state[name] = record
+            log(INFO, "node state restored from %s (%d records)", store.path, len(saved))
+    return store
+
+
+class PersistedStateClient(NumPyClient):
+    """Saves the node's ``context.state`` after every fit (the state a fit changes)."""
+
+    def __init__(self, inner: NumPyClient, context: Context, store: NodeStateStore) -> None:
+        self.inner = inner
+        self.node_context = context
+        self.store = store
+
+    def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
+        return self.inner.get_parameters(config)
+
+    def fit(
+        self, parameters: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        reply = self.inner.fit(parameters, config)
+        self.store.save(self.node_context.state)
+        return reply
+
+    def evaluate(
+        self, parameters: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[float, int, dict[str, Scalar]]:
+        return self.inner.evaluate(parameters, config)
 
 
 app = ClientApp(client_fn=client_fn)

@@ -566,6 +566,41 @@ def _partition_arrays(
     return _to_arrays(ds, spec)
 
 
+def _make_split(
+    spec: DatasetSpec,
+    num_partitions: int,
+    partitioner: str,
+    alpha: float,
+    labels_per_client: int,
+    seed: int,
+    min_partition_size: int,
+    self_balancing: bool,
+) -> Split:
+    """The validated ``Split`` of a run (``load_partition`` documents the arguments)."""
+    if num_partitions < 1:
+        raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
+    if partitioner not in PARTITIONERS:
+        raise ValueError(
+            f"unknown partitioner {partitioner!r}; valid choices: {', '.join(PARTITIONERS)}"
+        )
+    if partitioner == "label-count" and not 1 <= labels_per_client <= spec.num_classes:
+        raise ValueError(
+            f"labels_per_client must be in 1..{spec.num_classes} for {spec.name}, "
+            f"got {labels_per_client}"
+        )
+    if partitioner == "dirichlet" and not alpha > 0:
+        raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
+    return Split(
+        partitioner,
+        num_partitions,
+        float(alpha),
+        int(labels_per_client),
+        seed,
+        int(min_partition_size),
+        bool(self_balancing),
+    )
+
+
 def load_partition(
     dataset: str,
     partition_id: int,
@@ -587,32 +622,57 @@ def load_partition(
     """
     spec = DATASETS.get(dataset)
     _check_data_files(spec, data_files)
-    if num_partitions < 1:
-        raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
+    split = _make_split(
+        spec,
+        num_partitions,
+        partitioner,
+        alpha,
+        labels_per_client,
+        seed,
+        min_partition_size,
+        self_balancing,
+    )
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition_id must be in 0..{num_partitions - 1}, got {partition_id}")
-    if partitioner not in PARTITIONERS:
-        raise ValueError(
-            f"unknown partitioner {partitioner!r}; valid choices: {', '.join(PARTITIONERS)}"
-        )
-    if partitioner == "label-count" and not 1 <= labels_per_client <= spec.num_classes:
-        raise ValueError(
-            f"labels_per_client must be in 1..{spec.num_classes} for {dataset}, "
-            f"got {labels_per_client}"
-        )
-    if partitioner == "dirichlet" and not alpha > 0:
-        raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
-    split = Split(
-        partitioner,
-        num_partitions,
-        float(alpha),
-        int(labels_per_client),
-        seed,
-        int(min_partition_size),
-        bool(self_balancing),
-    )
     images, labels = _partition_arrays(dataset, partition_id, split, data_files)
     return _to_tensors(images, labels, spec)
+
+
+def partition_sizes(
+    dataset: str,
+    num_partitions: int,
+    *,
+    partitioner: str,
+    alpha: float,
+    labels_per_client: int,
+    seed: int,
+    data_files: str = "",
+    min_partition_size: int = 0,
+    self_balancing: bool = False,
+) -> list[int] | None:
+    """Every partition's size (arguments as ``load_partition``), without decoding an image.
+
+    The server caps each client's claimed example count at its partition's size. Only local
+    sources (built-in, IDX files) answer; for a hub or file dataset it would mean loading the
+    whole training split on the server, so the answer is None (cap by ``max-examples``).
+    """
+    spec = DATASETS.get(dataset)
+    _check_data_files(spec, data_files)
+    source, folder = source_of(spec, data_files)
+    if source not in (BUILTIN, IDX):
+        return None
+    split = _make_split(
+        spec,
+        num_partitions,
+        partitioner,
+        alpha,
+        labels_per_client,
+        seed,
+        min_partition_size,
+        self_balancing,
+    )
+    part = _local_partitioner(dataset, source, folder, split)
+    return [part.load_partition(i).num_rows for i in range(num_partitions)]
 
 
 @functools.lru_cache(maxsize=4)

@@ -13,7 +13,7 @@ from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 from core.config import ConfigError, RunConfig
 from core.results import ResultsWriter
 from core.settings import Settings
-from fl_app.data import DATASETS, load_test_set
+from fl_app.data import DATASETS, load_test_set, partition_sizes
 from fl_app.methods import METHODS, load_config
 from fl_app.models import build_model
 from strategies.base import CommunicationStrategy
@@ -36,7 +36,25 @@ def build_strategy(cfg: RunConfig, settings: Settings | None = None) -> Communic
     test_set = load_test_set(cfg.dataset, data_files=cfg.data_files)
     results = ResultsWriter(cfg.run_dir(), extra_columns=tuple(method.strategy.round_columns))
     log(INFO, "results of this run go to %s", results.run_dir)
-    return method.strategy(cfg, settings, model_fn=model_fn, test_set=test_set, results=results)
+    sizes = partial(
+        partition_sizes,
+        cfg.dataset,
+        partitioner=cfg.partitioner,
+        alpha=cfg.dirichlet_alpha,
+        labels_per_client=cfg.labels_per_client,
+        seed=cfg.seed,
+        data_files=cfg.data_files,
+        min_partition_size=cfg.dirichlet_min_size,
+        self_balancing=cfg.dirichlet_self_balancing,
+    )
+    return method.strategy(
+        cfg,
+        settings,
+        model_fn=model_fn,
+        test_set=test_set,
+        results=results,
+        partition_sizes=sizes,
+    )
 
 
 def build_server(

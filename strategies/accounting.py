@@ -28,6 +28,9 @@ class RoundTraffic:
     downlink_messages: int = 0
     failures: int = 0
     rejected: int = 0
+    #: client updates whose norm was bounded, and whether the aggregate was refused.
+    clipped: int = 0
+    aggregate_refused: int = 0
 
     def add(self, other: RoundTraffic) -> None:
         for name in (f.name for f in dataclasses.fields(self)):

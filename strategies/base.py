@@ -5,20 +5,30 @@ counts and metrics, never Flower's message types:
 
 * ``downlink_arrays(round, cid)``: what the server sends a client (default: the fp32 global);
 * ``fit_config(round, cid)``: small per-client instructions sent with it;
-* ``decode_update(round, reply)``: a client's arrays -> a ``ClientUpdate`` (raise ``ValueError``
-  or ``PayloadError`` naming what is wrong: the message is rejected and the round goes on);
-* ``aggregate(round, updates)``: the new float global model;
+* ``decode_update(round, reply)``: a client's arrays -> a ``ClientUpdate`` carrying its
+  ``delta`` (the change of the global model it proposes, ``strategies.aggregation``; raise
+  ``ValueError`` or ``PayloadError`` naming what is wrong: the message is rejected and the
+  round goes on);
+* ``client_weights(updates)`` and ``segment_sizes()``: how deltas are weighted (default: by
+  examples, one segment); ``aggregate(round, updates)`` combines them with bounded influence
+  (override only to record metrics, or, like SignSGD, to vote instead of averaging);
 * optionally ``begin_round``, ``evaluation_state``, ``method_state``/``load_method_state`` and
   ``summary_fields``; method ``rounds.csv`` columns are declared in ``round_columns`` and
   filled with ``record_metrics``.
 
-The base decodes each Flower message once, counts its bytes (``strategies.accounting``), checks
-the fields every method relies on, and hands the hook a ``ClientReply``. Values computed once per
-round (a quantized downlink shared by all clients) go through ``self.round_memo``.
+The base is the trust boundary: it decodes each Flower message once, counts its bytes
+(``strategies.accounting``), checks what every method relies on (example count, partition id
+bound to the client, training metrics typed and finite) before the method's own checks, and
+after them that every decoded value is finite; only then may a message touch any state.
+Claimed example counts are capped (``max-examples``), deltas are norm-bounded and combined by
+``aggregation``, and the aggregate itself is checked before it replaces the global model.
+Values computed once per round (a quantized downlink shared by all clients) go through
+``self.round_memo``.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
@@ -45,18 +55,32 @@ from flwr.server.strategy import Strategy
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from contracts.messages import PARTITION_ID, ROUND, TRAIN_LOSS
+from compression.layout import concat_flat, split_flat
+from contracts.messages import PARTITION_ID, ROUND, TRAIN_LOSS, TRAIN_SECONDS
 from core.config import RunConfig
+from core.plots import PLOT_NAME, plot_run
 from core.results import ResultsWriter
+from core.seeding import derive_seed, numpy_rng
 from core.settings import NoSettings, Settings
 from core.torch_utils import evaluate_model, select_device
-from core.wire_state import count_wire_scalars, get_wire_state, set_wire_state
+from core.wire_state import count_wire_scalars, get_wire_state, set_wire_state, wire_keys
 from strategies.accounting import RoundTraffic, parameters_nbytes
-from strategies.aggregation import ClientUpdate, mean_metric
+from strategies.aggregation import (
+    MAX_MAGNITUDE,
+    ClientUpdate,
+    aggregate_problem,
+    clip_norms,
+    combine,
+    example_shares,
+    implausible,
+    mean_metric,
+)
 from strategies.checkpointing import load_run, save_run
 from strategies.reporting import RunProgress, log_round, round_row, summary
 
 T = TypeVar("T")
+#: salts of the server's own random streams.
+INIT_SALT, SAMPLING_SALT = 0x1417, 0x5A3
 
 __all__ = ["ClientReply", "ClientUpdate", "CommunicationStrategy", "PayloadError", "RoundMemo"]
 
@@ -119,12 +143,13 @@ class CommunicationStrategy(Strategy):
         model_fn: Callable[[], nn.Module],
         test_set: TensorDataset | None,
         results: ResultsWriter | None,
+        partition_sizes: Callable[[int], list[int] | None] | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.settings = settings if settings is not None else NoSettings()
         self.device = select_device(cfg.device)
-        torch.manual_seed(cfg.seed)  # the initial global model depends on the seed only
+        torch.manual_seed(derive_seed(cfg.seed, INIT_SALT))  # the initial model: seed only
         self.model = model_fn()
         self.global_state: list[np.ndarray] = get_wire_state(self.model)
         self.num_scalars = count_wire_scalars(self.model)
@@ -134,6 +159,17 @@ class CommunicationStrategy(Strategy):
         self.round_metrics: dict[int, dict[str, Scalar]] = {}
         self.round_memo = RoundMemo()
         self._round_started = self.progress.started
+        self.shapes = [a.shape for a in self.global_state]
+        self.num_flat = sum(int(a.size) for a in self.global_state)
+        #: (number of partitions) -> each partition's size, where the server can compute it.
+        self.partition_sizes = partition_sizes
+        self._sizes: tuple[int, list[int] | None] | None = None
+        #: cid -> the partition it first claimed: a client cannot switch partitions.
+        self.partitions: dict[str, int] = {}
+        #: BatchNorm running variances: a lossy mean of deltas can push them below zero.
+        self._variance_indices = [
+            i for i, key in enumerate(wire_keys(self.model)) if key.endswith("running_var")
+        ]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(strategy={self.cfg.strategy!r})"
@@ -155,9 +191,48 @@ class CommunicationStrategy(Strategy):
         """Turn a client's arrays into a ``ClientUpdate``; raise ``ValueError`` if unusable."""
         raise NotImplementedError
 
+    def client_weights(self, updates: list[ClientUpdate]) -> np.ndarray:
+        """Weights of the mean: (K,) example shares by default, or (K, S) per segment."""
+        return np.asarray(example_shares(updates))
+
+    def segment_sizes(self) -> list[int]:
+        """Sizes of the delta's segments that ``client_weights`` weights separately."""
+        return [self.num_flat]
+
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[np.ndarray]:
-        """Combine the valid updates (sorted by partition id) into the new global model."""
-        raise NotImplementedError
+        """The new global model from the valid updates (sorted by partition id): global +
+        the combined deltas, norm-bounded (``strategies.aggregation``)."""
+        deltas, clipped = clip_norms(
+            [u.delta for u in updates if u.delta is not None], self.cfg.update_norm_bound
+        )
+        if len(deltas) != len(updates):
+            raise RuntimeError(f"{type(self).__name__} decoded an update without a delta")
+        combined = combine(
+            deltas,
+            self.client_weights(updates),
+            self.segment_sizes(),
+            self.cfg.aggregation,
+            self.cfg.trim_fraction,
+        )
+        self.progress.traffic.round(server_round).clipped += clipped
+        return self.apply_delta(combined)
+
+    def apply_delta(self, delta: np.ndarray) -> list[np.ndarray]:
+        """global + delta, back in the wire state's shapes (float32)."""
+        flat = concat_flat(self.global_state, np.float64) + delta
+        return [p.astype(np.float32) for p in split_flat(flat, self.shapes)]
+
+    def clamp_variances(self, state: list[np.ndarray]) -> list[np.ndarray]:
+        """Running variances floored at 0: quantized deltas (FedPAQ, QSGD, DAdaQuant) are
+        unbiased but noisy, and one negative variance makes BatchNorm output NaN."""
+        for i in self._variance_indices:
+            state[i] = np.maximum(state[i], np.float32(0.0))
+        return state
+
+    def delta_of(self, state: list[np.ndarray], base: list[np.ndarray] | None = None) -> np.ndarray:
+        """Flat float32 change of a wire state against ``base`` (default: the global model)."""
+        base = self.global_state if base is None else base
+        return concat_flat(state, np.float32) - concat_flat(base, np.float32)
 
     def evaluation_state(self, server_round: int) -> list[np.ndarray]:
         """Model evaluated after ``server_round``; a lossy-downlink method may evaluate what
@@ -232,9 +307,22 @@ class CommunicationStrategy(Strategy):
                 )
         # A fixed order makes float sums, and so the whole run, independent of arrival order.
         updates.sort(key=lambda u: (u.partition_id, u.cid))
+        updates = self._drop_implausible(server_round, updates)
+        self._cap_examples(server_round, updates)
         minimum = self.cfg.min_fit_results
         if len(updates) >= minimum:
-            self.global_state = self.aggregate(server_round, updates)
+            candidate = self.clamp_variances(self.aggregate(server_round, updates))
+            problem = aggregate_problem(candidate)
+            if problem is None:
+                self.global_state = candidate
+            else:
+                traffic.aggregate_refused += 1
+                log(
+                    WARNING,
+                    "round %d: aggregate refused (%s); the global model stays as it was",
+                    server_round,
+                    problem,
+                )
         else:
             log(
                 WARNING,
@@ -277,27 +365,114 @@ class CommunicationStrategy(Strategy):
     def decode_uplink(self, server_round: int, cid: str, fit_res: FitRes) -> ClientUpdate:
         """A client's ``FitRes`` -> ``ClientUpdate``, or ``PayloadError`` saying why not.
 
-        The fields every method relies on are checked here, the tensors deserialized once, and
-        anything the method's ``decode_update`` raises becomes a rejection of this message.
+        The fields every method relies on are checked here, the tensors deserialized once,
+        anything the method's ``decode_update`` raises becomes a rejection of this message, and
+        so does a decoded value that is not finite.
         """
-        if fit_res.num_examples <= 0:
-            raise PayloadError(f"num_examples must be positive, got {fit_res.num_examples}")
-        partition = fit_res.metrics.get(PARTITION_ID)
-        if not isinstance(partition, int) or isinstance(partition, bool):
-            raise PayloadError(f"metrics[{PARTITION_ID!r}] must be an int, got {partition!r}")
+        num_examples = fit_res.num_examples
+        if isinstance(num_examples, bool) or not isinstance(num_examples, int):
+            raise PayloadError(f"num_examples must be an int, got {num_examples!r}")
+        if num_examples <= 0:
+            raise PayloadError(f"num_examples must be positive, got {num_examples}")
+        metrics = dict(fit_res.metrics)
+        partition = metrics.get(PARTITION_ID)
+        if not isinstance(partition, int) or isinstance(partition, bool) or partition < 0:
+            raise PayloadError(f"metrics[{PARTITION_ID!r}] must be an int >= 0, got {partition!r}")
+        known = self.partitions.get(cid, partition)
+        if known != partition:
+            raise PayloadError(f"client {cid} claims partition {partition}, earlier {known}")
+        for name in (TRAIN_LOSS, TRAIN_SECONDS):
+            value = metrics.get(name)
+            if value is not None and not _finite_non_negative(value):
+                raise PayloadError(f"metrics[{name!r}] must be a finite number >= 0, got {value!r}")
         try:
             arrays = parameters_to_ndarrays(fit_res.parameters)
         except Exception as err:  # np.load raises several types on garbage
             raise PayloadError(
                 f"{self.uplink_name}: undecodable tensor: {type(err).__name__}: {err}"
             ) from None
-        reply = ClientReply(cid, partition, fit_res.num_examples, arrays, dict(fit_res.metrics))
+        reply = ClientReply(cid, partition, num_examples, arrays, metrics)
         try:
-            return self.decode_update(server_round, reply)
+            update = self.decode_update(server_round, reply)
         except PayloadError:
             raise
         except Exception as err:  # wrong sizes, dtypes or values: the codecs say which
             raise PayloadError(f"{self.uplink_name}: {err}") from None
+        decoded = [*update.arrays, *([update.delta] if update.delta is not None else [])]
+        if not all(np.all(np.isfinite(a)) for a in decoded):
+            raise PayloadError(f"{self.uplink_name}: decodes to non-finite values")
+        # No model here holds such values: an update that does is an attack or a broken device,
+        # and norm clipping alone would still let it steer the round's direction.
+        if any(a.size and float(np.abs(a).max()) > MAX_MAGNITUDE for a in decoded):
+            raise PayloadError(f"{self.uplink_name}: decodes to values beyond {MAX_MAGNITUDE:g}")
+        self.partitions.setdefault(cid, partition)
+        return update
+
+    def _drop_implausible(
+        self, server_round: int, updates: list[ClientUpdate]
+    ) -> list[ClientUpdate]:
+        """Reject the updates whose delta is ``update-norm-reject`` times longer than the
+        round's lower median (``strategies.aggregation.implausible``)."""
+        with_delta = [u for u in updates if u.delta is not None]
+        flags = implausible([u.delta for u in with_delta], self.cfg.update_norm_reject)
+        dropped = {id(u) for u, flag in zip(with_delta, flags, strict=True) if flag}
+        for update in with_delta:
+            if id(update) in dropped:
+                log(
+                    WARNING,
+                    "round %d: rejected payload of client %s: update norm beyond %g x the "
+                    "round's median",
+                    server_round,
+                    update.cid,
+                    self.cfg.update_norm_reject,
+                )
+        self.progress.traffic.round(server_round).rejected += len(dropped)
+        return [u for u in updates if id(u) not in dropped]
+
+    def _known_sizes(self) -> list[int] | None:
+        """The partitions' sizes for the number of clients seen, when the server can compute
+        them (local data in simulation); computed once per number of clients."""
+        count = self.progress.num_clients
+        if self.partition_sizes is None or count < 1:
+            return None
+        if self._sizes is None or self._sizes[0] != count:
+            try:
+                sizes = self.partition_sizes(count)
+            except Exception as err:  # e.g. data the server cannot read: fall back to medians
+                log(WARNING, "partition sizes unknown (%s); example counts capped by median", err)
+                sizes = None
+            self._sizes = (count, sizes)
+        return self._sizes[1]
+
+    def _cap_examples(self, server_round: int, updates: list[ClientUpdate]) -> None:
+        """Cap each claimed example count: ``max-examples``, else the claimed partition's size
+        where known, else 10 x the round's median claim; a capped claim is logged.
+
+        Partition sizes are computed for as many partitions as nodes seen (simulation: one node
+        per partition). A deployment with a node missing gets slightly wrong caps, which only
+        shift weights; ``max-examples`` is the ceiling to set there.
+        """
+        if not updates:
+            return
+        sizes = self._known_sizes()
+        median = float(np.median([u.num_examples for u in updates]))
+        for update in updates:
+            if self.cfg.max_examples:
+                cap = self.cfg.max_examples
+            elif sizes is not None and update.partition_id < len(sizes):
+                cap = sizes[update.partition_id]
+            else:
+                cap = max(1, int(10 * median))
+            if update.num_examples > cap:
+                log(
+                    WARNING,
+                    "round %d: client %s claims %d examples, counted as %d",
+                    server_round,
+                    update.cid,
+                    update.num_examples,
+                    cap,
+                )
+                update.num_examples = max(cap, 1)
 
     # ----------------------------------------------------------------- shared machinery
     def sample_clients(self, server_round: int, client_manager: ClientManager) -> list[ClientProxy]:
@@ -311,7 +486,7 @@ class CommunicationStrategy(Strategy):
         cids = sorted(available, key=_cid_sort_key)
         self.progress.num_clients = max(self.progress.num_clients, len(cids))
         count = max(1, int(round(self.cfg.fraction_fit * len(cids))))
-        rng = np.random.default_rng([self.cfg.seed, server_round])
+        rng = numpy_rng(self.cfg.seed, server_round, SAMPLING_SALT)
         chosen = np.sort(rng.choice(len(cids), size=count, replace=False))
         return [available[cids[i]] for i in chosen]
 
@@ -370,6 +545,21 @@ class CommunicationStrategy(Strategy):
             self.results.write_summary(self.summary())
             if self.cfg.checkpoint:
                 self.save_checkpoint(server_round)
+            if row["round"] >= self.cfg.num_server_rounds:
+                self._plot_run()
+
+    def _plot_run(self) -> None:
+        """``curves.png`` beside ``rounds.csv`` once the last round is in; a failed plot is a
+        warning, never a failed run."""
+        assert self.results is not None
+        path = self.results.run_dir / PLOT_NAME
+        title = f"{self.cfg.strategy} on {self.cfg.dataset} ({self.results.run_dir.name})"
+        try:
+            plot_run(self.progress.history, path, title)
+        except Exception as err:  # noqa: BLE001 - matplotlib problems must not fail a run
+            log(WARNING, "could not draw %s: %s", path, err)
+            return
+        log(INFO, "curves: %s", path)
 
     # ----------------------------------------------------------------- checkpoint and resume
     def save_checkpoint(self, server_round: int) -> None:
@@ -398,6 +588,15 @@ class CommunicationStrategy(Strategy):
             self.results.write_summary(self.summary())
         log(INFO, "resumed from %s after round %d", path, restored.round)
         return restored.round
+
+
+def _finite_non_negative(value: object) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
 
 
 def _cid_sort_key(cid: str) -> tuple[int, str]:

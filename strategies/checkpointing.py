@@ -65,6 +65,11 @@ def load_run(path: Path, cfg: RunConfig, like: list[np.ndarray]) -> RestoredRun:
     for index, (got, want) in enumerate(zip(state, like, strict=True)):
         if got.shape != want.shape:
             raise ValueError(f"checkpoint {path} does not match this model (array {index})")
+        if got.dtype != np.float32 or not np.all(np.isfinite(got)):
+            raise ValueError(
+                f"checkpoint {path} holds a non-finite or non-float32 global model (array "
+                f"{index}); refusing to resume from it"
+            )
     done = int(meta["round"])
     return RestoredRun(
         round=done,

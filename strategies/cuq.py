@@ -24,14 +24,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 from compression.clipped_quant import inverse_error_weights
 from compression.cuq_codec import CuqMessage, dequantize_layers, quantize_layers
 from contracts import cuq
 from contracts.cuq import ClippedUQSettings
+from core.seeding import torch_generator
 from core.wire_state import quantized_split
-from strategies.aggregation import example_shares, gather_flat, place_flat, weighted_sum
+from strategies.aggregation import example_shares, gather_flat, place_flat
 from strategies.base import ClientReply, ClientUpdate, CommunicationStrategy
 
 #: salt of the server's downlink rounding seed (clients use their own derived seeds).
@@ -59,9 +59,7 @@ class ClippedUQStrategy(CommunicationStrategy):
 
     def _quantize(self, server_round: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         assert self.down is not None
-        generator = torch.Generator().manual_seed(
-            self.cfg.seed * 1_000_003 + server_round * 7 + DOWNLINK_SALT
-        )
+        generator = torch_generator(self.cfg.seed, server_round, DOWNLINK_SALT)
         weights = [self.global_state[i] for i in self.q_index]
         codes, clips, _, restored = quantize_layers(
             weights, self.down.layout, self.settings.rounding, generator, self.settings.clip
@@ -87,34 +85,51 @@ class ClippedUQStrategy(CommunicationStrategy):
 
     # --------------------------------------------------------------- uplink and aggregation
     def decode_update(self, server_round: int, reply: ClientReply) -> ClientUpdate:
+        """The dequantized weights and the extras as a delta; the SQEs kept for weighting."""
         message = self.up.decode(reply.arrays)
         weights = dequantize_layers(message, self.up.layout)
+        state = [array.copy() for array in self.global_state]
+        for index, tensor in zip(self.q_index, weights, strict=True):
+            state[index] = tensor
+        place_flat(state, self.e_index, message.extras, self.split.extra_shapes)
         assert message.errors is not None
-        return reply.update([*weights, message.extras, message.errors.astype(np.float64)])
+        update = reply.update([message.errors.astype(np.float64)])
+        update.delta = self.delta_of(state)
+        return update
 
     def layer_weights(self, updates: list[ClientUpdate]) -> np.ndarray:
-        """(clients, layers) aggregation weights of the quantized tensors; columns sum to 1."""
+        """(clients, layers) aggregation weights of the quantized tensors; columns sum to 1.
+
+        Inverse SQE with each error floored at a tenth of the layer's median error, so a client
+        that reports (or truly has) no error takes at most ~10x a typical client's weight.
+        """
         if self.settings.aggregation == "inverse-sqe":
-            return inverse_error_weights(np.stack([u.arrays[-1] for u in updates]))
-        return np.repeat(
-            np.asarray(example_shares(updates))[:, None], self.up.layout.num_layers, axis=1
-        )
+            errors = np.stack([u.arrays[0] for u in updates])
+            floor = 0.1 * np.median(errors, axis=0, keepdims=True)
+            return inverse_error_weights(np.maximum(errors, floor))
+        shares = np.asarray(example_shares(updates))
+        return np.repeat(shares[:, None], self.up.layout.num_layers, axis=1)
+
+    def client_weights(self, updates: list[ClientUpdate]) -> np.ndarray:
+        """Per wire tensor: the layer weights for quantized tensors, example shares for the
+        extras (they carry no quantization error to weight by)."""
+        layers = self.layer_weights(updates)
+        shares = np.asarray(example_shares(updates))
+        columns = [shares] * len(self.global_state)
+        for layer, index in enumerate(self.q_index):
+            columns[index] = layers[:, layer]
+        return np.stack(columns, axis=1)
+
+    def segment_sizes(self) -> list[int]:
+        return [int(a.size) for a in self.global_state]
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[np.ndarray]:
-        layers = self.up.layout.num_layers
+        errors = np.stack([u.arrays[0] for u in updates])
         weights = self.layer_weights(updates)
-        new_state = [array.copy() for array in self.global_state]
-        for layer, index in enumerate(self.q_index):
-            mean = weighted_sum(weights[:, layer], (u.arrays[layer] for u in updates))
-            new_state[index] = mean.astype(np.float32)
-        shares = np.asarray(example_shares(updates))  # float64 terms
-        extras = weighted_sum(shares, (u.arrays[layers] for u in updates))
-        place_flat(new_state, self.e_index, extras, self.split.extra_shapes)
-        errors = np.stack([u.arrays[-1] for u in updates])
         self.record_metrics(
             server_round,
             quant_mse=float(errors.sum(1).mean() / max(self.split.num_quantized, 1)),
             # 1 = one client dominates every layer, 1/K = uniform: how far from FedAvg we are.
             weight_spread=float(weights.max(0).mean()),
         )
-        return new_state
+        return super().aggregate(server_round, updates)

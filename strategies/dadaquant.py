@@ -34,7 +34,7 @@ from compression.update_quantizers import (
     dequantize_symmetric,
 )
 from contracts.update_quantization import DADAQUANT_LEVELS, DAdaQuantSettings
-from strategies.base import ClientReply
+from strategies.base import ClientReply, ClientUpdate
 from strategies.delta import DeltaStrategy
 
 
@@ -127,9 +127,14 @@ class DAdaQuantStrategy(DeltaStrategy):
         return self.assigned.get(server_round, {}).get(cid, self.schedule.levels)
 
     def decode_delta(self, server_round: int, reply: ClientReply) -> np.ndarray:
-        self.sizes_seen[reply.cid] = int(reply.num_examples)
         codec = SymmetricCodec(self.sizes, self.levels_for(server_round, reply.cid))
         return dequantize_symmetric(codec.decode(reply.arrays), self.sizes)
+
+    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[np.ndarray]:
+        """Remember the (capped) example counts of the accepted clients for the levels."""
+        for update in updates:
+            self.sizes_seen[update.cid] = int(update.num_examples)
+        return super().aggregate(server_round, updates)
 
     def method_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """The level schedule and the clients' data sizes: what the next round's levels need."""

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from compression.float_codec import FloatStateCodec
-from strategies.aggregation import weighted_average
 from strategies.base import ClientReply, ClientUpdate, CommunicationStrategy
 
 
 class FedAvgStrategy(CommunicationStrategy):
-    """Full-precision federated averaging on the common base."""
+    """Full-precision federated averaging on the common base (its delta: client - global)."""
 
     uplink_name = "FedAvg uplink"
 
@@ -22,7 +19,6 @@ class FedAvgStrategy(CommunicationStrategy):
         self.codec = FloatStateCodec([a.shape for a in self.global_state])
 
     def decode_update(self, server_round: int, reply: ClientReply) -> ClientUpdate:
-        return reply.update(self.codec.decode(reply.arrays))
-
-    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[np.ndarray]:
-        return weighted_average(updates)
+        update = reply.update([])
+        update.delta = self.delta_of(self.codec.decode(reply.arrays))
+        return update

@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 
 from compression.fedbat_codec import rebuild_update
-from compression.layout import split_flat
+from compression.layout import concat_flat
 from contracts import fedbat
 from contracts.fedbat import FedBATSettings
 from core.wire_state import quantized_split
-from strategies.aggregation import example_shares, place_flat, weighted_sum
+from strategies.aggregation import gather_flat, place_flat
 from strategies.base import ClientReply, ClientUpdate, CommunicationStrategy
 
 
@@ -40,19 +40,18 @@ class FedBATStrategy(CommunicationStrategy):
         self.up = fedbat.uplink_codec(self.settings, self.model)
 
     def decode_update(self, server_round: int, reply: ClientReply) -> ClientUpdate:
+        """The rebuilt binarized update of the weights and the client's extras as one delta."""
         message = self.up.decode(reply.arrays)
         update = rebuild_update(message.bits, message.alphas, self.split.quantized_sizes)
-        return reply.update([update, message.extras, message.alphas])
+        state = [np.zeros_like(array) for array in self.global_state]
+        place_flat(state, self.b_index, update, self.split.quantized_shapes)
+        extras = message.extras - gather_flat(self.global_state, self.e_index, "float32")
+        place_flat(state, self.e_index, extras, self.split.extra_shapes)
+        result = reply.update([message.alphas])
+        result.delta = concat_flat(state, np.float32)
+        return result
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[np.ndarray]:
-        shares = example_shares(updates)
-        mean_update = weighted_sum(shares, (u.arrays[0] for u in updates))
-        mean_extras = weighted_sum(shares, (u.arrays[1] for u in updates))
-        new_state = [array.copy() for array in self.global_state]
-        pieces = split_flat(mean_update, self.split.quantized_shapes)
-        for index, piece in zip(self.b_index, pieces, strict=True):
-            new_state[index] = (self.global_state[index] + piece).astype(np.float32)
-        place_flat(new_state, self.e_index, mean_extras, self.split.extra_shapes)
-        alphas = np.concatenate([u.arrays[2] for u in updates])
+        alphas = np.concatenate([u.arrays[0] for u in updates])
         self.record_metrics(server_round, mean_alpha=float(alphas.mean()))
-        return new_state
+        return super().aggregate(server_round, updates)

@@ -25,9 +25,13 @@ from compression.fedbif_codec import DownlinkMessage, spread_codes
 from compression.primitives import max_abs_step, quantize
 from contracts import fedbif
 from contracts.fedbif import FedBiFSettings
+from core.seeding import torch_generator
 from core.wire_state import quantized_split
-from strategies.aggregation import gather_flat, place_flat, weighted_sum
+from strategies.aggregation import gather_flat, place_flat
 from strategies.base import ClientReply, ClientUpdate, CommunicationStrategy
+
+#: salt of the downlink's stochastic rounding seed.
+DOWNLINK_SALT = 0xB1D
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ class FedBiFStrategy(CommunicationStrategy):
         )
 
     def _quantize(self, server_round: int) -> RoundQuantization:
-        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + server_round)
+        generator = torch_generator(self.cfg.seed, server_round, DOWNLINK_SALT)
         stochastic = self.settings.rounding == "stochastic"
         words, steps, zeros = [], [], 0
         for index in self.q_index:
@@ -100,10 +104,21 @@ class FedBiFStrategy(CommunicationStrategy):
 
     # --------------------------------------------------------------- uplink and aggregation
     def decode_update(self, server_round: int, reply: ClientReply) -> ClientUpdate:
+        """The client's model rebuilt from its activated bits over the frozen bits it was sent
+        (dequantized), as a delta against the global model."""
         message = self.up.decode(reply.arrays)
-        return reply.update([message.codes, message.extras])
+        integers = self.recover_integers(server_round, message.codes)
+        steps = self.quantization(server_round).steps.astype(np.float64)
+        weights = integers * np.repeat(steps, self.split.quantized_sizes)
+        state = [array.copy() for array in self.global_state]
+        place_flat(state, self.q_index, weights, self.split.quantized_shapes)
+        place_flat(state, self.e_index, message.extras, self.split.extra_shapes)
+        update = reply.update([])
+        update.delta = self.delta_of(state)
+        return update
 
     def client_weights(self, updates: list[ClientUpdate]) -> np.ndarray:
+        """Eq. 6's uniform mean, or weighted by examples (``fedbif-weighting``)."""
         if self.settings.weighting == "examples":
             raw = np.array([u.num_examples for u in updates], dtype=np.float64)
         else:
@@ -116,18 +131,3 @@ class FedBiFStrategy(CommunicationStrategy):
         frozen = sent.words & np.uint8(0xFF ^ fedbif.positions_to_mask(sent.positions))
         words = frozen | spread_codes(codes, sent.positions)
         return self.layout.to_signed(torch.from_numpy(words)).numpy()
-
-    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[np.ndarray]:
-        weights = self.client_weights(updates)
-        mean_integer = weighted_sum(
-            weights, (self.recover_integers(server_round, u.arrays[0]) for u in updates)
-        )
-        mean_extras = weighted_sum(weights, (u.arrays[1] for u in updates))
-        steps = self.quantization(server_round).steps.astype(np.float64)
-        step_per_scalar = np.repeat(steps, self.split.quantized_sizes)
-        new_state = [array.copy() for array in self.global_state]
-        place_flat(
-            new_state, self.q_index, mean_integer * step_per_scalar, self.split.quantized_shapes
-        )
-        place_flat(new_state, self.e_index, mean_extras, self.split.extra_shapes)
-        return new_state

@@ -26,7 +26,6 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.common import Scalar
 
 from compression import lbi_codec
@@ -34,8 +33,9 @@ from compression.float_codec import FloatStateCodec
 from compression.lowbit import KINDS
 from contracts import lbi
 from contracts.lbi import LBISettings
+from core.seeding import torch_generator
 from core.wire_state import quantized_split
-from strategies.aggregation import example_shares, gather_flat, place_flat, weighted_sum
+from strategies.aggregation import gather_flat, place_flat
 from strategies.base import ClientReply, ClientUpdate, CommunicationStrategy, PayloadError
 
 #: salt of the downlink rounding seed.
@@ -90,9 +90,7 @@ class LBIStrategy(CommunicationStrategy):
         )
 
     def _quantize(self, server_round: int, bits: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        generator = torch.Generator().manual_seed(
-            self.cfg.seed * 1_000_003 + server_round * 97 + bits * 7 + DOWNLINK_SALT
-        )
+        generator = torch_generator(self.cfg.seed, server_round, bits, DOWNLINK_SALT)
         codes, scales = lbi_codec.quantize_weights(
             [self.global_state[i] for i in self.q_index],
             bits,
@@ -129,12 +127,27 @@ class LBIStrategy(CommunicationStrategy):
 
     # --------------------------------------------------------------- uplink and aggregation
     def decode_update(self, server_round: int, reply: ClientReply) -> ClientUpdate:
+        """The client's change from the model it received (as it received it); its metrics
+        checked first: widths the run's mode can produce, finite non-negative BitOPs and Eq. 5
+        losses, a known action."""
         metrics = reply.metrics
         widths = {name: _metric_bits(metrics, name) for name in lbi.WIDTH_METRICS}
-        for name in (lbi.BITOPS, lbi.BITOPS_INT8):
-            value = metrics.get(name)
-            if not isinstance(value, float | int) or not np.isfinite(value) or value < 0:
+        allowed = lbi.allowed_widths(self.settings.mode)
+        for name, value in widths.items():
+            if value not in allowed:
+                raise ValueError(
+                    f"metrics[{name!r}] = {value} is not a width of mode "
+                    f"{self.settings.mode!r} ({sorted(allowed)})"
+                )
+        for name in (lbi.BITOPS, lbi.BITOPS_INT8, *(lbi.loss_metric(k) for k in KINDS)):
+            value = metrics.get(name, 0.0)
+            if not isinstance(value, float | int) or isinstance(value, bool):
                 raise ValueError(f"metrics[{name!r}] must be a non-negative number")
+            if not np.isfinite(value) or value < 0:
+                raise ValueError(f"metrics[{name!r}] must be a non-negative number")
+        action = metrics.get(lbi.ACTION, -1)
+        if isinstance(action, bool) or action not in (-1, 0, 1, 2, 3):
+            raise ValueError(f"metrics[{lbi.ACTION!r}] must be -1..3, got {action!r}")
         sent_round, sent = self._sent.get(reply.cid, (None, []))
         if sent_round != server_round:
             raise ValueError(f"no round-{server_round} model was sent to client {reply.cid}")
@@ -145,31 +158,20 @@ class LBIStrategy(CommunicationStrategy):
                     f"payload is {message.bits}-bit but the client reported "
                     f"{widths[lbi.WEIGHT_BITS]}-bit weights"
                 )
-            weights, extras = lbi_codec.dequantize(message, self.split), message.extras
+            state = [array.copy() for array in sent]
+            weights = lbi_codec.dequantize(message, self.split)
+            for index, tensor in zip(self.q_index, weights, strict=True):
+                state[index] = tensor
+            place_flat(state, self.e_index, message.extras, self.split.extra_shapes)
         else:
-            floats = self.float_codec.decode(reply.arrays)
-            weights = [floats[i] for i in self.q_index]
-            extras = gather_flat(floats, self.e_index, "float32")
-        # The client's change from the model it received (as it received it).
-        arrays = [w - sent[i] for w, i in zip(weights, self.q_index, strict=True)]
-        arrays.append(extras - gather_flat(sent, self.e_index, "float32"))
-        return reply.update(arrays)
+            state = self.float_codec.decode(reply.arrays)
+        update = reply.update([])
+        update.delta = self.delta_of(state, base=sent)
+        return update
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[np.ndarray]:
-        shares = np.asarray(example_shares(updates))  # float64 terms
-        new_state = [array.copy() for array in self.global_state]
-        layers = len(self.q_index)
-        for layer, index in enumerate(self.q_index):
-            mean = weighted_sum(shares, (u.arrays[layer] for u in updates))
-            new_state[index] = (new_state[index] + mean).astype(np.float32)
-        extras = weighted_sum(
-            shares,
-            (u.arrays[layers] for u in updates),
-            start=gather_flat(self.global_state, self.e_index, "float64"),
-        )
-        place_flat(new_state, self.e_index, extras, self.split.extra_shapes)
         self._record_clients(server_round, updates)
-        return new_state
+        return super().aggregate(server_round, updates)
 
     def _record_clients(self, server_round: int, updates: list[ClientUpdate]) -> None:
         """Next widths, per-round BitOPs and widths, and the per-client rows of the round."""
@@ -213,6 +215,7 @@ class LBIStrategy(CommunicationStrategy):
         if self.results is None:
             return
         path = self.results.run_dir / CLIENTS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
         if not self._clients_file_started:
             kept: list[dict[str, str]] = []
             if self.round_offset and path.exists():
@@ -255,8 +258,6 @@ def _metric_bits(metrics: dict[str, Scalar], name: str) -> int:
     value = metrics.get(name)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"metrics[{name!r}] must be an int, got {value!r}")
-    if not (lbi_codec.MIN_BITS <= value <= 16 or value == 32):
-        raise ValueError(f"metrics[{name!r}] = {value} is not a bit-width")
     return value
 
 

@@ -81,7 +81,7 @@ class FedDQStrategy(DeltaStrategy):
         return update
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[np.ndarray]:
-        widths = [u.arrays[1] for u in updates]
+        widths = [u.arrays[0] for u in updates]
         sizes = np.asarray(self.sizes, dtype=np.float64)
         mean_width = float(np.mean([w @ sizes / sizes.sum() for w in widths]))
         per_tensor = np.mean(widths, axis=0)

@@ -89,6 +89,8 @@ def round_row(
         "failures": traffic.failures,
         "rejected": traffic.rejected,
         "seconds": seconds if server_round > 0 else 0.0,
+        "clipped": traffic.clipped,
+        "aggregate_refused": traffic.aggregate_refused,
         **method_columns,
     }
 
@@ -124,6 +126,8 @@ def summary(cfg: RunConfig, progress: RunProgress, num_scalars: int, device: str
         ),
         "failures": totals.failures,
         "rejected": totals.rejected,
+        "clipped": totals.clipped,
+        "aggregates_refused": totals.aggregate_refused,
         "wall_seconds": progress.wall_seconds(),
         "device": device,
         "config": cfg.as_dict(),

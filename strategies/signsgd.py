@@ -3,8 +3,10 @@
 SignSGD: every client sends sign(delta) of its trainable parameters (weights, biases, BatchNorm
 affine) at 1 bit per scalar; the server takes the elementwise majority (one vote per client, a tie
 broken by a seeded coin) and moves the global parameters by ``signsgd-server-lr`` times the voted
-sign. BatchNorm running statistics are not gradients: they travel as float16 values (clients send
-theirs, the server sends the example-weighted mean) and their bytes count.
+sign. (The vote is its own robust rule: no norm bound, and ``aggregation`` does not apply to
+it.) BatchNorm running statistics are not gradients: they travel as float16 values (clients send
+theirs, the server sends their norm-bounded combination under ``aggregation``, by default the
+example-weighted mean) and their bytes count.
 
 Downlink: a client that holds the previous global model (it took part in the previous round) gets
 only the voted sign, 1 bit per parameter, plus the float16 statistics, and rebuilds the new global
@@ -41,8 +43,9 @@ from compression.sign_codec import (
 )
 from contracts import signsgd
 from contracts.signsgd import SignSGDSettings, join_state
+from core.seeding import numpy_rng
 from core.wire_state import parameter_split
-from strategies.aggregation import example_shares, gather_flat, weighted_sum
+from strategies.aggregation import clip_norms, combine, gather_flat
 from strategies.base import ClientReply, ClientUpdate, CommunicationStrategy
 from strategies.delta import DeltaStrategy
 
@@ -61,9 +64,16 @@ class SignSGDStrategy(CommunicationStrategy):
         self.holds: dict[str, int] = {}  # cid -> round of the global model the client holds
         self.vote_message: list[np.ndarray] | None = None  # the last round's sign downlink
         self.vote_round = -1
+        self.vote_state: list[np.ndarray] | None = None  # the model the vote produced
 
     def _sign_ready(self, server_round: int, cid: str) -> bool:
-        return self.vote_round == server_round - 1 and self.holds.get(cid) == server_round - 2
+        # ``is``: a refused aggregate (``aggregate_problem``) leaves the old global in place,
+        # and then the vote does not lead to it.
+        return (
+            self.vote_round == server_round - 1
+            and self.vote_state is self.global_state
+            and self.holds.get(cid) == server_round - 2
+        )
 
     def downlink_arrays(self, server_round: int, cid: str) -> list[np.ndarray]:
         if self._sign_ready(server_round, cid):
@@ -79,27 +89,47 @@ class SignSGDStrategy(CommunicationStrategy):
         return {signsgd.DOWNLINK: signsgd.FULL, signsgd.BASE_ROUND: server_round - 1}
 
     def decode_update(self, server_round: int, reply: ClientReply) -> ClientUpdate:
-        # A client that answered has installed this round's downlink: it now holds global r - 1.
-        self.holds[reply.cid] = server_round - 1
         message = self.codec.decode(reply.arrays)
-        return reply.update([message.signs.astype(np.int8), message.stats.astype(np.float32)])
+        # A client whose answer is valid has installed this round's downlink: it now holds
+        # global r - 1 (a client whose answer is refused gets the full model next time).
+        self.holds[reply.cid] = server_round - 1
+        update = reply.update([message.signs.astype(np.int8)])
+        # The statistics' change is the delta: norm-checked and combined as other methods' are.
+        buffers = gather_flat(self.global_state, self.b_index, "float32")
+        update.delta = message.stats.astype(np.float32) - buffers
+        return update
 
     def tie_break(self, server_round: int) -> np.ndarray:
-        rng = np.random.default_rng([self.cfg.seed, server_round, 0x5165])
+        rng = numpy_rng(self.cfg.seed, server_round, 0x5165)
         return rng.integers(0, 2, size=self.layout.num_quantized).astype(np.float32) * 2 - 1
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[np.ndarray]:
         vote = majority_vote(np.stack([u.arrays[0] for u in updates]), self.tie_break(server_round))
-        buffers = weighted_sum(example_shares(updates), (u.arrays[1] for u in updates))
-        # What clients receive is float16: keep the server's copy identical to theirs.
-        buffers16 = buffers.astype(np.float16)
+        # The statistics are values, not votes: bounded and combined as every method's deltas.
+        old_buffers = gather_flat(self.global_state, self.b_index, "float32")
+        deltas, clipped = clip_norms(
+            [u.delta for u in updates if u.delta is not None], self.cfg.update_norm_bound
+        )
+        self.progress.traffic.round(server_round).clipped += clipped
+        buffers = old_buffers + combine(
+            deltas,
+            self.client_weights(updates),
+            [self.layout.num_extras],
+            self.cfg.aggregation,
+            self.cfg.trim_fraction,
+        )
         params = gather_flat(self.global_state, self.p_index, "float32")
         params = apply_sign_step(params, vote, self.settings.server_lr)
+        # What clients receive is float16: keep the server's copy identical to theirs.
+        buffers16 = buffers.astype(np.float16).astype(np.float32)
+        state = self.clamp_variances(
+            join_state(self.layout, self.p_index, self.b_index, params, buffers16)
+        )
+        buffers16 = gather_flat(state, self.b_index, "float16")
         self.vote_message = self.codec.encode(SignMessage(vote, buffers16))
         self.vote_round = server_round
-        return join_state(
-            self.layout, self.p_index, self.b_index, params, buffers16.astype(np.float32)
-        )
+        self.vote_state = state
+        return state
 
 
 class EFSignSGDStrategy(DeltaStrategy):

@@ -53,3 +53,16 @@ def npy_bytes(array: np.ndarray) -> int:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return len(buffer.getvalue())
+
+
+def delta_tensors(strategy, update) -> list[np.ndarray]:  # noqa: ANN001
+    """A decoded update's delta cut back into the wire state's tensors."""
+    from compression.layout import split_flat
+
+    return split_flat(update.delta, [a.shape for a in strategy.global_state])
+
+
+def delta_part(strategy, update, indices) -> np.ndarray:  # noqa: ANN001
+    """The delta's values of the wire tensors at ``indices``, concatenated."""
+    pieces = delta_tensors(strategy, update)
+    return np.concatenate([pieces[i].reshape(-1) for i in indices])

@@ -17,6 +17,7 @@ COMPARED = ("round", "accuracy", "loss", "train_loss", "uplink_bytes", "downlink
 
 def config(tmp_path, name, **extra):
     return {
+        "strategy": "fedavg",
         "device": "cpu",
         "num-server-rounds": 5,
         "fraction-fit": 0.6,

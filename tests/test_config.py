@@ -27,7 +27,7 @@ def test_pyproject_defaults_match_the_schema_exactly():
 
 def test_every_default_is_valid():
     cfg = parse()
-    assert cfg.strategy == "fedavg" and cfg.dataset == "digits" and cfg.model == "auto"
+    assert cfg.strategy == "fedbif" and cfg.dataset == "digits" and cfg.model == "auto"
     assert cfg.num_server_rounds == 20 and cfg.device == "auto"
 
 
@@ -112,7 +112,7 @@ def test_run_dir_is_absolute_and_named_from_config(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     cfg, _ = load_config({"results-dir": "out", "seed": 7})
-    assert cfg.run_dir() == tmp_path / "out" / "fedavg-digits-digits-cnn-bn-dirichlet-seed7"
+    assert cfg.run_dir() == tmp_path / "out" / "fedbif-digits-digits-cnn-bn-dirichlet-seed7"
     assert parse(results_dir="out", run_name="mine").run_dir() == tmp_path / "out" / "mine"
 
 
@@ -171,5 +171,5 @@ def test_auto_model_is_the_datasets_usual_model(dataset, model):
 
     cfg, _ = load_config({"dataset": dataset})
     assert cfg.model == model and cfg["model"] == model
-    assert cfg.results_name == f"fedavg-{dataset}-{model}-dirichlet-seed42"
+    assert cfg.results_name == f"fedbif-{dataset}-{model}-dirichlet-seed42"
     assert load_config({"dataset": dataset, "model": "lenet5"})[0].model == "lenet5"

@@ -248,7 +248,10 @@ def test_strategy_aggregates_layers_by_inverse_sqe_and_extras_by_examples(tmp_pa
         for w in weights:  # make max|w| = 1 exactly so the grid reproduces w
             for array in w:
                 array.reshape(-1)[:2] = [-1.0, 1.0]
-        extras = [rng.normal(size=strategy.split.num_extras).astype(np.float16) for _ in range(2)]
+        # Positive: BatchNorm running variances among them are floored at 0 after aggregation.
+        extras = [
+            rng.uniform(0.1, 2.0, strategy.split.num_extras).astype(np.float16) for _ in range(2)
+        ]
         errors = [np.full(len(shapes), 1.0), np.full(len(shapes), 3.0)]
         results = [
             (proxies[k], uplink_from(strategy, weights[k], extras[k], (10, 30)[k], k, errors[k]))
@@ -332,7 +335,7 @@ def test_client_uplink_bytes_and_errors_match_what_the_server_rebuilds(tmp_path)
     headers = sum(npy_bytes(a[:0]) for a in arrays)
     assert sum(len(t) for t in res.parameters.tensors) == payload + headers
     update = strategy.decode_uplink(1, proxy.cid, res)
-    assert update.arrays[-1].shape == (layers,) and np.all(update.arrays[-1] > 0)
+    assert update.arrays[0].shape == (layers,) and np.all(update.arrays[0] > 0)
     # The reported SQE is consistent with the reconstruction: each error is below the worst
     # case of d_l * step^2 and well above zero at 2 bits.
     message = strategy.up.decode(arrays)

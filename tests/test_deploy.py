@@ -15,6 +15,8 @@ import json
 import socket
 import ssl
 import stat
+import threading
+import time
 import tomllib
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -26,7 +28,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from flwr.common import Context, FitIns, FitRes
+from flwr.common.config import parse_config_args
 
+from clients.attacks import attacking_partitions
 from core.results import read_rounds
 from deploy import certs
 from deploy.cliconfig import write_connection
@@ -137,6 +141,9 @@ def test_command_lines_enable_tls_auth_and_offline_mode(tmp_path):
     assert "--insecure" in insecure and "--auth-supernode-private-key" not in insecure
     with pytest.raises(ValueError, match="partition-id"):
         node_config(3, 3)
+    kept = supernode_command("h:1", 0, 1, ca_cert=None, private_key=None, state_dir=tmp_path)
+    parsed = parse_config_args([kept[kept.index("--node-config") + 1]])
+    assert parsed == {"partition-id": 0, "num-partitions": 1, "state-dir": str(tmp_path)}
 
 
 def test_cli_connection_is_added_without_losing_other_entries(tmp_path):
@@ -285,6 +292,57 @@ def test_fedbif_runs_across_supernodes_with_client_state_and_agreeing_traffic(
     record_property("traffic", report)
     (run_dir / "traffic-crosscheck.json").write_text(json.dumps(asdict(comparison), indent=2))
     assert comparison.problems(max(arrays["up"]), max(arrays["down"])) == []
+
+
+def reference_history(config: dict[str, Any], results_dir) -> list[dict[str, float]]:  # noqa: ANN001
+    """The same run in one process, one thread per client as the SuperNodes' ClientApps."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_inprocess(
+            {**config, "results-dir": str(results_dir)}, num_clients=NUM_NODES
+        ).history
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.deploy
+def test_a_supernode_restarted_mid_run_resumes_with_its_client_state(loopback, tmp_path):
+    """Stop SuperNode 0 right after it answered round 1 and start it again while another client
+    still trains (a ``stall`` attacker holds the round open): it reads its FedBiF virtual-bit
+    magnitudes back from its state-dir, and round 2 equals an uninterrupted run's."""
+    seed = next(s for s in range(100) if attacking_partitions(s, NUM_NODES, 0.34) == {2})
+    config = {**FEDBIF, "seed": seed, "attack": "stall", "attack-fraction": 0.34}
+    config |= {"attack-stall-seconds": 30.0, "results-dir": str(tmp_path / "deployed")}
+    config["run-name"] = "restart"
+    node = next(p for p in loopback.processes if p.name == "supernode-0")
+    replies_before = node.log().count("Sent successfully")
+    outcome: dict[str, Any] = {}
+    runner = threading.Thread(
+        target=lambda: outcome.update(run=loopback.run(toml_run_config(config), timeout=600))
+    )
+    runner.start()
+    deadline = time.monotonic() + 300
+    while node.log().count("Sent successfully") == replies_before:  # round 1's reply delivered
+        assert time.monotonic() < deadline and runner.is_alive(), node_log_lines(node.log())
+        time.sleep(0.1)
+    # The ServerApp pulls replies every few seconds, and the SuperLink answers a pull for a node
+    # that went offline with "Node Unavailable" even when its reply is stored: give the pull
+    # time (node 2 stalls for another ~25 s).
+    time.sleep(6.0)
+    restarted = loopback.restart_supernode(0, timeout=25)
+    runner.join(timeout=650)
+    run = outcome["run"]
+    assert run.status == "finished:completed", run.log[-4000:]
+    rows = read_rounds(tmp_path / "deployed" / "restart" / "rounds.csv")
+    assert all(row["clients"] == NUM_NODES and row["failures"] == 0 for row in rows[1:]), run.log[
+        -6000:
+    ]
+    assert "node state restored" in restarted.log(), node_log_lines(restarted.log())
+    # The stall changes no payload: the reference runs without it (and without the wait).
+    reference = reference_history({**config, "attack": "none"}, tmp_path / "inprocess")
+    for key in ("train_loss", "loss", "accuracy"):
+        assert rows[2][key] == pytest.approx(reference[2][key], rel=1e-9), key
 
 
 @pytest.mark.deploy

@@ -13,7 +13,8 @@ from tools.launch import launch, superlink_pids
 def test_flwr_run_two_rounds_three_clients(tmp_path):
     home = tmp_path / "flwr-home"
     code, status, results_dir = launch(
-        run_config=f"num-server-rounds=2 results-dir='{tmp_path}' run-name='e2e' device='cpu'",
+        run_config=f"strategy='fedavg' num-server-rounds=2 results-dir='{tmp_path}' "
+        "run-name='e2e' device='cpu'",
         num_supernodes=3,
         flwr_home=home,
         log_path=tmp_path / "run.log",
@@ -96,3 +97,33 @@ def test_two_runs_at_the_same_time_do_not_meet(tmp_path):
     for name, (code, status, results_dir) in zip(["first", "second"], outcomes, strict=True):
         assert code == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
         assert status == "finished:completed" and results_dir == tmp_path / name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("strategy", "attack", "logged"),
+    [
+        # Two of the crashes, through real gRPC messages; every attack kind runs
+        # in-process on every strategy in tests/test_hostile_clients.py.
+        ("lbi-fl", "bad-metrics", "rejected payload of client"),  # next weight width 32
+        ("fedbif", "wrong-dtype", "extras must be float16, got float32"),  # float32 extras
+    ],
+)
+def test_a_hostile_client_through_flwr_run_is_rejected_and_the_run_completes(
+    tmp_path, strategy, attack, logged
+):
+    code, status, results_dir = launch(
+        run_config=f"strategy='{strategy}' attack='{attack}' attack-fraction=0.5 "
+        f"num-server-rounds=2 results-dir='{tmp_path}' run-name='hostile' device='cpu'",
+        num_supernodes=2,
+        flwr_home=tmp_path / "flwr-home",
+        log_path=tmp_path / "run.log",
+    )
+    log = (tmp_path / "run.log").read_text()
+    assert code == 0 and status == "finished:completed", log[-3000:]
+    assert logged in log, log[-3000:]
+    rows = read_rounds(results_dir / "rounds.csv")
+    rejected = sum(row["rejected"] for row in rows)
+    assert rejected == 2  # one attacker, two rounds
+    summary = json.loads((results_dir / "summary.json").read_text())
+    assert summary["completed"] and summary["final_accuracy"] > 0.1

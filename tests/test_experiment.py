@@ -67,6 +67,8 @@ def fake_run(point: Point, folder: Path, accuracy: list[float], uplink: int = 10
                 "failures": 0,
                 "rejected": 0,
                 "seconds": 0.1,
+                "clipped": 0,
+                "aggregate_refused": 0,
             }
         )
     writer.write_summary(

@@ -17,6 +17,7 @@ from tests.helpers import fit_res, manager_with
 
 def make_strategy(tmp_path, **overrides):
     raw = {
+        "strategy": "fedavg",
         "results-dir": str(tmp_path),
         "run-name": "t",
         "device": "cpu",
@@ -65,16 +66,18 @@ def test_bpp_definition():
 def test_weighted_average_is_exact(tmp_path):
     strategy = make_strategy(tmp_path)
     ones = [np.ones_like(a) for a in strategy.global_state]
-    threes = [3 * np.ones_like(a) for a in strategy.global_state]
+    # Twos, not threes: their delta stays within update-norm-bound (3) x the other's norm.
+    twos = [2 * np.ones_like(a) for a in strategy.global_state]
     manager = manager_with(2)
     (p0, _), (p1, _) = strategy.configure_fit(1, Parameters([], ""), manager)
     strategy.aggregate_fit(
         1,
-        [(p1, fit_res(threes, 300, partition_id=1)), (p0, fit_res(ones, 100, partition_id=0))],
+        [(p1, fit_res(twos, 300, partition_id=1)), (p0, fit_res(ones, 100, partition_id=0))],
         [],
     )
+    assert strategy.traffic[1].clipped == 0
     for array in strategy.global_state:
-        np.testing.assert_allclose(array, 2.5, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(array, 1.75, rtol=0, atol=1e-6)
         assert array.dtype == np.float32
 
 
@@ -122,7 +125,7 @@ def test_malformed_payloads_are_rejected_and_the_round_goes_on(tmp_path, caplog)
         "undecodable",
         "expected",
         "shape",
-        "float dtype",
+        "expected float32",
         "NaN",
         "num_examples",
         "partition-id",

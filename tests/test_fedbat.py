@@ -21,7 +21,7 @@ from compression.fedbat_codec import rebuild_update
 from compression.packing import packed_size
 from fl_app.client_app import client_fn
 from strategies.base import PayloadError
-from tests.helpers import build_test_strategy, fit_res, manager_with, npy_bytes
+from tests.helpers import build_test_strategy, delta_part, fit_res, manager_with, npy_bytes
 from tools.inprocess import make_contexts, run_inprocess
 
 BASE = {
@@ -185,7 +185,7 @@ def test_server_rebuild_equals_the_clients_binarized_update(tmp_path):
     arrays, num_examples, metrics = client.fit(parameters_to_ndarrays(ins.parameters), ins.config)
     update = strategy.decode_uplink(1, "0", fit_res(arrays, num_examples, **metrics))
     sent = torch.cat([t.reshape(-1) for t in client.binarized]).numpy()
-    np.testing.assert_array_equal(update.arrays[0], sent)
+    np.testing.assert_array_equal(delta_part(strategy, update, strategy.b_index), sent)
     for values, alpha in zip(client.binarized, client.sent_alphas, strict=True):
         assert set(np.unique(np.abs(values.numpy())).tolist()) == {np.float32(alpha)}
     new_state = strategy.aggregate(1, [update])
@@ -222,7 +222,8 @@ def test_weighted_aggregation_of_updates_and_extras(tmp_path):
     for _ in range(2):
         bits = rng.integers(0, 2, split.num_quantized, dtype=np.uint8)
         alphas = rng.uniform(1e-3, 1e-2, len(split.quantized_shapes)).astype(np.float32)
-        extras = rng.normal(size=split.num_extras).astype(np.float16)
+        # Positive: BatchNorm running variances among them are floored at 0 after aggregation.
+        extras = rng.uniform(0.1, 2.0, split.num_extras).astype(np.float16)
         payloads.append((np.packbits(bits, bitorder="little"), alphas, extras))
         rebuilt.append(rebuild_update(bits, alphas, split.quantized_sizes).astype(np.float64))
     before = np.concatenate([strategy.global_state[i].reshape(-1) for i in strategy.b_index])
@@ -256,7 +257,8 @@ def test_malformed_uplinks_raise_payload_error(tmp_path):
         "float32": [codes, alphas.astype(np.float64), extras],
         "positive": [codes, -alphas, extras],
         "NaN": [codes, alphas, np.full(e, np.nan, np.float16)],
-        "float16 or float32": [codes, alphas, np.zeros(e, np.int16)],
+        "extras must be float16, got int16": [codes, alphas, np.zeros(e, np.int16)],
+        "extras must be float16, got float32": [codes, alphas, np.zeros(e, np.float32)],
     }
     for reason, arrays in bad.items():
         with pytest.raises(PayloadError, match=reason):

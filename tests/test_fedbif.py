@@ -71,7 +71,8 @@ def test_eq6_aggregation_equals_recover_then_average(tmp_path):
     m, d = strategy.layout.bits, strategy.split.num_quantized
     rng = np.random.default_rng(0)
     uploads = [rng.integers(0, 2 ** len(positions), d, dtype=np.uint8) for _ in range(3)]
-    extras = [rng.normal(size=strategy.split.num_extras).astype(np.float16) for _ in range(3)]
+    # Positive: BatchNorm running variances among the extras are floored at 0 after aggregation.
+    extras = [rng.uniform(0.1, 2.0, strategy.split.num_extras).astype(np.float16) for _ in range(3)]
     results = [
         (
             proxy,
@@ -252,8 +253,9 @@ def test_sign_bit_ablation_uses_sign_magnitude(tmp_path):
 
 
 def test_client_reproduces_received_model_before_training(tmp_path):
-    strategy, ins = downlink_for(tmp_path, **{"fedbif-extras-dtype": "float32"})
-    context = make_contexts({**BASE, "results-dir": str(tmp_path)}, 2)[0]
+    float32 = {"fedbif-extras-dtype": "float32"}
+    strategy, ins = downlink_for(tmp_path, **float32)
+    context = make_contexts({**BASE, "results-dir": str(tmp_path), **float32}, 2)[0]
     client = make_client(context)
     client.load_downlink(parameters_to_ndarrays(ins.parameters), ins.config)
     rebuilt = client.current_weights()

@@ -16,6 +16,7 @@ def test_fedavg_digits_dirichlet_reaches_95_percent(tmp_path):
     """The foundation's acceptance run: 10 clients, Dirichlet 0.5, all participate, 20 rounds."""
     strategy = run_inprocess(
         {
+            "strategy": "fedavg",
             "results-dir": str(tmp_path),
             "run-name": "fedavg",
             "device": "cpu",

@@ -16,6 +16,8 @@ import pytest
 from clients.fedbif import STATE_KEY as FEDBIF_STATE
 from clients.lbi import STATE_KEY as LBI_STATE
 from clients.update_compression import EF_STATE_KEY, SIGNSGD_STATE_KEY
+from core.seeding import numpy_rng
+from strategies.base import SAMPLING_SALT
 from tools.inprocess import make_contexts, run_inprocess
 
 CLIENTS, SAMPLED, ROUNDS, SEED = 10, 3, 5, 11
@@ -30,7 +32,7 @@ STATE_KEYS = {
 def sampled_partitions() -> list[set[int]]:
     """The partitions the server samples in rounds 1..ROUNDS (node i holds partition i - 1)."""
     return [
-        {int(i) for i in np.random.default_rng([SEED, r]).choice(CLIENTS, SAMPLED, replace=False)}
+        {int(i) for i in numpy_rng(SEED, r, SAMPLING_SALT).choice(CLIENTS, SAMPLED, replace=False)}
         for r in range(1, ROUNDS + 1)
     ]
 

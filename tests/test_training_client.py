@@ -11,7 +11,13 @@ from core.torch_utils import select_device
 from fl_app.client_app import client_fn
 from tools.inprocess import make_contexts
 
-RUN_CONFIG = {"device": "cpu", "local-epochs": 2, "partitioner": "iid", "seed": 3}
+RUN_CONFIG = {
+    "strategy": "fedavg",
+    "device": "cpu",
+    "local-epochs": 2,
+    "partitioner": "iid",
+    "seed": 3,
+}
 
 
 def initial_state():

@@ -392,11 +392,15 @@ def test_signsgd_client_that_missed_rounds_gets_the_full_model(tmp_path):
     cfg = cfg_for(tmp_path, "signsgd")
     server = build_strategy(cfg)
     server.vote_message, server.vote_round = [np.zeros(1, dtype=np.uint8)], 4
+    server.vote_state = server.global_state  # the vote of round 4 made the current model
     server.holds = {"1": 3, "2": 2}
     assert server.fit_config(5, "1")["signsgd-downlink"] == "sign"
     assert server.fit_config(5, "2")["signsgd-downlink"] == "full"
     assert server.fit_config(5, "3")["signsgd-downlink"] == "full"
     assert server.downlink_arrays(5, "2") is server.global_state
+    # A refused aggregate kept the old model: the vote does not lead to it, so no sign.
+    server.vote_state = [a.copy() for a in server.global_state]
+    assert server.fit_config(5, "1")["signsgd-downlink"] == "full"
 
 
 @pytest.mark.slow
