@@ -67,3 +67,48 @@ def plot_run(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
     plt.close(figure)
     os.replace(tmp, path)
     return path
+
+
+def plot_comparison(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, title: str
+) -> Path:
+    """Several runs on one picture: accuracy by round, and by cumulative total MB (up + down)."""
+    os.environ.setdefault("MPLCONFIGDIR", str(Path.home() / ".cache" / "matplotlib"))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (by_round, by_traffic) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for label, rows in runs.items():
+        accuracy = [100.0 * float(row["accuracy"]) for row in rows]
+        total = [
+            u + d
+            for u, d in zip(
+                cumulative_mb(rows, "uplink_bytes"),
+                cumulative_mb(rows, "downlink_bytes"),
+                strict=True,
+            )
+        ]
+        (line,) = by_round.plot(
+            [float(r["round"]) for r in rows], accuracy, marker=".", label=label
+        )
+        by_traffic.plot(total, accuracy, marker=".", label=label, color=line.get_color())
+    by_round.set(xlabel="round", ylabel="test accuracy (%)", title="accuracy by round")
+    by_traffic.set(
+        xlabel="cumulative measured traffic, up + down (MB, all clients)",
+        ylabel="test accuracy (%)",
+        xscale="symlog",
+        title="accuracy by total traffic",
+    )
+    for axis in (by_round, by_traffic):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    os.replace(tmp, path)
+    return path

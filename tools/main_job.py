@@ -24,7 +24,8 @@ from typing import Any
 
 from flwr.common.config import parse_config_args
 
-from core.plots import PLOT_NAME
+from core.plots import PLOT_NAME, plot_comparison
+from core.results import read_rounds
 from tools.launch import PROJECT_ROOT, launch
 
 BASELINE = "fedavg"
@@ -32,6 +33,7 @@ BASELINE = "fedavg"
 SOURCE_PACKAGES = ("compression", "core", "contracts", "clients", "strategies", "fl_app", "tools")
 EXTRA_SOURCES = ("pyproject.toml", "clients/lbi_agent.json")
 MB = 1e6
+COMPARISON_PLOT = "main-job.png"
 
 
 def code_version(root: Path = PROJECT_ROOT) -> str:
@@ -155,6 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + comparison_table(rows))
     if len(rows) == 2:
         print(savings_line(rows[0][1], rows[1][1]))
+        picture = args.results_dir.resolve() / COMPARISON_PLOT
+        plot_comparison(
+            {
+                summary["strategy"]: read_rounds(run_dir / "rounds.csv"),
+                BASELINE: read_rounds(base_dir / "rounds.csv"),
+            },
+            picture,
+            f"{summary['strategy']} vs {BASELINE}, same setting ({run_dir.name})",
+        )
+        notes.append(f"side by side: {picture}")
     print("\n".join(["", *notes]))
     return 0
 
