@@ -30,6 +30,8 @@ ROUND_COLUMNS: tuple[str, ...] = (
     "seconds",
     "clipped",
     "aggregate_refused",
+    "total_bytes",
+    "total_bpp",
 )
 
 

@@ -71,7 +71,14 @@ def round_row(
     seconds: float,
     method_columns: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """The ``rounds.csv`` row of a round (round 0 = the initial model, no traffic)."""
+    """The ``rounds.csv`` row of a round (round 0 = the initial model, no traffic).
+
+    ``total_bpp`` is what one participating client moves per parameter in the round, both ways
+    (uplink bpp + downlink bpp): the figure a method's users pay for, not one direction of it."""
+    uplink_bpp = bits_per_parameter(traffic.uplink_bytes, num_scalars, traffic.uplink_messages)
+    downlink_bpp = bits_per_parameter(
+        traffic.downlink_bytes, num_scalars, traffic.downlink_messages
+    )
     return {
         "round": server_round,
         "accuracy": accuracy,
@@ -79,18 +86,16 @@ def round_row(
         "train_loss": train_loss if server_round > 0 else float("nan"),
         "uplink_bytes": traffic.uplink_bytes,
         "downlink_bytes": traffic.downlink_bytes,
-        "uplink_bpp": bits_per_parameter(
-            traffic.uplink_bytes, num_scalars, traffic.uplink_messages
-        ),
-        "downlink_bpp": bits_per_parameter(
-            traffic.downlink_bytes, num_scalars, traffic.downlink_messages
-        ),
+        "uplink_bpp": uplink_bpp,
+        "downlink_bpp": downlink_bpp,
         "clients": traffic.uplink_messages - traffic.rejected,
         "failures": traffic.failures,
         "rejected": traffic.rejected,
         "seconds": seconds if server_round > 0 else 0.0,
         "clipped": traffic.clipped,
         "aggregate_refused": traffic.aggregate_refused,
+        "total_bytes": traffic.uplink_bytes + traffic.downlink_bytes,
+        "total_bpp": uplink_bpp + downlink_bpp,
         **method_columns,
     }
 
@@ -124,6 +129,9 @@ def summary(cfg: RunConfig, progress: RunProgress, num_scalars: int, device: str
         "downlink_bpp": bits_per_parameter(
             totals.downlink_bytes, num_scalars, totals.downlink_messages
         ),
+        "total_bytes": totals.uplink_bytes + totals.downlink_bytes,
+        "total_bpp": bits_per_parameter(totals.uplink_bytes, num_scalars, totals.uplink_messages)
+        + bits_per_parameter(totals.downlink_bytes, num_scalars, totals.downlink_messages),
         "failures": totals.failures,
         "rejected": totals.rejected,
         "clipped": totals.clipped,
@@ -135,11 +143,11 @@ def summary(cfg: RunConfig, progress: RunProgress, num_scalars: int, device: str
 
 
 def log_round(strategy: str, num_rounds: int, row: Mapping[str, Any]) -> None:
-    """The one console line per round: accuracy, loss, measured MB and bpp each way."""
+    """The one console line per round: accuracy, loss, measured MB and bpp each way and total."""
     log(
         INFO,
         "[%s] round %d/%d | acc %.4f | loss %.4f | up %.3f MB | down %.3f MB | "
-        "bpp up %.3f | bpp down %.3f | clients %d | %.1f s",
+        "bpp up %.3f | bpp down %.3f | bpp total %.3f | clients %d | %.1f s",
         strategy,
         row["round"],
         num_rounds,
@@ -149,6 +157,7 @@ def log_round(strategy: str, num_rounds: int, row: Mapping[str, Any]) -> None:
         row["downlink_bytes"] / MB,
         row["uplink_bpp"],
         row["downlink_bpp"],
+        row["total_bpp"],
         row["clients"],
         row["seconds"],
     )

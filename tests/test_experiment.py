@@ -69,6 +69,8 @@ def fake_run(point: Point, folder: Path, accuracy: list[float], uplink: int = 10
                 "seconds": 0.1,
                 "clipped": 0,
                 "aggregate_refused": 0,
+                "total_bytes": 3 * uplink if index else 0,
+                "total_bpp": 3.0,
             }
         )
     writer.write_summary(

@@ -193,3 +193,10 @@ def test_results_files_written_every_round(tmp_path):
     assert summary["completed"] is True and summary["num_clients"] == 2
     assert summary["uplink_bytes"] == sum(t.uplink_bytes for t in strategy.traffic.values())
     assert summary["config"]["strategy"] == "fedavg"
+    # Both directions: bytes add up, and bpp is per participating client and round, both ways.
+    for row in rows[1:]:
+        assert row["total_bytes"] == row["uplink_bytes"] + row["downlink_bytes"]
+        assert row["total_bpp"] == pytest.approx(row["uplink_bpp"] + row["downlink_bpp"])
+    assert summary["total_bytes"] == summary["uplink_bytes"] + summary["downlink_bytes"]
+    assert summary["total_bpp"] == pytest.approx(summary["uplink_bpp"] + summary["downlink_bpp"])
+    assert 64.0 < summary["total_bpp"] < 65.0  # float32 both ways plus .npy headers
