@@ -21,7 +21,7 @@ export HF_DATASETS_OFFLINE := 1
 export HF_HUB_OFFLINE := 1
 export MPLCONFIGDIR := $(CURDIR)/.flwr/mplconfig
 
-.PHONY: run test lint install clean
+.PHONY: run test lint install clean gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# CUDA tests, one flwr run per seed method on CUDA, resnet18 methods benchmark: one table;
+# non-zero on any failure, exit 0 with a message on a machine without CUDA (tools/gpu_check.py)
+gpu-check: $(VENV)/.installed
+	$(PY) -m tools.gpu_check $(GPU_CHECK_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -6,6 +6,11 @@ training time relative to FedAvg's on the same model and data (training overhead
 and in CPU seconds (CPU time is what the work costs on a box shared with other jobs).
 
     python benchmarks/methods_bench.py [--models digits-cnn-bn cnn4 resnet18] [--samples 256]
+        [--device cpu|cuda] [--int8-mode auto|always|never]
+
+``--device cuda`` times the same work on a GPU (``make gpu-check`` runs it on resnet18);
+``--int8-mode never`` keeps LBI-FL on fake quantization there, for comparison with the
+integer kernels that ``auto`` picks on CUDA (``compression.int8_matmul``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 
 from benchmarks.common import one_round
+from compression.int8_matmul import MODES, set_int8_mode
 
 # Nominal bits per parameter (uplink, downlink) at the defaults; None = adaptive.
 NOMINAL = {
@@ -39,17 +45,21 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["digits-cnn-bn", "cnn4", "resnet18"])
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--methods", nargs="+", default=list(NOMINAL))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--int8-mode", default="auto", choices=MODES)
     args = parser.parse_args()
+    set_int8_mode(args.int8_mode)
     print(
         "| model | method | up bpp (vs nominal) | down bpp (vs nominal) | fit s | x FedAvg "
         "| fit CPU s | x FedAvg (CPU) |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for model in args.models:
-        one_round("fedavg", model, samples=32)  # warm-up: first-call costs out of the timings
+        # warm-up: first-call costs (and CUDA's start-up) out of the timings
+        one_round("fedavg", model, samples=32, device=args.device)
         base = base_cpu = None
         for method in args.methods:
-            measure = one_round(method, model, samples=args.samples)
+            measure = one_round(method, model, samples=args.samples, device=args.device)
             base = base or measure.fit_seconds
             base_cpu = base_cpu or measure.fit_cpu_seconds
             up, down = NOMINAL[method]

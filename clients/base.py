@@ -27,6 +27,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import TensorDataset
 
+from contracts.downlink import Downlink
 from contracts.messages import PARTITION_ID, ROUND, TRAIN_LOSS, TRAIN_SECONDS
 from core.config import RunConfig
 from core.seeding import derive_seed, seed_everything
@@ -59,6 +60,7 @@ class TrainingClient(NumPyClient):
         self.device = select_device(cfg.device)
         self.model = model.to(self.device)
         self.train_set = train_set
+        self.downlink = Downlink.from_config(cfg)
 
     # ----------------------------------------------------------------- hooks for methods
     def load_downlink(self, arrays: NDArrays, config: dict[str, Scalar]) -> None:
@@ -118,11 +120,19 @@ class TrainingClient(NumPyClient):
     def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
         return get_wire_state(self.model)
 
+    def receive(self, arrays: NDArrays) -> NDArrays:
+        """The wire state a generic ``downlink=fp16|uq`` message stands for (the message itself
+        otherwise): every method's client starts from exactly what it decoded."""
+        if not self.downlink.active:
+            return arrays
+        shapes = [tuple(a.shape) for a in get_wire_state(self.model)]
+        return self.downlink.decode(arrays, shapes)
+
     def fit(
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[NDArrays, int, dict[str, Scalar]]:
         server_round = int(config.get(ROUND, 0))
-        self.load_downlink(parameters, config)
+        self.load_downlink(self.receive(parameters), config)
         received = get_wire_state(self.model) if self.poison_factor is not None else None
         started = time.perf_counter()
         train_loss = self.train(server_round)
@@ -141,7 +151,7 @@ class TrainingClient(NumPyClient):
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[float, int, dict[str, Scalar]]:
         """Loss/accuracy of the received model on this client's data (federated evaluation)."""
-        self.load_downlink(parameters, config)
+        self.load_downlink(self.receive(parameters), config)
         loss, accuracy = evaluate_model(self.model, self.train_set, self.device)
         return loss, len(self.train_set), {"accuracy": accuracy, PARTITION_ID: self.partition_id}
 

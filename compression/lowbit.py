@@ -34,11 +34,13 @@ Conv2d and ``nn.Linear`` (``"conv-linear"``, the default here: small models spen
 of their MACs in linear layers, and their weights travel at k_w bits anyway). Only modules whose
 type is exactly Conv2d/Linear are converted (attention's fused projections are left alone).
 
-Arithmetic is simulated in floating point (fake quantization): the values are exactly those of
-integer arithmetic up to float32 accumulation, but no integer kernel runs. On CUDA a real kernel
-would plug in at ``_LowBitMixin._product``: ``torch._int_mm`` (INT8 GEMM on tensor cores, conv via
-im2col) or a CUTLASS INT4 GEMM, fed with the integer codes ``round(x / s)`` and rescaled by
-``s_a * s_w``.
+Arithmetic is simulated in floating point (fake quantization) on the CPU: the values are exactly
+those of integer arithmetic up to float32 accumulation. On CUDA, where weights and activations
+are at most 8 bits wide, the forward product runs on the integer codes ``round(x / s)``
+instead (``compression.int8_matmul``: ``torch._int_mm``, conv via im2col; exact int32
+accumulation, rescaled by ``s_a * s_w``), chosen automatically (``int8_matmul.int8_mode``
+switches it); its backward is the fake-quant path's, so training is unchanged. Grouped convs,
+non-zero padding modes and string paddings stay on fake quantization.
 
 Accounting: ``quantization_losses`` gives Eq. 5, |sum|x_f| - sum|x_q|| / sum|x_f|, per tensor
 kind averaged over layers and steps; ``layer_macs`` and ``training_bitops`` give BitOPs as the
@@ -57,10 +59,19 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from compression.int8_matmul import (
+    MAX_INNER,
+    activation_offset,
+    dequantize_output,
+    int_conv2d,
+    int_linear,
+    use_integer_path,
+)
 from compression.primitives import (
     channel_scale,
     fake_quantize,
     max_abs_scale,
+    quantize_nearest,
     quantize_stochastic,
 )
 
@@ -70,6 +81,8 @@ WIDENINGS: tuple[str, ...] = ("weights", "none", "all")
 LAYER_CHOICES: tuple[str, ...] = ("conv", "conv-linear")
 #: a width of 32 leaves that tensor kind in full precision.
 FULL_PRECISION_BITS = 32
+#: widths of weights and activations whose codes fit the int8 kernels.
+INTEGER_BITS = 8
 
 
 @dataclass(frozen=True)
@@ -148,14 +161,20 @@ class _LowBitMixin(nn.Module):
             raise ValueError(f"refresh_interval must be >= 1, got {refresh_interval}")
         if widen not in WIDENINGS:
             raise ValueError(f"widen must be one of {WIDENINGS}, got {widen!r}")
-        self.bits = FP32
         self.refresh_interval = refresh_interval
         self.widen = widen
         self.per_channel = per_channel
-        self.steps = 0
         # Non-persistent: the state_dict (and so the wire format) is that of the float model.
         self.register_buffer("weight_scale", torch.ones(()), persistent=False)
         self.register_buffer("activation_scale", torch.ones(()), persistent=False)
+        self.reset_lowbit()
+
+    def reset_lowbit(self) -> None:
+        """Back to the just-converted state: FP32 widths, no steps, unit scales, no statistics."""
+        self.bits = FP32
+        self.steps = 0
+        self.weight_scale = torch.ones((), device=self.weight.device)
+        self.activation_scale = torch.ones((), device=self.weight.device)
         self.activation_signed = True
         self.reset_statistics()
 
@@ -195,7 +214,23 @@ class _LowBitMixin(nn.Module):
                 )
 
     def _product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The layer's own op (conv or matmul) plus bias; an integer kernel would go here."""
+        """The layer's own op (conv or matmul) plus bias, in floating point."""
+        raise NotImplementedError
+
+    def _integer_supported(self) -> bool:
+        """Whether this layer's product has an integer form (``compression.int8_matmul``)."""
+        raise NotImplementedError
+
+    def _integer_accumulate(
+        self, x_codes: torch.Tensor, w_codes: torch.Tensor, offset: int
+    ) -> torch.Tensor:
+        """The exact int32 product of activation and weight codes (no scale, no bias)."""
+        raise NotImplementedError
+
+    def _product_backward(
+        self, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs: tuple[bool, ...]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Gradients of ``_product(x, weight)`` (input, weight, bias) for the output's ``grad``."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -207,6 +242,7 @@ class _LowBitMixin(nn.Module):
             self._update_scales(x, refresh=self.steps % self.refresh_interval == 0)
             self.steps += 1
         weight_scale, activation_scale, signed = self._scales(x, training)
+        raw = x
         weight = self.weight
         if bits.weight != FULL_PRECISION_BITS:
             weight = fake_quantize(weight, weight_scale, bits.weight, signed=True)
@@ -217,7 +253,28 @@ class _LowBitMixin(nn.Module):
             if training:
                 self._record("activation", x, quantized)
             x = quantized
-        y = self._product(x, weight)
+        if (
+            bits.weight <= INTEGER_BITS
+            and bits.activation <= INTEGER_BITS
+            and self._integer_supported()
+            and use_integer_path(x.device)
+        ):
+            # The same codes fake_quantize rounded to; the product runs on them as integers.
+            w_codes = quantize_nearest(self.weight.detach(), weight_scale, bits.weight, True)
+            x_codes = quantize_nearest(raw.detach(), activation_scale, bits.activation, signed)
+            y = _IntegerProduct.apply(
+                x,
+                weight,
+                self.bias,
+                self,
+                x_codes,
+                w_codes,
+                activation_scale,
+                weight_scale,
+                activation_offset(bits.activation, signed),
+            )
+        else:
+            y = self._product(x, weight)
         if training and bits.gradient != FULL_PRECISION_BITS:
             y = _QuantizeGradient.apply(y, bits.gradient, self)
         return y
@@ -235,11 +292,73 @@ class _LowBitMixin(nn.Module):
         )
 
 
+class _IntegerProduct(torch.autograd.Function):
+    """Forward: the layer's product on integer codes, rescaled (``compression.int8_matmul``).
+    Backward: the gradients of the fake-quant product ``_product(x_q, w_q)``, so training
+    (the straight-through estimator of ``fake_quantize`` included) is that of the float path."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x_q: torch.Tensor,
+        w_q: torch.Tensor,
+        bias: torch.Tensor | None,
+        layer: _LowBitMixin,
+        x_codes: torch.Tensor,
+        w_codes: torch.Tensor,
+        activation_scale: torch.Tensor,
+        weight_scale: torch.Tensor,
+        offset: int,
+    ) -> torch.Tensor:
+        ctx.layer = layer
+        ctx.save_for_backward(x_q, w_q)
+        acc = layer._integer_accumulate(x_codes, w_codes, offset)
+        channel_dim = 1 if isinstance(layer, nn.Conv2d) else acc.dim() - 1
+        return dequantize_output(acc, activation_scale, weight_scale, bias, channel_dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x_q, w_q = ctx.saved_tensors
+        grads = ctx.layer._product_backward(grad, x_q, w_q, tuple(ctx.needs_input_grad[:3]))
+        return (*grads, None, None, None, None, None, None)
+
+
 class LowBitConv2d(nn.Conv2d, _LowBitMixin):
     """``nn.Conv2d`` computing on quantized weights/activations with quantized output gradients."""
 
     def _product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, weight, self.bias)
+
+    def _integer_supported(self) -> bool:
+        return (
+            self.groups == 1
+            and self.padding_mode == "zeros"
+            and not isinstance(self.padding, str)
+            and self.weight[0].numel() <= MAX_INNER
+        )
+
+    def _integer_accumulate(
+        self, x_codes: torch.Tensor, w_codes: torch.Tensor, offset: int
+    ) -> torch.Tensor:
+        return int_conv2d(x_codes, w_codes, self.stride, self.padding, self.dilation, offset)
+
+    def _product_backward(
+        self, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs: tuple[bool, ...]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad,
+            x,
+            weight,
+            None if self.bias is None else [self.out_channels],
+            self.stride,
+            self.padding,
+            self.dilation,
+            False,
+            [0, 0],
+            self.groups,
+            [needs[0], needs[1], needs[2] and self.bias is not None],
+        )
+        return grad_x, grad_w, grad_b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _LowBitMixin.forward(self, x)
@@ -250,6 +369,25 @@ class LowBitLinear(nn.Linear, _LowBitMixin):
 
     def _product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return functional.linear(x, weight, self.bias)
+
+    def _integer_supported(self) -> bool:
+        return self.in_features <= MAX_INNER
+
+    def _integer_accumulate(
+        self, x_codes: torch.Tensor, w_codes: torch.Tensor, offset: int
+    ) -> torch.Tensor:
+        return int_linear(x_codes, w_codes, offset)
+
+    def _product_backward(
+        self, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs: tuple[bool, ...]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        # As autograd differentiates ``linear`` = addmm(bias, x, weight^T).
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        x_2d = x.reshape(-1, x.shape[-1])
+        grad_x = grad_2d.mm(weight).reshape(x.shape) if needs[0] else None
+        grad_w = x_2d.t().mm(grad_2d).t() if needs[1] else None
+        grad_b = grad_2d.sum(0) if needs[2] and self.bias is not None else None
+        return grad_x, grad_w, grad_b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _LowBitMixin.forward(self, x)
@@ -320,6 +458,14 @@ def set_bit_widths(model: nn.Module, widths: BitWidths) -> None:
         if layer.bits != widths:
             layer.bits = widths
             layer.steps = 0
+
+
+def reset_lowbit_state(model: nn.Module) -> None:
+    """Every low-bit layer back to its state right after ``convert_to_lowbit`` (widths, step
+    count, cached scales, statistics): a model reused for another client (the ClientApp's
+    worker cache) must not inherit the previous client's scales or refresh phase."""
+    for _, layer in lowbit_layers(model):
+        layer.reset_lowbit()
 
 
 def reset_statistics(model: nn.Module) -> None:

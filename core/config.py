@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compression.downlink_codec import DOWNLINK_MODES, ENTROPY_MODES
 from core.settings import ConfigError, ConfigKey, Scalar, Settings, parse_values, setting
 
 __all__ = ["ConfigError", "ConfigKey", "RunConfig", "parse_run_config", "with_choices"]
@@ -58,6 +59,13 @@ class RunConfig(Settings):
         False, "Dirichlet: no more samples of a class for clients above the mean size"
     )
     data_files: str = setting("", "folder with local train.*/test.* files of a hub dataset")
+    validation_fraction: float = setting(
+        0.0,
+        "share of the training data held out (seeded, stratified) to choose settings on; "
+        "0 = none, below 0.5",
+        min=0.0,
+        max=0.5,
+    )
     num_server_rounds: int = setting(20, "federated rounds", min=1)
     fraction_fit: float = setting(
         1.0, "share of clients sampled per round", min=0.0, max=1.0, min_inclusive=False
@@ -110,12 +118,40 @@ class RunConfig(Settings):
     attack_stall_seconds: float = setting(
         30.0, "how long a stall attack sleeps before answering", min=0.0
     )
+    downlink: str = setting(
+        "method",
+        "what the server sends where a method sends the float32 model: method (its paper's "
+        "choice), fp32, fp16 or uq (uniform-quantized codes, downlink-bits)",
+        choices=DOWNLINK_MODES,
+    )
+    downlink_bits: int = setting(4, "bits per weight of downlink=uq", min=2, max=8)
+    downlink_scale: str = setting(
+        "channel",
+        "scale groups of downlink=uq: per output channel or per tensor",
+        choices=("channel", "tensor"),
+    )
+    downlink_rounding: str = setting(
+        "nearest",
+        "rounding of downlink=uq (stochastic: unbiased, seeded per round)",
+        choices=("nearest", "stochastic"),
+    )
+    entropy: str = setting(
+        "none",
+        "lossless entropy stage for downlink=uq codes: none, or ans (adaptive ANS, model sent)",
+        choices=ENTROPY_MODES,
+    )
     checkpoint: bool = setting(True, "write checkpoint.npz to the run folder every round")
     resume_from: str = setting("", "a run folder (or its checkpoint.npz) to continue from")
     #: every validated key, method keys included (method settings are built from it).
     values: Mapping[str, Scalar] = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        # The key's range is [0, 0.5): ``setting`` bounds are inclusive, so the top is here.
+        if self.validation_fraction >= 0.5:
+            raise ConfigError(
+                f"validation-fraction must be below 0.5 (the clients keep the larger share of "
+                f"the training data), got {self.validation_fraction}"
+            )
         if self.run_name and not _PLAIN_NAME.fullmatch(self.run_name):
             raise ConfigError(
                 f"run-name must be a plain folder name (letters, digits, '.', '_', '-', '=', "

@@ -32,6 +32,9 @@ ROUND_COLUMNS: tuple[str, ...] = (
     "aggregate_refused",
     "total_bytes",
     "total_bpp",
+    # the global model on the run's validation split (``validation-fraction``); NaN when off.
+    "val_accuracy",
+    "val_loss",
 )
 
 

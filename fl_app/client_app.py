@@ -3,6 +3,9 @@
 A SuperNode started with ``state-dir`` in its node config keeps its ``context.state`` in a file
 there as well (``core.node_state``): written after every fit, read back when a restarted
 SuperNode finds its state empty.
+
+A Ray worker serves many messages: the partition tensors and the model are built once per
+process and reused (``fl_app.worker_cache``; ``COMMFL_WORKER_CACHE=0`` turns that off).
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ from flwr.common.logger import log
 from clients.attacks import AttackingClient, attacking_partitions
 from core.config import ConfigError
 from core.node_state import NodeStateError, NodeStateStore
+from core.torch_utils import select_device
 from fl_app.data import DATASETS, load_partition
 from fl_app.methods import METHODS, load_config
 from fl_app.models import build_model
+from fl_app.worker_cache import CACHE
 
 
 def client_fn(context: Context) -> Client:
-    """Called for every message; ``fl_app.data`` caches data loading per process."""
+    """Called for every message. The partition's tensors and a model skeleton come from the
+    process's bounded cache (``fl_app.worker_cache``); the message installs the weights."""
     cfg, settings = load_config(context.run_config)
     try:
         partition_id = int(context.node_config["partition-id"])
@@ -35,28 +41,56 @@ def client_fn(context: Context) -> Client:
         ) from None
     store = node_state_store(context, cfg.strategy, partition_id)
     spec = DATASETS.get(cfg.dataset)
-    train_set = load_partition(
-        cfg.dataset,
-        partition_id,
-        num_partitions,
-        partitioner=cfg.partitioner,
-        alpha=cfg.dirichlet_alpha,
-        labels_per_client=cfg.labels_per_client,
-        seed=cfg.seed,
-        data_files=cfg.data_files,
-        min_partition_size=cfg.dirichlet_min_size,
-        self_balancing=cfg.dirichlet_self_balancing,
+    # Every argument of load_partition goes through here, so all of them are in the cache key.
+    partition_args = {
+        "partitioner": cfg.partitioner,
+        "alpha": cfg.dirichlet_alpha,
+        "labels_per_client": cfg.labels_per_client,
+        "seed": cfg.seed,
+        "data_files": cfg.data_files,
+        "min_partition_size": cfg.dirichlet_min_size,
+        "self_balancing": cfg.dirichlet_self_balancing,
+        "validation_fraction": cfg.validation_fraction,  # clients never train on validation
+    }
+    train_set = CACHE.partition(
+        ("partition", cfg.dataset, partition_id, num_partitions, *sorted(partition_args.items())),
+        lambda: load_partition(cfg.dataset, partition_id, num_partitions, **partition_args),
     )
-    model = build_model(
+    device = select_device(cfg.device)
+    # The method and its settings are in the key: LBI-FL converts its model's layers in place.
+    model_key = (
+        "model",
         cfg.model,
-        in_channels=spec.in_channels,
-        num_classes=spec.num_classes,
-        image_size=spec.image_size,
+        spec.in_channels,
+        spec.num_classes,
+        spec.image_size,
+        cfg.strategy,
+        repr(settings),
+        str(device),
+    )
+    model, release = CACHE.lease_model(
+        model_key,
+        lambda: build_model(
+            cfg.model,
+            in_channels=spec.in_channels,
+            num_classes=spec.num_classes,
+            image_size=spec.image_size,
+        ).to(device),
     )
     client_cls = METHODS.get(cfg.strategy).client
-    client = client_cls(
-        cfg, settings, context=context, model=model, train_set=train_set, partition_id=partition_id
-    )
+    try:
+        client = client_cls(
+            cfg,
+            settings,
+            context=context,
+            model=model,
+            train_set=train_set,
+            partition_id=partition_id,
+        )
+    except BaseException:
+        release()
+        raise
+    CACHE.bind(client, release)
     served: NumPyClient = client
     if cfg.attack != "none" and partition_id in attacking_partitions(
         cfg.seed, num_partitions, cfg.attack_fraction

@@ -18,6 +18,12 @@ Where the data comes from, in this order:
 Built-in and IDX data are partitioned in memory by the same flwr-datasets partitioners
 (``partitioner.dataset = ...``) after a shuffle with the run seed, as ``FederatedDataset`` does.
 
+Validation split (``validation_fraction`` > 0): a seeded, stratified share of the *training* split
+is set aside before partitioning (``carve_validation``), so no client trains on it and the test
+split is never touched; settings are chosen on it (``tools.experiment``'s ``[tune]``), and the
+test split only reports. It depends on the run seed, the fraction and the data only (not on the
+partitioner), so clients and server carve the same samples whatever each of them loads.
+
 ``data_files`` convention for Hub-format files: a directory that holds the train split as
 ``train.<ext>`` (or shards ``train-*.<ext>``) and the test split as ``test.<ext>`` (or
 ``test-*.<ext>``), with ``<ext>`` one of parquet, arrow, csv, json, jsonl, all files in one
@@ -49,6 +55,7 @@ from torch.utils.data import TensorDataset
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from core.registry import Registry
+from core.seeding import derive_seed
 
 # Partitions are materialised once per process; per-call progress bars only clutter run logs.
 datasets.disable_progress_bars()
@@ -60,6 +67,13 @@ _DIGITS_SPLIT_SEED = 0
 _DIGITS_TEST_FRACTION = 0.2
 # The hub/local test split is loaded with this fixed seed for the same reason.
 _TEST_SEED = 0
+# The validation share is below one half: it is carved from the clients' training data.
+MAX_VALIDATION_FRACTION = 0.5
+# Salt of the validation carve's random stream (derived from the run seed).
+_VALIDATION_SALT = 0x7A11D
+# Name of the carved split inside a FederatedDataset; unlike "validation" or "valid", no Hub
+# dataset ships a split of this name, so the carve never shadows a real one.
+VALIDATION_SPLIT = "commfl-validation"
 # File extension -> ``datasets`` packaged builder used for local ``data_files``.
 _BUILDERS = {
     ".parquet": "parquet",
@@ -282,6 +296,8 @@ class Split:
     seed: int
     min_partition_size: int = 0
     self_balancing: bool = False
+    #: share of the training split carved off for validation before partitioning (0 = none).
+    validation_fraction: float = 0.0
 
     def partitioner(self, label_column: str) -> Partitioner:
         return make_partitioner(
@@ -294,6 +310,58 @@ class Split:
             min_partition_size=self.min_partition_size,
             self_balancing=self.self_balancing,
         )
+
+
+def check_validation_fraction(fraction: float) -> float:
+    """``fraction`` as a float in [0, 0.5), else ``ValueError``: at one half or more the clients
+    would train on less data than the server holds out."""
+    fraction = float(fraction)
+    if not 0.0 <= fraction < MAX_VALIDATION_FRACTION:  # also rejects NaN
+        raise ValueError(
+            f"validation_fraction must be in [0, {MAX_VALIDATION_FRACTION:g}), got {fraction}"
+        )
+    return fraction
+
+
+def validation_indices(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, validation) row indices of a training split with ``labels``, both sorted.
+
+    scikit-learn's ``train_test_split(stratify=labels)`` keeps every class's share in both
+    parts (to within one sample per class), so a validation score is not skewed towards the
+    classes a random draw happened to favour; its seed comes from the run seed (same seed, same
+    split). Sorting keeps the fit part in the split's own order, so the partitioner's seeded
+    shuffle behaves as without a validation split.
+    """
+    from sklearn.model_selection import train_test_split
+
+    fraction = check_validation_fraction(fraction)
+    if fraction == 0.0:
+        return np.arange(len(labels)), np.zeros(0, dtype=np.int64)
+    try:
+        fit, validation = train_test_split(
+            np.arange(len(labels)),
+            test_size=fraction,
+            stratify=labels,
+            random_state=derive_seed(seed, _VALIDATION_SALT) % 2**32,
+        )
+    except ValueError as err:
+        err.add_note(
+            f"validation_fraction {fraction:g} of {len(labels)} training samples: every class "
+            "needs at least 2 samples and the validation split at least one per class"
+        )
+        raise
+    return np.sort(fit), np.sort(validation)
+
+
+def carve_validation(
+    train: datasets.Dataset, label_column: str, fraction: float, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(what the clients partition, the validation split) of a training ``Dataset``."""
+    labels = np.asarray(train.with_format("numpy", columns=[label_column])[label_column])
+    fit, validation = validation_indices(labels, fraction, seed)
+    return train.select(fit), train.select(validation)
 
 
 # --------------------------------------------------------------------------- sources
@@ -412,11 +480,24 @@ def _local_splits(dataset: str, source: str, folder: str) -> datasets.DatasetDic
     return _digits_splits() if source == BUILTIN else _idx_splits(dataset, folder)
 
 
+@functools.lru_cache(maxsize=4)
+def _local_train(
+    dataset: str, source: str, folder: str, fraction: float, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(the clients' part, the validation split) of a local train split (``carve_validation``)."""
+    train = _local_splits(dataset, source, folder)["train"]
+    if fraction == 0.0:
+        return train, train.select([])
+    return carve_validation(train, DATASETS.get(dataset).label_column, fraction, seed)
+
+
 @functools.lru_cache(maxsize=8)
 def _local_partitioner(dataset: str, source: str, folder: str, split: Split) -> Partitioner:
-    """A local train split, shuffled with the run seed (as FederatedDataset does), partitioned."""
+    """A local train split less its validation share, shuffled with the run seed (as
+    FederatedDataset does), partitioned."""
     part = split.partitioner(DATASETS.get(dataset).label_column)
-    part.dataset = _local_splits(dataset, source, folder)["train"].shuffle(seed=split.seed)
+    fit, _ = _local_train(dataset, source, folder, split.validation_fraction, split.seed)
+    part.dataset = fit.shuffle(seed=split.seed)
     return part
 
 
@@ -458,16 +539,31 @@ def _federated_dataset(dataset: str, data_files: str, split: Split) -> Federated
     """
     spec = DATASETS.get(dataset)
     part = split.partitioner(spec.label_column)
+    # FederatedDataset shuffles every split with the seed, then runs the preprocessor: the carve
+    # sees the same shuffled train split in every process of a run.
+    extra = (
+        {"preprocessor": functools.partial(_carve_preprocessor, spec.label_column, split)}
+        if split.validation_fraction > 0
+        else {}
+    )
     if data_files:
         builder, files = _local_data_files(spec, data_files)
         fds = FederatedDataset(
-            dataset=builder, partitioners={"train": part}, seed=split.seed, data_files=files
+            dataset=builder,
+            partitioners={"train": part},
+            seed=split.seed,
+            data_files=files,
+            **extra,
         )
         fds.partitioners  # noqa: B018 - property access triggers the load
         return fds
     assert spec.hf_path is not None, f"{dataset} has no Hub id"
     fds = FederatedDataset(
-        dataset=spec.hf_path, subset=spec.hf_subset, partitioners={"train": part}, seed=split.seed
+        dataset=spec.hf_path,
+        subset=spec.hf_subset,
+        partitioners={"train": part},
+        seed=split.seed,
+        **extra,
     )
     try:
         fds.partitioners  # noqa: B018 - property access triggers the download
@@ -483,6 +579,17 @@ def _federated_dataset(dataset: str, data_files: str, split: Split) -> Federated
         )
         raise
     return fds
+
+
+def _carve_preprocessor(
+    label_column: str, split: Split, splits: datasets.DatasetDict
+) -> datasets.DatasetDict:
+    """FederatedDataset preprocessor: ``train`` less its validation share, which becomes the
+    extra split ``VALIDATION_SPLIT``."""
+    fit, validation = carve_validation(
+        splits["train"], label_column, split.validation_fraction, split.seed
+    )
+    return datasets.DatasetDict({**splits, "train": fit, VALIDATION_SPLIT: validation})
 
 
 # --------------------------------------------------------------------------- conversion
@@ -575,6 +682,7 @@ def _make_split(
     seed: int,
     min_partition_size: int,
     self_balancing: bool,
+    validation_fraction: float = 0.0,
 ) -> Split:
     """The validated ``Split`` of a run (``load_partition`` documents the arguments)."""
     if num_partitions < 1:
@@ -598,6 +706,7 @@ def _make_split(
         seed,
         int(min_partition_size),
         bool(self_balancing),
+        check_validation_fraction(validation_fraction),
     )
 
 
@@ -613,12 +722,15 @@ def load_partition(
     data_files: str = "",
     min_partition_size: int = 0,
     self_balancing: bool = False,
+    validation_fraction: float = 0.0,
 ) -> TensorDataset:
     """One client's training data: normalised float32 ``(N, C, H, W)`` images, int64 labels.
 
     The same ``seed`` gives the same partitions; it seeds the shuffle and the partitioner.
     ``min_partition_size`` and ``self_balancing`` apply to the Dirichlet split
-    (``make_partitioner``).
+    (``make_partitioner``). ``validation_fraction`` > 0 partitions the training split less the
+    validation share that ``load_validation_set`` returns (the run must pass the same value to
+    both, or clients train on the server's validation samples).
     """
     spec = DATASETS.get(dataset)
     _check_data_files(spec, data_files)
@@ -631,6 +743,7 @@ def load_partition(
         seed,
         min_partition_size,
         self_balancing,
+        validation_fraction,
     )
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition_id must be in 0..{num_partitions - 1}, got {partition_id}")
@@ -649,6 +762,7 @@ def partition_sizes(
     data_files: str = "",
     min_partition_size: int = 0,
     self_balancing: bool = False,
+    validation_fraction: float = 0.0,
 ) -> list[int] | None:
     """Every partition's size (arguments as ``load_partition``), without decoding an image.
 
@@ -670,6 +784,7 @@ def partition_sizes(
         seed,
         min_partition_size,
         self_balancing,
+        validation_fraction,
     )
     part = _local_partitioner(dataset, source, folder, split)
     return [part.load_partition(i).num_rows for i in range(num_partitions)]
@@ -697,11 +812,43 @@ def load_test_set(dataset: str, *, data_files: str = "") -> TensorDataset:
     return _test_set(dataset, data_files)
 
 
+@functools.lru_cache(maxsize=4)
+def _validation_set(dataset: str, data_files: str, fraction: float, seed: int) -> TensorDataset:
+    spec = DATASETS.get(dataset)
+    source, folder = source_of(spec, data_files)
+    if source in (BUILTIN, IDX):
+        _, split = _local_train(dataset, source, folder, fraction, seed)
+    else:
+        # The carve does not depend on the partitioner: one iid partition loads the least.
+        whole = Split("iid", 1, 1.0, 1, seed, validation_fraction=fraction)
+        split = _federated_dataset(dataset, data_files, whole).load_split(VALIDATION_SPLIT)
+    return _to_tensors(*_to_arrays(split, spec), spec)
+
+
+def load_validation_set(
+    dataset: str, *, fraction: float, seed: int, data_files: str = ""
+) -> TensorDataset:
+    """The validation split of a run (``fraction`` > 0 of its training split, stratified, drawn
+    from ``seed``), in the training tensor format: disjoint from every partition
+    ``load_partition`` gives for the same ``fraction`` and ``seed``, and from the test split.
+
+    The result is cached and shared between callers, who must not modify it in place.
+    """
+    spec = DATASETS.get(dataset)
+    _check_data_files(spec, data_files)
+    fraction = check_validation_fraction(fraction)
+    if fraction == 0.0:
+        raise ValueError("load_validation_set needs validation_fraction > 0")
+    return _validation_set(dataset, data_files, fraction, seed)
+
+
 def clear_caches() -> None:
     """Drop every cached dataset, partitioner and tensor (tests, or to free memory)."""
     for cached in (
         _digits_splits,
         _idx_splits,
+        _local_train,
+        _validation_set,
         _local_partitioner,
         _federated_dataset,
         _partition_arrays,

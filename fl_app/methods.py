@@ -137,7 +137,10 @@ def load_config(raw: dict) -> tuple[RunConfig, Settings]:
     if cfg.model == AUTO_MODEL:
         model = DATASETS.get(cfg.dataset).default_model
         cfg = dataclasses.replace(cfg, model=model, values={**cfg.values, "model": model})
-    return cfg, METHODS.get(cfg.strategy).settings.from_values(cfg.values)
+    method = METHODS.get(cfg.strategy)
+    settings = method.settings.from_values(cfg.values)
+    method.strategy.check_downlink(cfg, settings)
+    return cfg, settings
 
 
 def markdown_key_tables() -> str:

@@ -13,14 +13,15 @@ from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 from core.config import ConfigError, RunConfig
 from core.results import ResultsWriter
 from core.settings import Settings
-from fl_app.data import DATASETS, load_test_set, partition_sizes
+from fl_app.data import DATASETS, load_test_set, load_validation_set, partition_sizes
 from fl_app.methods import METHODS, load_config
 from fl_app.models import build_model
 from strategies.base import CommunicationStrategy
 
 
 def build_strategy(cfg: RunConfig, settings: Settings | None = None) -> CommunicationStrategy:
-    """The configured method's strategy with the server's test set and results writer."""
+    """The configured method's strategy with the server's test set (and validation split, when
+    ``validation-fraction`` > 0) and results writer."""
     method = METHODS.get(cfg.strategy)
     if settings is None:
         settings = method.settings.from_values(cfg.values)
@@ -34,6 +35,16 @@ def build_strategy(cfg: RunConfig, settings: Settings | None = None) -> Communic
     )
     model_fn()  # an unsupported model/dataset pair fails here, before any client runs
     test_set = load_test_set(cfg.dataset, data_files=cfg.data_files)
+    validation_set = (
+        load_validation_set(
+            cfg.dataset,
+            fraction=cfg.validation_fraction,
+            seed=cfg.seed,
+            data_files=cfg.data_files,
+        )
+        if cfg.validation_fraction > 0
+        else None
+    )
     results = ResultsWriter(cfg.run_dir(), extra_columns=tuple(method.strategy.round_columns))
     log(INFO, "results of this run go to %s", results.run_dir)
     sizes = partial(
@@ -46,6 +57,7 @@ def build_strategy(cfg: RunConfig, settings: Settings | None = None) -> Communic
         data_files=cfg.data_files,
         min_partition_size=cfg.dirichlet_min_size,
         self_balancing=cfg.dirichlet_self_balancing,
+        validation_fraction=cfg.validation_fraction,
     )
     return method.strategy(
         cfg,
@@ -54,6 +66,7 @@ def build_strategy(cfg: RunConfig, settings: Settings | None = None) -> Communic
         test_set=test_set,
         results=results,
         partition_sizes=sizes,
+        validation_set=validation_set,
     )
 
 

@@ -56,12 +56,13 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from compression.layout import concat_flat, split_flat
+from contracts.downlink import Downlink
 from contracts.messages import PARTITION_ID, ROUND, TRAIN_LOSS, TRAIN_SECONDS
 from core.config import RunConfig
 from core.plots import PLOT_NAME, plot_run
 from core.results import ResultsWriter
 from core.seeding import derive_seed, numpy_rng
-from core.settings import NoSettings, Settings
+from core.settings import ConfigError, NoSettings, Settings
 from core.torch_utils import evaluate_model, select_device
 from core.wire_state import count_wire_scalars, get_wire_state, set_wire_state, wire_keys
 from strategies.accounting import RoundTraffic, parameters_nbytes
@@ -80,7 +81,7 @@ from strategies.reporting import RunProgress, log_round, round_row, summary
 
 T = TypeVar("T")
 #: salts of the server's own random streams.
-INIT_SALT, SAMPLING_SALT = 0x1417, 0x5A3
+INIT_SALT, SAMPLING_SALT, DOWNLINK_SALT = 0x1417, 0x5A3, 0xD0E1
 
 __all__ = ["ClientReply", "ClientUpdate", "CommunicationStrategy", "PayloadError", "RoundMemo"]
 
@@ -134,6 +135,19 @@ class CommunicationStrategy(Strategy):
     uplink_name: ClassVar[str] = "uplink"
     #: method ``rounds.csv`` columns and their value in a round that recorded none.
     round_columns: ClassVar[Mapping[str, Scalar]] = {}
+    #: False where the method's paper fixes a compressed downlink of its own (FedBiF's m-bit
+    #: words, LBI-FL's k_w-bit weights, SignSGD's vote): ``downlink=fp16|uq`` is refused.
+    generic_downlink: ClassVar[bool] = True
+
+    @classmethod
+    def check_downlink(cls, cfg: RunConfig, settings: Settings) -> None:
+        """Refuse, at start, a ``downlink`` mode this method cannot send (``ConfigError``)."""
+        if Downlink.from_config(cfg).active and not cls.generic_downlink:
+            raise ConfigError(
+                f"downlink={cfg.downlink!r}: strategy {cfg.strategy!r} sends its paper's own "
+                f"compressed downlink; use downlink='method' (fp16 and uq apply to the methods "
+                f"that send the float32 model)"
+            )
 
     def __init__(
         self,
@@ -144,6 +158,7 @@ class CommunicationStrategy(Strategy):
         test_set: TensorDataset | None,
         results: ResultsWriter | None,
         partition_sizes: Callable[[int], list[int] | None] | None = None,
+        validation_set: TensorDataset | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -154,10 +169,16 @@ class CommunicationStrategy(Strategy):
         self.global_state: list[np.ndarray] = get_wire_state(self.model)
         self.num_scalars = count_wire_scalars(self.model)
         self.test_set = test_set
+        #: the run's validation split (``validation-fraction`` > 0), scored each round beside
+        #: the test set so settings can be chosen without looking at test accuracy.
+        self.validation_set = validation_set
         self.results = results
         self.progress = RunProgress()
         self.round_metrics: dict[int, dict[str, Scalar]] = {}
         self.round_memo = RoundMemo()
+        self.downlink = Downlink.from_config(cfg)
+        #: what this round's deltas are relative to (set while a round is aggregated).
+        self._delta_base: list[np.ndarray] | None = None
         self._round_started = self.progress.started
         self.shapes = [a.shape for a in self.global_state]
         self.num_flat = sum(int(a.size) for a in self.global_state)
@@ -180,8 +201,30 @@ class CommunicationStrategy(Strategy):
         (e.g. DAdaQuant assigns each client its level here)."""
 
     def downlink_arrays(self, server_round: int, cid: str) -> list[np.ndarray]:
-        """Arrays sent to client ``cid``; default: the full-precision global model."""
-        return self.global_state
+        """Arrays sent to client ``cid``; default: the global model, as ``downlink`` says."""
+        if not self.downlink.active:
+            return self.global_state
+        return self.generic_downlink_message(server_round)[0]
+
+    def generic_downlink_message(
+        self, server_round: int
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(message, the float32 state clients decode from it) of ``downlink=fp16|uq``; one
+        per round (every client gets the same), stochastic rounding seeded by seed and round."""
+
+        def build() -> tuple[list[np.ndarray], list[np.ndarray]]:
+            rng = numpy_rng(self.cfg.seed, server_round, DOWNLINK_SALT)
+            arrays = self.downlink.encode(self.global_state, rng)
+            return arrays, self.downlink.decode(arrays, self.shapes)
+
+        return self.round_memo.get(server_round, "generic-downlink", build)
+
+    def delta_base(self, server_round: int) -> list[np.ndarray]:
+        """What clients started the round from: the decoded generic downlink where it is lossy,
+        else the global model. Updates are deltas against it, and so is the aggregate."""
+        if not self.downlink.active:
+            return self.global_state
+        return self.generic_downlink_message(server_round)[1]
 
     def fit_config(self, server_round: int, cid: str) -> dict[str, Scalar]:
         """Extra per-client instructions sent with the arrays (small scalars)."""
@@ -218,8 +261,10 @@ class CommunicationStrategy(Strategy):
         return self.apply_delta(combined)
 
     def apply_delta(self, delta: np.ndarray) -> list[np.ndarray]:
-        """global + delta, back in the wire state's shapes (float32)."""
-        flat = concat_flat(self.global_state, np.float64) + delta
+        """base + delta, back in the wire state's shapes (float32); the base is what clients
+        received this round (``delta_base``), the global model outside a round."""
+        base = self.global_state if self._delta_base is None else self._delta_base
+        flat = concat_flat(base, np.float64) + delta
         return [p.astype(np.float32) for p in split_flat(flat, self.shapes)]
 
     def clamp_variances(self, state: list[np.ndarray]) -> list[np.ndarray]:
@@ -230,8 +275,10 @@ class CommunicationStrategy(Strategy):
         return state
 
     def delta_of(self, state: list[np.ndarray], base: list[np.ndarray] | None = None) -> np.ndarray:
-        """Flat float32 change of a wire state against ``base`` (default: the global model)."""
-        base = self.global_state if base is None else base
+        """Flat float32 change of a wire state against ``base`` (default: what clients received
+        this round, ``delta_base``; the global model outside a round)."""
+        if base is None:
+            base = self.global_state if self._delta_base is None else self._delta_base
         return concat_flat(state, np.float32) - concat_flat(base, np.float32)
 
     def evaluation_state(self, server_round: int) -> list[np.ndarray]:
@@ -286,6 +333,18 @@ class CommunicationStrategy(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         server_round += self.progress.round_offset
+        self._delta_base = self.delta_base(server_round)
+        try:
+            return self._aggregate_round(server_round, results, failures)
+        finally:
+            self._delta_base = None
+
+    def _aggregate_round(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
         traffic = self.progress.traffic.round(server_round)
         traffic.failures += len(failures)
         for failure in failures:
@@ -358,8 +417,16 @@ class CommunicationStrategy(Strategy):
             return None  # round k of a resumed run: recorded before the restart
         set_wire_state(self.model, self.evaluation_state(server_round))
         loss, accuracy = evaluate_model(self.model, self.test_set, self.device)
-        self._record_round(server_round, loss, accuracy)
-        return loss, {"accuracy": accuracy}
+        val_loss, val_accuracy = math.nan, math.nan
+        if self.validation_set is not None:
+            val_loss, val_accuracy = evaluate_model(self.model, self.validation_set, self.device)
+        self._record_round(
+            server_round, loss, accuracy, val_loss=val_loss, val_accuracy=val_accuracy
+        )
+        metrics: dict[str, Scalar] = {"accuracy": accuracy}
+        if self.validation_set is not None:
+            metrics["val_accuracy"] = val_accuracy
+        return loss, metrics
 
     # ----------------------------------------------------------------- the trust boundary
     def decode_uplink(self, server_round: int, cid: str, fit_res: FitRes) -> ClientUpdate:
@@ -523,7 +590,15 @@ class CommunicationStrategy(Strategy):
             **self.summary_fields(),
         }
 
-    def round_row(self, server_round: int, loss: float, accuracy: float) -> dict[str, Any]:
+    def round_row(
+        self,
+        server_round: int,
+        loss: float,
+        accuracy: float,
+        *,
+        val_loss: float = math.nan,
+        val_accuracy: float = math.nan,
+    ) -> dict[str, Any]:
         """The ``rounds.csv`` row of a round: common columns, then the method's."""
         return round_row(
             server_round,
@@ -534,10 +609,22 @@ class CommunicationStrategy(Strategy):
             self.progress.last_train_loss,
             time.perf_counter() - self._round_started,
             {**self.round_columns, **self.round_metrics.get(server_round, {})},
+            val_accuracy=val_accuracy,
+            val_loss=val_loss,
         )
 
-    def _record_round(self, server_round: int, loss: float, accuracy: float) -> None:
-        row = self.round_row(server_round, loss, accuracy)
+    def _record_round(
+        self,
+        server_round: int,
+        loss: float,
+        accuracy: float,
+        *,
+        val_loss: float = math.nan,
+        val_accuracy: float = math.nan,
+    ) -> None:
+        row = self.round_row(
+            server_round, loss, accuracy, val_loss=val_loss, val_accuracy=val_accuracy
+        )
         self.progress.history.append(row)
         log_round(self.cfg.strategy, self.cfg.num_server_rounds, row)
         if self.results is not None:

@@ -29,7 +29,10 @@ from compression.clipped_quant import inverse_error_weights
 from compression.cuq_codec import CuqMessage, dequantize_layers, quantize_layers
 from contracts import cuq
 from contracts.cuq import ClippedUQSettings
+from contracts.downlink import Downlink
+from core.config import RunConfig
 from core.seeding import torch_generator
+from core.settings import ConfigError, Settings
 from core.wire_state import quantized_split
 from strategies.aggregation import example_shares, gather_flat, place_flat
 from strategies.base import ClientReply, ClientUpdate, CommunicationStrategy
@@ -44,6 +47,17 @@ class ClippedUQStrategy(CommunicationStrategy):
     uplink_name = "clipped-uq uplink"
     round_columns = {"quant_mse": float("nan"), "weight_spread": float("nan")}
     settings: ClippedUQSettings
+
+    @classmethod
+    def check_downlink(cls, cfg: RunConfig, settings: Settings) -> None:
+        """Its own quantized downlink (``cuq-downlink-bits``) or the generic one, not both."""
+        super().check_downlink(cfg, settings)
+        own_bits = getattr(settings, "downlink_bits", 0)
+        if own_bits and Downlink.from_config(cfg).active:
+            raise ConfigError(
+                f"cuq-downlink-bits={own_bits} and downlink={cfg.downlink!r} both compress the "
+                f"downlink; set cuq-downlink-bits=0 or downlink='method'"
+            )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -73,8 +87,8 @@ class ClippedUQStrategy(CommunicationStrategy):
         return arrays, received
 
     def downlink_arrays(self, server_round: int, cid: str) -> list[np.ndarray]:
-        if self.down is None:
-            return self.global_state
+        if self.down is None:  # fp32, or the generic ``downlink`` codec
+            return super().downlink_arrays(server_round, cid)
         return self.downlink_message(server_round)[0]
 
     def evaluation_state(self, server_round: int) -> list[np.ndarray]:

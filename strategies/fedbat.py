@@ -45,7 +45,10 @@ class FedBATStrategy(CommunicationStrategy):
         update = rebuild_update(message.bits, message.alphas, self.split.quantized_sizes)
         state = [np.zeros_like(array) for array in self.global_state]
         place_flat(state, self.b_index, update, self.split.quantized_shapes)
-        extras = message.extras - gather_flat(self.global_state, self.e_index, "float32")
+        # Extras travel as values: their delta is against what the client started from.
+        extras = message.extras - gather_flat(
+            self.delta_base(server_round), self.e_index, "float32"
+        )
         place_flat(state, self.e_index, extras, self.split.extra_shapes)
         result = reply.update([message.alphas])
         result.delta = concat_flat(state, np.float32)

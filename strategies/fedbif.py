@@ -47,6 +47,8 @@ class RoundQuantization:
 class FedBiFStrategy(CommunicationStrategy):
     """Server side of FedBiF; see the module docstring."""
 
+    generic_downlink = False  # the paper's own compressed downlink
+
     uplink_name = "FedBiF uplink"
     round_columns = {"sparsity": float("nan"), "active_bits": 0.0}
     settings: FedBiFSettings

@@ -59,6 +59,8 @@ CLIENT_COLUMNS = (
 class LBIStrategy(CommunicationStrategy):
     """Server side of LBI-FL; see the module docstring."""
 
+    generic_downlink = False  # the paper's own compressed downlink
+
     uplink_name = "LBI-FL uplink"
     round_columns = {
         "bitops": 0.0,

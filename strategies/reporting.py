@@ -8,6 +8,7 @@ Column and field names are the user-facing interface (``core.results``): add, ne
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,9 @@ from core.config import RunConfig
 from strategies.accounting import RoundTraffic, TrafficLedger, bits_per_parameter
 
 MB = 1024 * 1024
+#: validation columns, NaN in a run without a validation split (and in rows of checkpoints
+#: written before the columns existed).
+VALIDATION_COLUMNS = ("val_accuracy", "val_loss")
 
 
 @dataclass
@@ -51,8 +55,9 @@ class RunProgress:
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any], completed_round: int) -> RunProgress:
+        missing = dict.fromkeys(VALIDATION_COLUMNS, math.nan)
         return cls(
-            history=list(meta["history"]),
+            history=[{**missing, **row} for row in meta["history"]],
             traffic=TrafficLedger.from_json(meta["traffic"]),
             num_clients=int(meta["num_clients"]),
             round_offset=completed_round,
@@ -70,6 +75,9 @@ def round_row(
     train_loss: float,
     seconds: float,
     method_columns: Mapping[str, Any],
+    *,
+    val_accuracy: float = math.nan,
+    val_loss: float = math.nan,
 ) -> dict[str, Any]:
     """The ``rounds.csv`` row of a round (round 0 = the initial model, no traffic).
 
@@ -96,6 +104,8 @@ def round_row(
         "aggregate_refused": traffic.aggregate_refused,
         "total_bytes": traffic.uplink_bytes + traffic.downlink_bytes,
         "total_bpp": uplink_bpp + downlink_bpp,
+        "val_accuracy": val_accuracy,
+        "val_loss": val_loss,
         **method_columns,
     }
 
@@ -106,6 +116,11 @@ def summary(cfg: RunConfig, progress: RunProgress, num_scalars: int, device: str
     history = progress.history
     last = history[-1] if history else {}
     best = max(history, key=lambda row: row["accuracy"]) if history else {}
+    validation = [
+        float(row["val_accuracy"])
+        for row in history
+        if math.isfinite(float(row.get("val_accuracy", math.nan)))
+    ]
     rounds_done = int(last.get("round", 0))
     return {
         "strategy": cfg.strategy,
@@ -121,6 +136,9 @@ def summary(cfg: RunConfig, progress: RunProgress, num_scalars: int, device: str
         "final_loss": last.get("loss"),
         "best_accuracy": best.get("accuracy"),
         "best_round": best.get("round"),
+        # on the validation split (tools.experiment's [tune] chooses by these); null when off.
+        "final_val_accuracy": last.get("val_accuracy", math.nan),
+        "best_val_accuracy": max(validation) if validation else math.nan,
         "uplink_bytes": totals.uplink_bytes,
         "downlink_bytes": totals.downlink_bytes,
         "uplink_messages": totals.uplink_messages,

@@ -55,6 +55,7 @@ class SignSGDStrategy(CommunicationStrategy):
 
     uplink_name = "SignSGD uplink"
     round_columns = {"full_downlinks": 0}
+    generic_downlink = False  # the paper's own compressed downlink (the voted sign)
     settings: SignSGDSettings
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -446,3 +446,166 @@ def test_tiny_imagenet_stand_in_with_grayscale_images(tmp_path: Path) -> None:
         data_files=str(tmp_path),
     )
     assert part.tensors[0].shape == (6, 3, 64, 64)
+
+
+# --------------------------------------------------------------------------- validation split
+
+
+def _with_validation(
+    num_partitions: int, fraction: float, seed: int, partitioner: str = "iid"
+) -> tuple[list[TensorDataset], TensorDataset]:
+    """Every partition and the validation split of digits for one run."""
+    kwargs = {"partitioner": partitioner, "alpha": 0.5, "labels_per_client": 2, "seed": seed}
+    parts = [
+        data.load_partition("digits", p, num_partitions, validation_fraction=fraction, **kwargs)
+        for p in range(num_partitions)
+    ]
+    return parts, data.load_validation_set("digits", fraction=fraction, seed=seed)
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet"])
+def test_validation_split_is_disjoint_from_partitions_and_test(partitioner: str) -> None:
+    parts, validation = _with_validation(10, 0.1, seed=3, partitioner=partitioner)
+    train = _rows(_digits(0, 1))  # the whole training split (no validation carved)
+    val_rows = _rows(validation)
+    assert len(validation) == round(0.1 * DIGITS_TRAIN)
+    # Partitions plus validation are exactly the training split: as multisets, so a sample
+    # that were both in a partition and in the validation split would be counted twice.
+    assert sum((_rows(p) for p in parts), Counter()) + val_rows == train
+    assert not any(set(_rows(p)) & set(val_rows) for p in parts)
+    assert not set(val_rows) & set(_rows(data.load_test_set("digits")))
+    sizes = data.partition_sizes(
+        "digits",
+        10,
+        partitioner=partitioner,
+        alpha=0.5,
+        labels_per_client=2,
+        seed=3,
+        validation_fraction=0.1,
+    )
+    assert sizes == [len(p) for p in parts]  # the server caps claims at these sizes
+
+
+def test_validation_split_is_stratified() -> None:
+    validation = data.load_validation_set("digits", fraction=0.2, seed=5)
+    train_labels = _digits(0, 1).tensors[1]
+    train_counts = torch.bincount(train_labels, minlength=10).double()
+    val_counts = torch.bincount(validation.tensors[1], minlength=10).double()
+    # Stated tolerance: every class within one sample of its share of the training split.
+    expected = train_counts * len(validation) / len(train_labels)
+    assert float((val_counts - expected).abs().max()) <= 1.0
+    # A plain random draw of 287 of 1,437 would miss that bound for some class almost surely.
+
+
+def test_validation_split_is_seeded() -> None:
+    first = _rows(data.load_validation_set("digits", fraction=0.1, seed=11))
+    data.clear_caches()  # recompute, not read the cache
+    assert _rows(data.load_validation_set("digits", fraction=0.1, seed=11)) == first
+    assert _rows(data.load_validation_set("digits", fraction=0.1, seed=12)) != first
+    # Off (0) leaves every partition exactly as before the feature existed.
+    plain = _digits(1, 4, partitioner="dirichlet", seed=11)
+    off = data.load_partition(
+        "digits",
+        1,
+        4,
+        partitioner="dirichlet",
+        alpha=0.5,
+        labels_per_client=2,
+        seed=11,
+        validation_fraction=0.0,
+    )
+    assert torch.equal(plain.tensors[0], off.tensors[0])
+
+
+@pytest.mark.parametrize("fraction", [0.5, -0.1, float("nan")])
+def test_validation_fraction_out_of_range(fraction: float) -> None:
+    with pytest.raises(ValueError, match=r"validation_fraction must be in \[0, 0.5\)"):
+        data.load_validation_set("digits", fraction=fraction, seed=0)
+    with pytest.raises(ValueError, match="validation_fraction"):
+        data.load_partition(
+            "digits",
+            0,
+            2,
+            partitioner="iid",
+            alpha=1.0,
+            labels_per_client=2,
+            seed=0,
+            validation_fraction=fraction,
+        )
+    with pytest.raises(ValueError, match="> 0"):
+        data.load_validation_set("digits", fraction=0.0, seed=0)
+
+
+def test_validation_split_of_local_hub_files(tmp_path: Path) -> None:
+    """The FederatedDataset path (hub or local files) carves the same way, after its shuffle."""
+    spec = data.DATASETS.get("cifar10")
+    written = _write_fake(tmp_path, spec, n_train=200, n_test=50)
+    files = str(tmp_path)
+    validation = data.load_validation_set("cifar10", fraction=0.2, seed=4, data_files=files)
+    parts = [
+        data.load_partition(
+            "cifar10",
+            p,
+            3,
+            partitioner="dirichlet",
+            alpha=1.0,
+            labels_per_client=2,
+            seed=4,
+            data_files=files,
+            validation_fraction=0.2,
+        )
+        for p in range(3)
+    ]
+    assert len(validation) == 40
+    rows = sum((_denormalise(p, spec) for p in parts), Counter())
+    assert rows + _denormalise(validation, spec) == _raw_rows(*written["train"])
+    test = data.load_test_set("cifar10", data_files=files)
+    assert _denormalise(test, spec) == _raw_rows(*written["test"])  # untouched
+
+
+def test_validation_split_of_idx_files(tmp_path: Path) -> None:
+    from tests.test_fmnist import write_fixture
+
+    written = write_fixture(tmp_path / "idx", n_train=100, n_test=20)
+    folder = str(tmp_path / "idx")
+    spec = data.DATASETS.get("fmnist")
+    validation = data.load_validation_set("fmnist", fraction=0.2, seed=1, data_files=folder)
+    parts = [
+        data.load_partition(
+            "fmnist",
+            p,
+            2,
+            partitioner="iid",
+            alpha=1.0,
+            labels_per_client=2,
+            seed=1,
+            data_files=folder,
+            validation_fraction=0.2,
+        )
+        for p in range(2)
+    ]
+    # Balanced labels (10 per class): stratified means exactly 2 of each class.
+    assert torch.bincount(validation.tensors[1], minlength=10).tolist() == [2] * 10
+    images, labels = written["train"]
+    rows = sum((_denormalise(p, spec) for p in parts), Counter()) + _denormalise(validation, spec)
+    assert rows == _raw_rows(images[:, None], labels.astype(np.int64))
+
+
+def test_clients_of_a_run_do_not_train_on_its_validation_split() -> None:
+    from flwr.common import Context, RecordDict
+
+    from fl_app.client_app import client_fn
+
+    run_config = {"strategy": "fedavg", "partitioner": "iid", "seed": 2, "validation-fraction": 0.1}
+    val_rows = set(_rows(data.load_validation_set("digits", fraction=0.1, seed=2)))
+    for partition in range(2):
+        context = Context(
+            run_id=0,
+            node_id=partition + 1,
+            node_config={"partition-id": partition, "num-partitions": 2},
+            state=RecordDict(),
+            run_config=run_config,
+        )
+        client = client_fn(context)
+        train_set = client.numpy_client.train_set  # type: ignore[attr-defined]
+        assert not set(_rows(train_set)) & val_rows

@@ -50,8 +50,17 @@ def demo(tmp_path) -> Experiment:
     return load_experiment(path)
 
 
-def fake_run(point: Point, folder: Path, accuracy: list[float], uplink: int = 1000) -> None:
+def fake_run(
+    point: Point,
+    folder: Path,
+    accuracy: list[float],
+    uplink: int = 1000,
+    validation: list[float] | None = None,
+) -> None:
+    """A finished run folder as the app writes it; ``validation``: accuracy per round on the
+    validation split (None: a run without one, NaN columns and null summary fields)."""
     writer = ResultsWriter(folder / point.name)
+    val = validation if validation is not None else [math.nan] * len(accuracy)
     for index, acc in enumerate(accuracy):
         writer.write_round(
             {
@@ -71,6 +80,8 @@ def fake_run(point: Point, folder: Path, accuracy: list[float], uplink: int = 10
                 "aggregate_refused": 0,
                 "total_bytes": 3 * uplink if index else 0,
                 "total_bpp": 3.0,
+                "val_accuracy": val[index],
+                "val_loss": 1 - val[index],
             }
         )
     writer.write_summary(
@@ -78,6 +89,8 @@ def fake_run(point: Point, folder: Path, accuracy: list[float], uplink: int = 10
             "completed": True,
             "config": point.config,
             "final_accuracy": accuracy[-1],
+            "final_val_accuracy": val[-1],
+            "best_val_accuracy": max(val),
             "uplink_bpp": 1.0,
             "downlink_bpp": 2.0,
             "uplink_bytes": uplink * (len(accuracy) - 1),
@@ -143,6 +156,8 @@ def test_table_mean_std_and_uplink_to_target(tmp_path):
     assert fedavg["accuracy_mean"] == pytest.approx(80.0)
     assert fedavg["accuracy_std"] == pytest.approx(10.0)  # sample std of 70, 80, 90
     assert fedavg["uplink_mb_to_target"] == pytest.approx(4.0)  # reached in round 2
+    # uplink 2 MB + downlink 4 MB per round, both rounds: from both byte columns.
+    assert fedavg["total_mb_to_target"] == pytest.approx(12.0)
     assert fedavg["total_gb"] == pytest.approx(2 * 6e6 / 1e9)
     fedbif = next(row for row in iid if row["method"] == "fedbif")
     assert math.isnan(fedbif["uplink_mb_to_target"]) and fedbif["reached_target"] == 0
@@ -151,7 +166,10 @@ def test_table_mean_std_and_uplink_to_target(tmp_path):
     text = report.read_text()
     assert "80.00 ± 10.00" in text and "not reached" in text
     pngs = list(experiment.folder.glob("*.png"))
-    assert len(pngs) == 2 and all(p.stat().st_size > 5000 for p in pngs)
+    # Per group: accuracy by round and uplink MB, and accuracy by total (uplink + downlink) MB.
+    assert len(pngs) == 2 * 2 and all(p.stat().st_size > 5000 for p in pngs)
+    assert len(list(experiment.folder.glob("*-total.png"))) == 2
+    assert "total MB to 50%" in text and "12.00 (3/3)" in text
     assert (experiment.folder / "table.csv").read_text().count("\n") == 1 + 4
 
 
@@ -218,3 +236,220 @@ def test_rows_are_labelled_by_every_setting_that_varies_for_that_method():
         "lbi-fl lbi-mode=ui8 learning-rate=0.05",
         "lbi-fl lbi-mode=ui4 learning-rate=0.1",
     ]
+
+
+# ------------------------------------------------------------------------------ tuning
+TUNED = """
+name = "tuned"
+output = "out"
+seeds = [1, 2]
+target-accuracy = 0.5
+[fixed]
+dataset = "digits"
+num-server-rounds = 2
+validation-fraction = 0.1
+[federation]
+num-supernodes = 3
+[grid]
+partitioner = ["iid", "dirichlet"]
+[[grid.method]]
+strategy = "fedavg"
+[[grid.method]]
+strategy = "signsgd"
+[[grid.method]]
+strategy = "lbi-fl"
+lbi-mode = "ui8"
+[[grid.method]]
+strategy = "lbi-fl"
+lbi-mode = "ui4"
+[[grid.method]]
+strategy = "fedbif"
+fedbif-bits = 3
+[[grid.method]]
+strategy = "fedbif"
+fedbif-bits = 4
+[tune]
+metric = "final_val_accuracy"
+[tune.fedavg]
+learning-rate = [0.01, 0.1]
+[tune.signsgd]
+signsgd-server-lr = [0.0005, 0.001, 0.002]
+[tune.lbi-fl]
+learning-rate = [0.01, 0.1]
+"""
+
+#: (partitioner, row, tuned value) -> (final test accuracy, final validation accuracy per seed).
+#: Test and validation disagree on purpose: the best test accuracy never has the best mean
+#: validation accuracy, and seed 1 alone would choose otherwise than the mean over seeds.
+OUTCOMES = {
+    ("iid", "fedavg", 0.01): (0.95, {1: 0.95, 2: 0.10}),  # mean validation 0.525
+    ("iid", "fedavg", 0.1): (0.60, {1: 0.60, 2: 0.60}),  # chosen
+    ("dirichlet", "fedavg", 0.01): (0.55, {1: 0.70, 2: 0.70}),  # chosen: per group
+    ("dirichlet", "fedavg", 0.1): (0.99, {1: 0.65, 2: 0.65}),
+    ("iid", "signsgd", 0.0005): (0.97, {1: 0.70, 2: 0.70}),
+    ("iid", "signsgd", 0.001): (0.99, {1: 0.60, 2: 0.60}),
+    ("iid", "signsgd", 0.002): (0.52, {1: 0.75, 2: 0.75}),  # chosen
+    ("iid", "ui8", 0.01): (0.70, {1: 0.80, 2: 0.80}),  # chosen: per row (mode)
+    ("iid", "ui8", 0.1): (0.90, {1: 0.70, 2: 0.70}),
+    ("iid", "ui4", 0.01): (0.90, {1: 0.50, 2: 0.50}),
+    ("iid", "ui4", 0.1): (0.65, {1: 0.55, 2: 0.55}),  # chosen
+}
+
+
+def tuned_demo(tmp_path, text: str = TUNED) -> Experiment:
+    path = tmp_path / "tuned.toml"
+    path.write_text(text)
+    return load_experiment(path)
+
+
+def fake_tuned_runs(experiment: Experiment) -> None:
+    for point in experiment.points():
+        config = point.config
+        row = config.get("lbi-mode", config["strategy"])
+        value = config.get("learning-rate", config.get("signsgd-server-lr"))
+        test, validation = OUTCOMES.get(
+            (config["partitioner"], row, value), (0.8, {1: 0.8, 2: 0.8})
+        )
+        val = validation[config["seed"]]
+        fake_run(point, experiment.folder, [0.1, 0.4, test], validation=[0.1, 0.3, val])
+
+
+def test_tune_block_multiplies_points_per_strategy(tmp_path):
+    experiment = tuned_demo(tmp_path)
+    assert experiment.tune_metric == "final_val_accuracy"
+    points = experiment.points()
+    # per seed and partition: fedavg 2 + signsgd 3 + lbi-fl 2 modes x 2 + fedbif 2 bit-widths
+    assert len(points) == 2 * 2 * (2 + 3 + 2 * 2 + 2)
+    assert len({p.name for p in points}) == len(points)
+    keys = all_config_keys()
+    for point in points:
+        assert point.config["validation-fraction"] == 0.1
+        parse_run_config(point.config, keys)
+    lrs = {p.config.get("learning-rate") for p in points if p.config["strategy"] == "fedavg"}
+    assert lrs == {0.01, 0.1}
+    assert not any("learning-rate" in p.config for p in points if p.config["strategy"] == "fedbif")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("validation-fraction = 0.1\n", ""), "needs validation-fraction > 0"),
+        (("validation-fraction = 0.1\n", "validation-fraction = 0.0\n"), "validation-fraction > 0"),
+        (('metric = "final_val_accuracy"', 'metric = "accuracy"'), "tune.metric must be one of"),
+        (("[tune.fedavg]", "[tune.fedpaq]"), "names strategies no point runs"),
+        (
+            (
+                "learning-rate = [0.01, 0.1]\n[tune.signsgd]",
+                "partitioner = ['iid']\n[tune.signsgd]",
+            ),
+            "grid axis",
+        ),
+        (
+            ("learning-rate = [0.01, 0.1]\n[tune.signsgd]", "learning-rate = []\n[tune.signsgd]"),
+            "non-empty list",
+        ),
+        (
+            (
+                "learning-rate = [0.01, 0.1]\n[tune.signsgd]",
+                "learning-rate = [0.1, 0.1]\n[tune.signsgd]",
+            ),
+            "twice",
+        ),
+    ],
+)
+def test_bad_tune_blocks_fail_when_the_file_loads(tmp_path, edit, message):
+    old, new = edit
+    assert old in TUNED
+    with pytest.raises(ValueError, match=message):
+        tuned_demo(tmp_path, TUNED.replace(old, new, 1))
+
+
+def test_tuner_chooses_by_validation_only(tmp_path):
+    from tools.experiment import choose_settings
+
+    experiment = tuned_demo(tmp_path)
+    fake_tuned_runs(experiment)
+    results = collect(experiment.folder, experiment.tune)
+    chosen = {
+        (c.group[-1], c.method): dict(c.setting)
+        for c in choose_settings(results, experiment.tune_metric)
+        if c.chosen
+    }
+    iid, dirichlet = "partitioner=iid", "partitioner=dirichlet"
+    assert chosen[(iid, "fedavg")] == {"learning-rate": 0.1}
+    assert chosen[(dirichlet, "fedavg")] == {"learning-rate": 0.01}
+    assert chosen[(iid, "signsgd")] == {"signsgd-server-lr": 0.002}
+    assert chosen[(iid, "lbi-fl lbi-mode=ui8")] == {"learning-rate": 0.01}
+    assert chosen[(iid, "lbi-fl lbi-mode=ui4")] == {"learning-rate": 0.1}
+    assert chosen[(iid, "fedbif fedbif-bits=3")] == {}  # untuned rows keep their one setting
+
+    # Any test accuracies: the same choice (the tuner never reads them).
+    for index, result in enumerate(results):
+        result.summary["final_accuracy"] = (index * 0.37) % 1.0
+    again = {
+        (c.group[-1], c.method): dict(c.setting)
+        for c in choose_settings(results, experiment.tune_metric)
+        if c.chosen
+    }
+    assert again == chosen
+
+    # Another validation metric may choose otherwise: by best_val_accuracy, learning rate 0.01
+    # has seed 2's round-1 peak of 0.30 instead of its final 0.10 (mean 0.625 > 0.60).
+    best = {
+        (c.group[-1], c.method): dict(c.setting)
+        for c in choose_settings(results, "best_val_accuracy")
+        if c.chosen
+    }
+    assert best[(iid, "fedavg")] == {"learning-rate": 0.01}
+
+    # The main table shows the chosen setting's TEST figures, the appendix the whole grid.
+    results = collect(experiment.folder, experiment.tune)  # the true test accuracies again
+    tables = table_rows(
+        [r for c in choose_settings(results, experiment.tune_metric) if c.chosen for r in c.runs],
+        target=0.5,
+    )
+    fedavg = next(row for row in tables[("dataset=digits", iid)] if row["method"] == "fedavg")
+    assert fedavg["tuned"] == "learning-rate=0.1" and fedavg["seeds"] == 2
+    assert fedavg["accuracy_mean"] == pytest.approx(60.0)
+    assert fedavg["validation_mean"] == pytest.approx(60.0)
+
+    report = write_report(experiment).read_text()
+    assert "Appendix: tuning grid" in report and "tuned setting" in report
+    assert "| fedavg | learning-rate=0.1 | 60.00 ± 0.00 | 60.00 ± 0.00 |" in report
+    assert "| fedavg | learning-rate=0.01 | 2 | 52.50 ± 60.10 | 95.00 ± 0.00 |  |" in report
+    grid = (experiment.folder / "tuning.csv").read_text().splitlines()
+    assert len(grid) == 1 + 2 * (2 + 3 + 2 + 2)  # header + every tuned setting of both groups
+
+
+def test_tuned_rows_without_validation_cannot_be_chosen(tmp_path):
+    from tools.experiment import choose_settings
+
+    experiment = tuned_demo(tmp_path)
+    for point in experiment.points():
+        fake_run(point, experiment.folder, [0.1, 0.5])  # no validation split: null in summary
+    with pytest.raises(ValueError, match="no final_val_accuracy"):
+        choose_settings(collect(experiment.folder, experiment.tune), experiment.tune_metric)
+
+
+def test_report_rows_separate_every_varying_axis(tmp_path):
+    """LBI-FL's modes and FedBiF's bit-widths are rows of their own, never merged."""
+    experiment = tuned_demo(tmp_path)
+    fake_tuned_runs(experiment)
+    results = collect(experiment.folder, experiment.tune)
+    chosen = [r for c in choose_settings_of(results) if c.chosen for r in c.runs]
+    for rows in table_rows(chosen, target=0.5).values():
+        assert [row["method"] for row in rows] == [
+            "fedavg",
+            "fedbif fedbif-bits=3",
+            "fedbif fedbif-bits=4",
+            "lbi-fl lbi-mode=ui4",
+            "lbi-fl lbi-mode=ui8",
+            "signsgd",
+        ]
+        assert all(row["seeds"] == 2 for row in rows)  # one tuned setting per row, both seeds
+
+
+def choose_settings_of(results):
+    from tools.experiment import choose_settings
+
+    return choose_settings(results, "final_val_accuracy")

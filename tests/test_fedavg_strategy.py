@@ -200,3 +200,38 @@ def test_results_files_written_every_round(tmp_path):
     assert summary["total_bytes"] == summary["uplink_bytes"] + summary["downlink_bytes"]
     assert summary["total_bpp"] == pytest.approx(summary["uplink_bpp"] + summary["downlink_bpp"])
     assert 64.0 < summary["total_bpp"] < 65.0  # float32 both ways plus .npy headers
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.1])
+def test_validation_columns_and_the_run_plot(tmp_path, fraction):
+    """With a validation split the server scores the model on it every round (rounds.csv
+    val_accuracy/val_loss, summary final/best_val_accuracy); without one they are NaN/null.
+    Every run, either way, draws its curves.png."""
+    import math
+
+    from core.plots import PLOT_NAME
+
+    strategy = make_strategy(tmp_path, num_server_rounds=2, validation_fraction=fraction)
+    assert (strategy.validation_set is not None) == (fraction > 0)
+    strategy.evaluate(0, Parameters([], ""))
+    manager = manager_with(2)
+    for server_round in (1, 2):
+        instructions = strategy.configure_fit(server_round, Parameters([], ""), manager)
+        results = [
+            (p, fit_res(strategy.global_state, 7, partition_id=i))
+            for i, (p, _) in enumerate(instructions)
+        ]
+        strategy.aggregate_fit(server_round, results, [])
+        strategy.evaluate(server_round, Parameters([], ""))
+    run_dir = tmp_path / "t"
+    rows = read_rounds(run_dir / "rounds.csv")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if fraction:
+        assert len(strategy.validation_set) == 144  # 10% of digits' 1,437 training images
+        assert all(0.0 <= row["val_accuracy"] <= 1.0 and row["val_loss"] > 0 for row in rows)
+        assert summary["final_val_accuracy"] == rows[-1]["val_accuracy"]
+        assert summary["best_val_accuracy"] == max(row["val_accuracy"] for row in rows)
+    else:
+        assert all(math.isnan(row["val_accuracy"]) and math.isnan(row["val_loss"]) for row in rows)
+        assert summary["final_val_accuracy"] is None and summary["best_val_accuracy"] is None
+    assert (run_dir / PLOT_NAME).stat().st_size > 5000

@@ -24,10 +24,26 @@ An experiment file (TOML):
     dirichlet-alpha = 0.5
     [grid]
     strategy = ["fedavg", "fedbif"] # a plain list is an axis over one key
+    [tune]                          # optional: choose settings on a validation split
+    metric = "final_val_accuracy"   # or "best_val_accuracy"; "val_accuracy" = final
+    [tune.fedavg]                   # per strategy: every combination of these values
+    learning-rate = [0.01, 0.05, 0.1]
+    [tune.signsgd]
+    signsgd-server-lr = [0.0005, 0.001, 0.002]
 
 Every point runs through ``flwr run`` (``tools.launch``) with the offline settings; a point whose
 ``summary.json`` says ``completed`` is skipped, so an interrupted experiment picks up where it was.
 A failed run stops the experiment with a non-zero exit.
+
+Tuning: each point of a strategy with a ``[tune.<strategy>]`` table runs once per combination of
+its values (they join the point's run config), so ``[fixed]`` must set ``validation-fraction`` > 0
+(checked when the file loads): every run then scores its model on a validation split carved from
+the training data (``fl_app.data``). The report chooses, per group and per row (every other axis
+that varies), the combination with the best mean validation metric over seeds, and shows *that*
+combination's test metrics; the test split never chooses anything. The default metric is the
+final round's validation accuracy, because the main table reports final test accuracy: choosing
+by the best round's would favour a curve's peak that the run does not end at. Every combination,
+with its validation and test accuracy, is listed in the report's appendix (and ``tuning.csv``).
 """
 
 from __future__ import annotations
@@ -50,6 +66,15 @@ from typing import Any
 import numpy as np
 
 from core.results import read_rounds
+
+#: ``[tune] metric`` -> the ``summary.json`` field it chooses by (higher is better).
+TUNE_METRICS = {
+    "final_val_accuracy": "final_val_accuracy",
+    "val_accuracy": "final_val_accuracy",
+    "best_val_accuracy": "best_val_accuracy",
+}
+#: the run-config key a tuned experiment must set above 0 in ``[fixed]``.
+VALIDATION_KEY = "validation-fraction"
 
 GROUP_KEYS = (
     "dataset",
@@ -82,26 +107,85 @@ class Experiment:
     federation: dict[str, Any] = field(default_factory=dict)
     target_accuracy: float = 0.9
     requires: str = "cpu"
+    #: strategy -> run-config key -> the values tried (``[tune.<strategy>]``).
+    tune: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    #: the ``summary.json`` field settings are chosen by (``TUNE_METRICS``).
+    tune_metric: str = "final_val_accuracy"
 
     @property
     def folder(self) -> Path:
         return self.output / self.name
 
+    def tune_settings(self, strategy: str) -> list[dict[str, Any]]:
+        """Every combination of ``strategy``'s tuned values (one empty one when untuned)."""
+        grid = self.tune.get(strategy, {})
+        return [
+            dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())
+        ]
+
     def points(self) -> list[Point]:
-        """Cartesian product of the axes, times the seeds; seed-major, so an interrupted
-        experiment has whole tables for its first seeds."""
+        """Cartesian product of the axes, times the tuned values of the point's strategy, times
+        the seeds; seed-major, so an interrupted experiment has whole tables for its first
+        seeds."""
         points = []
         for seed in self.seeds:
             for combo in itertools.product(*self.axes) if self.axes else [()]:
                 merged: dict[str, Any] = dict(self.fixed)
                 for setting in combo:
                     merged.update(setting)
-                config = {**merged, "seed": seed}
-                points.append(Point(point_name(config, self.fixed), config))
+                for tuned in self.tune_settings(strategy_of(merged)):
+                    config = {**merged, **tuned, "seed": seed}
+                    points.append(Point(point_name(config, self.fixed), config))
         names = [p.name for p in points]
         if len(set(names)) != len(names):
             raise ValueError(f"{self.name}: two grid points share a name; make the grid distinct")
         return points
+
+
+def strategy_of(config: Mapping[str, Any]) -> str:
+    """The strategy a run config runs (the app's default when the config does not say)."""
+    from core.config import RunConfig
+
+    default = next(key.default for key in RunConfig.config_keys() if key.name == "strategy")
+    return str(config.get("strategy", default))
+
+
+def _parse_tune(
+    path: Path, table: Mapping[str, Any], fixed: Mapping[str, Any], axes: list[list[dict]]
+) -> tuple[dict[str, dict[str, list[Any]]], str]:
+    """The ``[tune]`` table: (strategy -> key -> values, metric field), checked so a mistake
+    stops the experiment before its first run, not after hours of runs nothing can choose
+    between."""
+    table = dict(table)
+    name = str(table.pop("metric", "final_val_accuracy"))
+    if name not in TUNE_METRICS:
+        raise ValueError(f"{path}: tune.metric must be one of {sorted(TUNE_METRICS)}, got {name!r}")
+    grid_keys = {key for axis in axes for setting in axis for key in setting}
+    tune: dict[str, dict[str, list[Any]]] = {}
+    for strategy, keys in table.items():
+        if not isinstance(keys, dict) or not keys:
+            raise ValueError(f"{path}: tune.{strategy} must be a table of key = [values]")
+        for key, values in keys.items():
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"{path}: tune.{strategy}.{key} must be a non-empty list")
+            if any(isinstance(v, dict | list) for v in values):
+                raise ValueError(f"{path}: tune.{strategy}.{key} must list plain values")
+            if len({json.dumps(v) for v in values}) != len(values):
+                raise ValueError(f"{path}: tune.{strategy}.{key} lists a value twice")
+            if key in ("strategy", "seed", VALIDATION_KEY) or key in grid_keys:
+                raise ValueError(
+                    f"{path}: tune.{strategy}.{key}: {key!r} is a grid axis or not tunable; "
+                    "a key is either tuned (chosen on validation) or compared (a grid axis)"
+                )
+        tune[str(strategy)] = {str(k): list(v) for k, v in keys.items()}
+    if tune:
+        fraction = fixed.get(VALIDATION_KEY, 0)
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or fraction <= 0:
+            raise ValueError(
+                f"{path}: [tune] needs {VALIDATION_KEY} > 0 in [fixed] (e.g. 0.1): settings are "
+                f"chosen on the validation split, never on the test split; got {fraction!r}"
+            )
+    return tune, TUNE_METRICS[name]
 
 
 def load_experiment(path: Path) -> Experiment:
@@ -117,6 +201,7 @@ def load_experiment(path: Path) -> Experiment:
         "target-accuracy",
         "requires",
         "description",
+        "tune",
     }
     if unknown:
         raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}")
@@ -131,16 +216,27 @@ def load_experiment(path: Path) -> Experiment:
         else:
             axes.append([{key: v} for v in values])
     output = Path(data.get("output", "results/experiments"))
-    return Experiment(
+    fixed = dict(data.get("fixed", {}))
+    tune, metric = _parse_tune(path, data.get("tune", {}), fixed, axes)
+    experiment = Experiment(
         name=str(data.get("name", path.stem)),
         output=output if output.is_absolute() else (path.parent / output).resolve(),
         seeds=[int(s) for s in data.get("seeds", [42])],
-        fixed=dict(data.get("fixed", {})),
+        fixed=fixed,
         axes=axes,
         federation=dict(data.get("federation", {})),
         target_accuracy=float(data.get("target-accuracy", 0.9)),
         requires=str(data.get("requires", "cpu")),
+        tune=tune,
+        tune_metric=metric,
     )
+    strategies = {strategy_of(point.config) for point in experiment.points()}
+    if stray := sorted(set(tune) - strategies):
+        raise ValueError(
+            f"{path}: [tune] names strategies no point runs: {stray}; the grid runs "
+            f"{sorted(strategies)}"
+        )
+    return experiment
 
 
 def point_name(config: Mapping[str, Any], fixed: Mapping[str, Any]) -> str:
@@ -241,8 +337,11 @@ class RunResult:
     config: dict[str, Any]
     summary: dict[str, Any]
     rounds: list[dict[str, float]]
-    #: the row label: the strategy and its settings that vary in the experiment.
+    #: the row label: the strategy and its settings that vary in the experiment (tuned ones
+    #: excepted: those are chosen, not compared).
     label: str = ""
+    #: the run's tuned values, ``(key, value)`` in ``[tune.<strategy>]`` order (empty: untuned).
+    setting: tuple[tuple[str, Any], ...] = ()
 
     @property
     def method(self) -> str:
@@ -256,14 +355,30 @@ class RunResult:
             if k in self.config and _relevant(k, self.config)
         )
 
-    def uplink_mb_to_reach(self, target: float) -> float:
-        """Cumulative uplink MB when accuracy first reached ``target`` (NaN if never)."""
+    def validation(self, metric: str) -> float:
+        """The run's validation metric (a ``summary.json`` field); NaN without a validation
+        split (``null`` there)."""
+        value = self.summary.get(metric)
+        return math.nan if value is None else float(value)
+
+    def mb_to_reach(self, target: float, columns: tuple[str, ...]) -> float:
+        """Cumulative MB of the byte ``columns`` when test accuracy first reached ``target``
+        (NaN if never; the initial model's round 0 does not count)."""
         total = 0.0
         for row in self.rounds:
-            total += row["uplink_bytes"]
+            total += sum(row.get(column, 0.0) for column in columns)
             if row["round"] > 0 and row["accuracy"] >= target:
                 return total / 1e6
         return math.nan
+
+    def uplink_mb_to_reach(self, target: float) -> float:
+        """Cumulative uplink MB when accuracy first reached ``target`` (NaN if never)."""
+        return self.mb_to_reach(target, ("uplink_bytes",))
+
+    def total_mb_to_reach(self, target: float) -> float:
+        """Cumulative uplink + downlink MB when accuracy first reached ``target``: what a
+        method costs both ways, since some compress one direction only (NaN if never)."""
+        return self.mb_to_reach(target, ("uplink_bytes", "downlink_bytes"))
 
 
 def _relevant(key: str, config: Mapping[str, Any]) -> bool:
@@ -279,16 +394,32 @@ def _relevant(key: str, config: Mapping[str, Any]) -> bool:
 _NOT_LABELS = {"seed", "results-dir", "run-name", "strategy", "checkpoint", *GROUP_KEYS}
 
 
-def label_runs(results: list[RunResult]) -> None:
+def label_runs(
+    results: list[RunResult], tune: Mapping[str, Mapping[str, Any]] | None = None
+) -> None:
     """Label each run by its strategy plus every setting that varies across the experiment and
     concerns that run: common keys, and the keys of its own method (``lbi-mode`` labels LBI-FL
-    rows, not FedAvg's), so no two settings of one method merge into one row."""
+    rows, not FedAvg's), so no two settings of one method merge into one row.
+
+    A key tuned for a run's strategy (``tune``) is left out of its label and goes to its
+    ``setting`` instead: the report picks one setting per row, it does not compare them. Nor
+    does tuning make a key look varying for the runs that do not tune it.
+    """
     from core.config import RunConfig
     from fl_app.methods import METHODS
 
+    tune = tune or {}
+
+    def tuned(result: RunResult) -> Mapping[str, Any]:
+        return tune.get(str(result.config.get("strategy")), {})
+
     common = {key.name for key in RunConfig.config_keys()}
     keys = set().union(*(r.config for r in results)) - _NOT_LABELS
-    varying = sorted(k for k in keys if len({json.dumps(r.config.get(k)) for r in results}) > 1)
+    varying = sorted(
+        k
+        for k in keys
+        if len({json.dumps(r.config.get(k)) for r in results if k not in tuned(r)}) > 1
+    )
     for result in results:
         strategy = str(result.config["strategy"])
         own = (
@@ -296,11 +427,14 @@ def label_runs(results: list[RunResult]) -> None:
             if strategy in METHODS
             else set()
         )
-        shown = [k for k in varying if k in own] + [k for k in varying if k in common]
+        hidden = tuned(result)
+        shown = [k for k in varying if k in own and k not in hidden]
+        shown += [k for k in varying if k in common and k not in hidden]
         result.label = " ".join([strategy, *(f"{k}={result.config.get(k)}" for k in shown)])
+        result.setting = tuple((k, result.config.get(k)) for k in hidden)
 
 
-def collect(folder: Path) -> list[RunResult]:
+def collect(folder: Path, tune: Mapping[str, Mapping[str, Any]] | None = None) -> list[RunResult]:
     """Every completed run under ``folder``, labelled (``label_runs``)."""
     results = []
     for summary_path in sorted(folder.glob("*/summary.json")):
@@ -310,7 +444,7 @@ def collect(folder: Path) -> list[RunResult]:
         rounds = read_rounds(summary_path.parent / "rounds.csv")
         results.append(RunResult(dict(summary["config"]), summary, rounds))
     if results:
-        label_runs(results)
+        label_runs(results, tune)
     return results
 
 
@@ -322,8 +456,73 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
     return float(np.mean(clean)), float(np.std(clean, ddof=1)) if len(clean) > 1 else 0.0
 
 
-def table_rows(results: list[RunResult], target: float) -> dict[tuple[str, ...], list[dict]]:
-    """Per group (dataset, model, partition): one row per method, aggregated over seeds."""
+def setting_text(setting: Iterable[tuple[str, Any]]) -> str:
+    """``learning-rate=0.05 momentum=0.9``, or ``-`` for an untuned row."""
+    return " ".join(f"{k}={v}" for k, v in setting) or "-"
+
+
+@dataclass
+class Candidate:
+    """One tuned setting of one row of one group, with its runs over seeds."""
+
+    group: tuple[str, ...]
+    method: str
+    setting: tuple[tuple[str, Any], ...]
+    runs: list[RunResult]
+    validation_mean: float
+    validation_std: float
+    chosen: bool = False
+
+
+def _value_order(value: Any) -> tuple[int, float, str]:
+    """Sort key of a tuned value: numbers by size, anything else after them by text."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return (0, float(value), "")
+    return (1, 0.0, json.dumps(value))
+
+
+def choose_settings(results: list[RunResult], metric: str) -> list[Candidate]:
+    """Every (group, row, setting) of ``results`` with its mean validation ``metric`` over
+    seeds; per (group, row), the best one is ``chosen``.
+
+    Only the validation metric is read here: test accuracy never takes part in the choice (a
+    tie goes to the smaller values, in ``[tune]`` key order). A row with one setting (untuned,
+    or a grid of one value) takes it as it is; a row with several and no validation metric
+    cannot be chosen and raises ``ValueError``.
+    """
+    runs: dict[tuple, list[RunResult]] = defaultdict(list)
+    for result in results:
+        runs[(result.group, result.method, result.setting)].append(result)
+    rows: dict[tuple[tuple[str, ...], str], list[Candidate]] = defaultdict(list)
+    for (group, method, setting), members in runs.items():
+        mean, std = mean_std(r.validation(metric) for r in members)
+        rows[(group, method)].append(Candidate(group, method, setting, members, mean, std))
+    candidates = []
+    for (group, method), options in sorted(rows.items()):
+        options.sort(key=lambda c: [_value_order(v) for _, v in c.setting])
+        scored = [c for c in options if not math.isnan(c.validation_mean)]
+        if len(options) == 1:
+            options[0].chosen = True
+        elif not scored:
+            raise ValueError(
+                f"{method} ({', '.join(group)}): {len(options)} tuned settings but no "
+                f"{metric} in their summaries; tuned runs need {VALIDATION_KEY} > 0"
+            )
+        else:
+            # max() keeps the first of equal values: the smallest setting wins a tie.
+            max(scored, key=lambda c: c.validation_mean).chosen = True
+        candidates.extend(options)
+    return candidates
+
+
+def table_rows(
+    results: list[RunResult], target: float, metric: str = "final_val_accuracy"
+) -> dict[tuple[str, ...], list[dict]]:
+    """Per group (dataset, model, partition): one row per method, aggregated over seeds.
+
+    With tuning, pass only the chosen settings' runs (``choose_settings``): a row aggregates
+    every run it is given.
+    """
     grouped: dict[tuple[str, ...], dict[str, list[RunResult]]] = defaultdict(
         lambda: defaultdict(list)
     )
@@ -334,12 +533,17 @@ def table_rows(results: list[RunResult], target: float) -> dict[tuple[str, ...],
         rows = []
         for method, runs in sorted(methods.items()):
             acc_mean, acc_std = mean_std(100 * r.summary["final_accuracy"] for r in runs)
+            val_mean, val_std = mean_std(100 * r.validation(metric) for r in runs)
             reach_mean, _ = mean_std(r.uplink_mb_to_reach(target) for r in runs)
+            total_reach_mean, _ = mean_std(r.total_mb_to_reach(target) for r in runs)
             reached = sum(not math.isnan(r.uplink_mb_to_reach(target)) for r in runs)
             rows.append(
                 {
                     "method": method,
+                    "tuned": " / ".join(sorted({setting_text(r.setting) for r in runs})),
                     "seeds": len(runs),
+                    "validation_mean": val_mean,
+                    "validation_std": val_std,
                     "accuracy_mean": acc_mean,
                     "accuracy_std": acc_std,
                     "uplink_bpp": float(np.mean([r.summary["uplink_bpp"] for r in runs])),
@@ -353,6 +557,7 @@ def table_rows(results: list[RunResult], target: float) -> dict[tuple[str, ...],
                         )
                     ),
                     "uplink_mb_to_target": reach_mean,
+                    "total_mb_to_target": total_reach_mean,
                     "reached_target": reached,
                 }
             )
@@ -360,54 +565,144 @@ def table_rows(results: list[RunResult], target: float) -> dict[tuple[str, ...],
     return tables
 
 
-def markdown_table(rows: list[dict], target: float) -> str:
-    header = (
-        f"| method | accuracy % (mean ± std) | uplink bpp | downlink bpp | total GB | "
-        f"uplink MB to {100 * target:.0f}% |\n|---|---|---|---|---|---|"
-    )
-    lines = [header]
+def _reach_text(mb: float, row: dict) -> str:
+    if math.isnan(mb):
+        return "not reached"
+    return f"{mb:.2f} ({row['reached_target']}/{row['seeds']})"
+
+
+def _pm(mean: float, std: float) -> str:
+    return "-" if math.isnan(mean) else f"{mean:.2f} ± {std:.2f}"
+
+
+def markdown_table(
+    rows: list[dict], target: float, *, tuned: bool = False, validation: bool = False
+) -> str:
+    """The main table of a group; ``tuned`` adds the chosen setting, ``validation`` its mean
+    validation accuracy (the figure it was chosen by)."""
+    percent = f"{100 * target:.0f}%"
+    columns = ["method"]
+    columns += ["tuned setting"] if tuned else []
+    columns += ["validation % (mean ± std)"] if validation else []
+    columns += [
+        "test accuracy % (mean ± std)",
+        "uplink bpp",
+        "downlink bpp",
+        "total GB",
+        f"uplink MB to {percent}",
+        f"total MB to {percent}",
+    ]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        reach = (
-            "not reached"
-            if math.isnan(row["uplink_mb_to_target"])
-            else f"{row['uplink_mb_to_target']:.2f} ({row['reached_target']}/{row['seeds']})"
+        cells = [row["method"]]
+        cells += [row["tuned"]] if tuned else []
+        cells += [_pm(row["validation_mean"], row["validation_std"])] if validation else []
+        cells += [
+            _pm(row["accuracy_mean"], row["accuracy_std"]),
+            f"{row['uplink_bpp']:.3f}",
+            f"{row['downlink_bpp']:.3f}",
+            f"{row['total_gb']:.4f}",
+            _reach_text(row["uplink_mb_to_target"], row),
+            _reach_text(row["total_mb_to_target"], row),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def tuning_rows(candidates: list[Candidate]) -> list[dict]:
+    """The appendix rows: every tuned setting with its validation and test accuracy."""
+    rows = []
+    for candidate in candidates:
+        if not candidate.setting:
+            continue
+        test_mean, test_std = mean_std(100 * r.summary["final_accuracy"] for r in candidate.runs)
+        rows.append(
+            {
+                "group": ", ".join(candidate.group),
+                "method": candidate.method,
+                "setting": setting_text(candidate.setting),
+                "seeds": len(candidate.runs),
+                "validation_mean": 100 * candidate.validation_mean,
+                "validation_std": 100 * candidate.validation_std,
+                "accuracy_mean": test_mean,
+                "accuracy_std": test_std,
+                "chosen": candidate.chosen,
+            }
         )
+    return rows
+
+
+def tuning_table(rows: list[dict]) -> str:
+    lines = [
+        "| method | setting | seeds | validation % (mean ± std) | test accuracy % (mean ± std) "
+        "| chosen |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
         lines.append(
-            f"| {row['method']} | {row['accuracy_mean']:.2f} ± {row['accuracy_std']:.2f} | "
-            f"{row['uplink_bpp']:.3f} | {row['downlink_bpp']:.3f} | {row['total_gb']:.4f} | "
-            f"{reach} |"
+            f"| {row['method']} | {row['setting']} | {row['seeds']} | "
+            f"{_pm(row['validation_mean'], row['validation_std'])} | "
+            f"{_pm(row['accuracy_mean'], row['accuracy_std'])} | "
+            f"{'**yes**' if row['chosen'] else ''} |"
         )
     return "\n".join(lines)
 
 
-def plot_group(runs: list[RunResult], title: str, path: Path) -> None:
-    """Accuracy vs round and vs cumulative uplink MB, one line per method, seed spread shaded."""
+@dataclass
+class _Curve:
+    """One method's curves in a group: test accuracy per seed, mean cumulative MB."""
+
+    accuracy: np.ndarray  # (seeds, rounds), percent
+    uplink_mb: np.ndarray  # (rounds,)
+    total_mb: np.ndarray  # (rounds,)
+
+
+def _cumulative_mb(runs: list[RunResult], length: int, columns: tuple[str, ...]) -> np.ndarray:
+    """Mean over ``runs`` of the cumulative MB of the byte ``columns``, first ``length`` rounds."""
+    return np.array(
+        [
+            np.cumsum([sum(row.get(c, 0.0) for c in columns) for row in r.rounds[:length]]) / 1e6
+            for r in runs
+        ]
+    ).mean(axis=0)
+
+
+def _curves(runs: list[RunResult]) -> dict[str, _Curve]:
+    by_method: dict[str, list[RunResult]] = defaultdict(list)
+    for run in runs:
+        by_method[run.method].append(run)
+    curves = {}
+    for method, method_runs in sorted(by_method.items()):
+        length = min(len(r.rounds) for r in method_runs)
+        curves[method] = _Curve(
+            np.array([[row["accuracy"] * 100 for row in r.rounds[:length]] for r in method_runs]),
+            _cumulative_mb(method_runs, length, ("uplink_bytes",)),
+            _cumulative_mb(method_runs, length, ("uplink_bytes", "downlink_bytes")),
+        )
+    return curves
+
+
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_method: dict[str, list[RunResult]] = defaultdict(list)
-    for run in runs:
-        by_method[run.method].append(run)
+    return plt
+
+
+def plot_group(runs: list[RunResult], title: str, path: Path) -> None:
+    """Accuracy vs round and vs cumulative uplink MB, one line per method, seed spread shaded."""
+    plt = _pyplot()
     figure, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for method, method_runs in sorted(by_method.items()):
-        length = min(len(r.rounds) for r in method_runs)
-        accuracy = np.array(
-            [[row["accuracy"] * 100 for row in r.rounds[:length]] for r in method_runs]
-        )
-        uplink = np.array(
-            [
-                np.cumsum([row["uplink_bytes"] for row in r.rounds[:length]]) / 1e6
-                for r in method_runs
-            ]
-        ).mean(axis=0)
-        rounds = np.arange(length)
-        mean, low, high = accuracy.mean(0), accuracy.min(0), accuracy.max(0)
+    for method, curve in _curves(runs).items():
+        rounds = np.arange(curve.accuracy.shape[1])
+        acc = curve.accuracy
+        mean, low, high = acc.mean(0), acc.min(0), acc.max(0)
         (line,) = by_round.plot(rounds, mean, label=method)
         by_round.fill_between(rounds, low, high, color=line.get_color(), alpha=0.2)
-        by_bytes.plot(uplink, mean, label=method, color=line.get_color())
-        by_bytes.fill_between(uplink, low, high, color=line.get_color(), alpha=0.2)
+        by_bytes.plot(curve.uplink_mb, mean, label=method, color=line.get_color())
+        by_bytes.fill_between(curve.uplink_mb, low, high, color=line.get_color(), alpha=0.2)
     by_round.set(xlabel="round", ylabel="test accuracy (%)", title="accuracy by round")
     by_bytes.set(
         xlabel="cumulative uplink (MB, all clients)",
@@ -424,31 +719,88 @@ def plot_group(runs: list[RunResult], title: str, path: Path) -> None:
     plt.close(figure)
 
 
+def plot_group_total(runs: list[RunResult], title: str, path: Path) -> None:
+    """Accuracy vs cumulative uplink + downlink MB, one line per method, seed spread shaded:
+    the cost both ways, where a method with a compressed uplink and an fp32 downlink stands."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7.5, 4.5))
+    for method, curve in _curves(runs).items():
+        acc = curve.accuracy
+        (line,) = axis.plot(curve.total_mb, acc.mean(0), label=method)
+        axis.fill_between(curve.total_mb, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.2)
+    axis.set(
+        xlabel="cumulative uplink + downlink (MB, all clients)",
+        ylabel="test accuracy (%)",
+        xscale="symlog",
+        title="accuracy by total traffic",
+    )
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def write_report(experiment: Experiment) -> Path:
-    """``report.md``, ``table.csv`` and one PNG per group in the experiment folder."""
-    results = collect(experiment.folder)
+    """``report.md``, ``table.csv`` and two PNGs per group (by uplink, by total traffic) in the
+    experiment folder; with ``[tune]``, each row at its setting chosen on validation, and the
+    whole grid in an appendix and ``tuning.csv``."""
+    results = collect(experiment.folder, experiment.tune)
     if not results:
         raise RuntimeError(f"no completed runs under {experiment.folder}")
-    tables = table_rows(results, experiment.target_accuracy)
-    sections = [
+    metric = experiment.tune_metric
+    candidates = choose_settings(results, metric)
+    selected = [run for c in candidates if c.chosen for run in c.runs]
+    tables = table_rows(selected, experiment.target_accuracy, metric)
+    tuned = bool(experiment.tune)
+    validation = any(not math.isnan(row["validation_mean"]) for t in tables.values() for row in t)
+    head = (
         f"# {experiment.name}\n\nMeasured bpp = 8 x bytes on the wire / scalars of a "
-        f"FedAvg message / client messages. Seeds: {experiment.seeds}.\n"
-    ]
+        f"FedAvg message / client messages. Seeds: {experiment.seeds}. Test accuracy is the "
+        f"final round's; MB to a target are cumulative until the round that first reached it "
+        f"(uplink, and uplink + downlink).\n"
+    )
+    if tuned:
+        head += (
+            f"\nTuned: each row shows the setting with the best mean `{metric}` over seeds on "
+            f"the validation split ({VALIDATION_KEY} = {experiment.fixed.get(VALIDATION_KEY)} "
+            f"of the training data, carved before partitioning); the test split chose nothing. "
+            f"Every setting tried: appendix.\n"
+        )
+    sections = [head]
     with (experiment.folder / "table.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["group", *next(iter(tables.values()))[0].keys()])
         for group, rows in sorted(tables.items()):
             label = ", ".join(group)
             slug = re.sub(r"[^A-Za-z0-9=._-]+", "-", "_".join(group))
-            plot_group(
-                [r for r in results if r.group == group], label, experiment.folder / f"{slug}.png"
+            runs = [r for r in selected if r.group == group]
+            plot_group(runs, label, experiment.folder / f"{slug}.png")
+            plot_group_total(runs, label, experiment.folder / f"{slug}-total.png")
+            table = markdown_table(
+                rows, experiment.target_accuracy, tuned=tuned, validation=validation
             )
             sections.append(
-                f"## {label}\n\n{markdown_table(rows, experiment.target_accuracy)}"
-                f"\n\n![{label}]({slug}.png)\n"
+                f"## {label}\n\n{table}\n\n![{label}]({slug}.png)\n\n"
+                f"![{label}, by total traffic]({slug}-total.png)\n"
             )
             for row in rows:
                 writer.writerow([label, *row.values()])
+    grid = tuning_rows(candidates)
+    if grid:
+        sections.append(
+            "## Appendix: tuning grid\n\nEvery tuned setting, mean ± std over seeds; "
+            "**yes** marks the one each row above shows (highest validation).\n"
+        )
+        with (experiment.folder / "tuning.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(grid[0].keys())
+            for row in grid:
+                writer.writerow(row.values())
+        for group in sorted({row["group"] for row in grid}):
+            rows = [row for row in grid if row["group"] == group]
+            sections.append(f"### {group}\n\n{tuning_table(rows)}\n")
     report = experiment.folder / "report.md"
     report.write_text("\n".join(sections))
     return report
