@@ -127,3 +127,23 @@ def test_a_hostile_client_through_flwr_run_is_rejected_and_the_run_completes(
     assert rejected == 2  # one attacker, two rounds
     summary = json.loads((results_dir / "summary.json").read_text())
     assert summary["completed"] and summary["final_accuracy"] > 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fedbat", "qsgd"])
+def test_a_quantized_entropy_coded_downlink_through_flwr_run(tmp_path, strategy):
+    """downlink=uq entropy=ans through real Flower messages: the run completes, every client's
+    message decodes (no failure, no rejection) and the downlink costs what 4-bit codes cost."""
+    code, status, results_dir = launch(
+        run_config=f"strategy='{strategy}' downlink='uq' downlink-bits=4 entropy='ans' "
+        f"num-server-rounds=2 results-dir='{tmp_path}' run-name='uq' device='cpu'",
+        num_supernodes=2,
+        flwr_home=tmp_path / "flwr-home",
+        log_path=tmp_path / "run.log",
+    )
+    log = (tmp_path / "run.log").read_text()
+    assert code == 0 and status == "finished:completed", log[-3000:]
+    rows = read_rounds(results_dir / "rounds.csv")
+    assert all(row["clients"] == 2 and row["failures"] == row["rejected"] == 0 for row in rows[1:])
+    summary = json.loads((results_dir / "summary.json").read_text())
+    assert summary["downlink_bpp"] < 4.5 and summary["final_accuracy"] > 0.2

@@ -453,3 +453,18 @@ def choose_settings_of(results):
     from tools.experiment import choose_settings
 
     return choose_settings(results, "final_val_accuracy")
+
+
+def test_a_key_added_after_some_runs_does_not_split_their_rows():
+    """Runs from before a key existed lack it in their config: that is no setting, so it must not
+    label rows (a resumed grid mixes runs of two code versions)."""
+    from tools.experiment import RunResult, label_runs
+
+    old = RunResult({"strategy": "fedavg", "seed": 1, "lr": 0.1}, {}, [])
+    new = RunResult({"strategy": "qsgd", "seed": 1, "lr": 0.1, "aggregation": "mean"}, {}, [])
+    newer = RunResult({"strategy": "fedpaq", "seed": 1, "lr": 0.1, "aggregation": "median"}, {}, [])
+    label_runs([old, new, newer])
+    assert old.label == "fedavg"
+    assert new.label == "qsgd aggregation=mean" and newer.label == "fedpaq aggregation=median"
+    label_runs([old, new])
+    assert (old.label, new.label) == ("fedavg", "qsgd")

@@ -415,10 +415,13 @@ def label_runs(
 
     common = {key.name for key in RunConfig.config_keys()}
     keys = set().union(*(r.config for r in results)) - _NOT_LABELS
+    # A key some runs lack was added to the app after them: it tells rows apart only where
+    # runs that have it disagree (a missing key is not a value).
     varying = sorted(
         k
         for k in keys
-        if len({json.dumps(r.config.get(k)) for r in results if k not in tuned(r)}) > 1
+        if len({json.dumps(r.config[k]) for r in results if k in r.config and k not in tuned(r)})
+        > 1
     )
     for result in results:
         strategy = str(result.config["strategy"])
@@ -428,8 +431,8 @@ def label_runs(
             else set()
         )
         hidden = tuned(result)
-        shown = [k for k in varying if k in own and k not in hidden]
-        shown += [k for k in varying if k in common and k not in hidden]
+        shown = [k for k in varying if k in own and k not in hidden and k in result.config]
+        shown += [k for k in varying if k in common and k not in hidden and k in result.config]
         result.label = " ".join([strategy, *(f"{k}={result.config.get(k)}" for k in shown)])
         result.setting = tuple((k, result.config.get(k)) for k in hidden)
 
