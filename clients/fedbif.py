@@ -65,8 +65,8 @@ class FedBiFClient(TrainingClient):
         keys = wire_keys(self.model)
         self.q_keys = [keys[i] for i in self.q_index]
         self.e_keys = [keys[i] for i in self.e_index]
-        self.down = fedbif.downlink_codec(self.settings, self.model)
-        self.up = fedbif.uplink_codec(self.settings, self.model)
+        self.down = fedbif.downlink_codec(self.settings, self.model, self.cfg.entropy)
+        self.up = fedbif.uplink_codec(self.settings, self.model, self.cfg.entropy)
         self.positions: tuple[int, ...] = ()
         self.steps: list[float] = []
         self.frozen_planes: list[torch.Tensor] = []  # (m, *shape) float 0/1 per quantized tensor

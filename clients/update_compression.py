@@ -88,7 +88,7 @@ class FedPAQClient(DeltaClient):
     def compress(self, delta: np.ndarray, config: dict[str, Scalar]) -> NDArrays:
         levels = self.settings.levels
         message = quantize_symmetric(delta, self.sizes, levels, self.generator(config))
-        return SymmetricCodec(self.sizes, levels).encode(message)
+        return SymmetricCodec(self.sizes, levels, self.cfg.entropy).encode(message)
 
 
 class DAdaQuantClient(DeltaClient):
@@ -99,7 +99,7 @@ class DAdaQuantClient(DeltaClient):
         if levels < 1:
             raise ValueError(f"fit config lacks a positive {DADAQUANT_LEVELS!r}")
         message = quantize_symmetric(delta, self.sizes, levels, self.generator(config))
-        return SymmetricCodec(self.sizes, levels).encode(message)
+        return SymmetricCodec(self.sizes, levels, self.cfg.entropy).encode(message)
 
 
 class QSGDClient(DeltaClient):
@@ -110,7 +110,7 @@ class QSGDClient(DeltaClient):
     def compress(self, delta: np.ndarray, config: dict[str, Scalar]) -> NDArrays:
         levels, bucket = self.settings.levels, self.settings.bucket_size
         message = quantize_qsgd(delta, levels, bucket, self.generator(config))
-        return QSGDCodec(delta.size, levels, bucket).encode(message)
+        return QSGDCodec(delta.size, levels, bucket, self.cfg.entropy).encode(message)
 
 
 class FedDQClient(DeltaClient):

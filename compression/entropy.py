@@ -171,3 +171,21 @@ def entropy_bits(symbols: np.ndarray, bits: int) -> float:
     counts = np.bincount(np.asarray(symbols).reshape(-1), minlength=1 << bits)
     p = counts[counts > 0] / max(1, counts.sum())
     return float(-(p * np.log2(p)).sum())
+
+
+def pack(codes: np.ndarray, bits: int, mode: str) -> np.ndarray:
+    """A codec's code array on the wire: ``pack_codes`` (``none``) or an ``encode`` stream."""
+    if mode == "ans":
+        return encode(codes, bits)
+    if mode != "none":
+        raise ValueError(f"entropy must be 'none' or 'ans', got {mode!r}")
+    return pack_codes(codes, bits)
+
+
+def unpack(array: np.ndarray, bits: int, count: int, mode: str) -> np.ndarray:
+    """Inverse of ``pack``: ``count`` codes as uint8; ``ValueError`` on a malformed array."""
+    if mode == "ans":
+        return decode(array, bits, count)
+    if mode != "none":
+        raise ValueError(f"entropy must be 'none' or 'ans', got {mode!r}")
+    return unpack_codes(array, bits, count)

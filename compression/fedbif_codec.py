@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from compression import entropy
 from compression.codec import Codec
 from compression.layout import SplitLayout, checked_floats
-from compression.packing import pack_codes, packed_size, unpack_codes
+from compression.packing import packed_size
 
 
 @dataclass(frozen=True)
@@ -52,19 +53,21 @@ class FedBiFDownlinkCodec(Codec[DownlinkMessage]):
     split: SplitLayout
     bits: int
     extras_dtype: str = "float16"
+    #: ``ans``: the words travel as a ``compression.entropy`` stream instead of packed bits.
+    entropy: str = "none"
     name = "FedBiF downlink"
     num_arrays = 3
 
     def encode(self, message: DownlinkMessage) -> list[np.ndarray]:
         return [
-            pack_codes(message.words, self.bits),
+            entropy.pack(message.words, self.bits, self.entropy),
             np.asarray(message.steps, dtype=np.float32),
             np.asarray(message.extras).astype(self.extras_dtype, copy=False),
         ]
 
     def _decode(self, arrays: list[np.ndarray]) -> DownlinkMessage:
         packed, steps, extras = arrays
-        words = unpack_codes(packed, self.bits, self.split.num_quantized)
+        words = entropy.unpack(packed, self.bits, self.split.num_quantized, self.entropy)
         steps = checked_floats(steps, (len(self.split.quantized_shapes),), "steps", ("float32",))
         if np.any(steps <= 0):
             raise ValueError("steps must be positive")
@@ -72,6 +75,9 @@ class FedBiFDownlinkCodec(Codec[DownlinkMessage]):
         return DownlinkMessage(words, steps, extras)
 
     def payload_nbytes(self, message: DownlinkMessage | None = None) -> int:
+        """Bytes of the arrays; with ``entropy=ans`` the words' size is ``message``'s own."""
+        if self.entropy == "ans" and message is not None:
+            return sum(a.nbytes for a in self.encode(message))
         return (
             packed_size(self.split.num_quantized, self.bits)
             + 4 * len(self.split.quantized_shapes)
@@ -86,22 +92,26 @@ class FedBiFUplinkCodec(Codec[UplinkMessage]):
     split: SplitLayout
     active_bits: int
     extras_dtype: str = "float16"
+    entropy: str = "none"
     name = "FedBiF uplink"
     num_arrays = 2
 
     def encode(self, message: UplinkMessage) -> list[np.ndarray]:
         return [
-            pack_codes(message.codes, self.active_bits),
+            entropy.pack(message.codes, self.active_bits, self.entropy),
             np.asarray(message.extras).astype(self.extras_dtype, copy=False),
         ]
 
     def _decode(self, arrays: list[np.ndarray]) -> UplinkMessage:
         packed, extras = arrays
-        codes = unpack_codes(packed, self.active_bits, self.split.num_quantized)
+        codes = entropy.unpack(packed, self.active_bits, self.split.num_quantized, self.entropy)
         extras = checked_floats(extras, (self.split.num_extras,), "extras", (self.extras_dtype,))
         return UplinkMessage(codes, extras)
 
     def payload_nbytes(self, message: UplinkMessage | None = None) -> int:
+        """Bytes of the arrays; with ``entropy=ans`` the codes' size is ``message``'s own."""
+        if self.entropy == "ans" and message is not None:
+            return sum(a.nbytes for a in self.encode(message))
         return (
             packed_size(self.split.num_quantized, self.active_bits)
             + self.split.num_extras * np.dtype(self.extras_dtype).itemsize

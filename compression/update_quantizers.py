@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from compression import entropy
 from compression.codec import Codec
 from compression.layout import checked_floats
 from compression.packing import MAX_BITS, pack_codes, packed_size, unpack_codes
@@ -95,6 +96,8 @@ class SymmetricCodec(Codec[SymmetricMessage]):
 
     sizes: tuple[int, ...]
     levels: int
+    #: ``ans``: the codes travel as a ``compression.entropy`` stream instead of packed bits.
+    entropy: str = "none"
     name = "a symmetric-levels update"
     num_arrays = 2
 
@@ -104,11 +107,15 @@ class SymmetricCodec(Codec[SymmetricMessage]):
 
     def encode(self, message: SymmetricMessage) -> list[np.ndarray]:
         unsigned = (message.codes.astype(np.int16) + self.levels).astype(np.uint8)
-        return [pack_codes(unsigned, self.bits), np.asarray(message.steps, dtype=np.float32)]
+        return [
+            entropy.pack(unsigned, self.bits, self.entropy),
+            np.asarray(message.steps, dtype=np.float32),
+        ]
 
     def _decode(self, arrays: list[np.ndarray]) -> SymmetricMessage:
         packed, steps = arrays
-        codes = unpack_codes(packed, self.bits, int(sum(self.sizes))).astype(np.int16)
+        codes = entropy.unpack(packed, self.bits, int(sum(self.sizes)), self.entropy)
+        codes = codes.astype(np.int16)
         codes -= self.levels
         if codes.size and codes.max() > self.levels:
             raise ValueError(f"code above {self.levels} levels")
@@ -118,6 +125,9 @@ class SymmetricCodec(Codec[SymmetricMessage]):
         return SymmetricMessage(codes, steps)
 
     def payload_nbytes(self, message: SymmetricMessage | None = None) -> int:
+        """Bytes of the arrays; with ``entropy=ans`` the codes' size is ``message``'s own."""
+        if self.entropy == "ans" and message is not None:
+            return sum(a.nbytes for a in self.encode(message))
         return packed_size(int(sum(self.sizes)), self.bits) + 4 * len(self.sizes)
 
 
@@ -174,6 +184,7 @@ class QSGDCodec(Codec[QSGDMessage]):
     count: int
     levels: int
     bucket: int
+    entropy: str = "none"
     name = "a QSGD update"
     num_arrays = 3
 
@@ -183,15 +194,15 @@ class QSGDCodec(Codec[QSGDMessage]):
 
     def encode(self, message: QSGDMessage) -> list[np.ndarray]:
         return [
-            pack_codes(message.signs, 1),
-            pack_codes(message.magnitudes, qsgd_bits(self.levels)),
+            entropy.pack(message.signs, 1, self.entropy),
+            entropy.pack(message.magnitudes, qsgd_bits(self.levels), self.entropy),
             np.asarray(message.norms, dtype=np.float32),
         ]
 
     def _decode(self, arrays: list[np.ndarray]) -> QSGDMessage:
         signs, magnitudes, norms = arrays
-        sign_bits = unpack_codes(signs, 1, self.count)
-        mags = unpack_codes(magnitudes, qsgd_bits(self.levels), self.count)
+        sign_bits = entropy.unpack(signs, 1, self.count, self.entropy)
+        mags = entropy.unpack(magnitudes, qsgd_bits(self.levels), self.count, self.entropy)
         if mags.size and mags.max() > self.levels:
             raise ValueError(f"magnitude above {self.levels} levels")
         norms = checked_floats(norms, (self.num_buckets,), "norms", ("float32",))
@@ -200,6 +211,9 @@ class QSGDCodec(Codec[QSGDMessage]):
         return QSGDMessage(sign_bits, mags, norms)
 
     def payload_nbytes(self, message: QSGDMessage | None = None) -> int:
+        """Bytes of the arrays; with ``entropy=ans`` the codes' size is ``message``'s own."""
+        if self.entropy == "ans" and message is not None:
+            return sum(a.nbytes for a in self.encode(message))
         return (
             packed_size(self.count, 1)
             + packed_size(self.count, qsgd_bits(self.levels))

@@ -110,11 +110,20 @@ def mask_to_positions(mask: int, bits: int) -> tuple[int, ...]:
     return tuple(p for p in range(bits) if mask >> p & 1)
 
 
-def downlink_codec(settings: FedBiFSettings, model: nn.Module) -> FedBiFDownlinkCodec:
-    """The m-bit downlink of ``model`` (Conv2d/Linear weights quantized, the rest extras)."""
-    return FedBiFDownlinkCodec(quantized_split(model)[2], settings.bits, settings.extras_dtype)
+def downlink_codec(
+    settings: FedBiFSettings, model: nn.Module, entropy: str = "none"
+) -> FedBiFDownlinkCodec:
+    """The m-bit downlink of ``model`` (Conv2d/Linear weights quantized, the rest extras);
+    ``entropy`` is the run's ``entropy`` key."""
+    return FedBiFDownlinkCodec(
+        quantized_split(model)[2], settings.bits, settings.extras_dtype, entropy
+    )
 
 
-def uplink_codec(settings: FedBiFSettings, model: nn.Module) -> FedBiFUplinkCodec:
+def uplink_codec(
+    settings: FedBiFSettings, model: nn.Module, entropy: str = "none"
+) -> FedBiFUplinkCodec:
     """The s-bit uplink of ``model``."""
-    return FedBiFUplinkCodec(quantized_split(model)[2], settings.active_bits, settings.extras_dtype)
+    return FedBiFUplinkCodec(
+        quantized_split(model)[2], settings.active_bits, settings.extras_dtype, entropy
+    )

@@ -137,7 +137,8 @@ class RunConfig(Settings):
     )
     entropy: str = setting(
         "none",
-        "lossless entropy stage for downlink=uq codes: none, or ans (adaptive ANS, model sent)",
+        "lossless entropy stage for packed codes (downlink=uq codes; FedBiF, FedPAQ, QSGD and "
+        "DAdaQuant messages): none, or ans (adaptive ANS, model sent)",
         choices=ENTROPY_MODES,
     )
     checkpoint: bool = setting(True, "write checkpoint.npz to the run folder every round")

@@ -138,6 +138,9 @@ class CommunicationStrategy(Strategy):
     #: False where the method's paper fixes a compressed downlink of its own (FedBiF's m-bit
     #: words, LBI-FL's k_w-bit weights, SignSGD's vote): ``downlink=fp16|uq`` is refused.
     generic_downlink: ClassVar[bool] = True
+    #: True where the method's own codecs honour ``entropy=ans`` (FedBiF, FedPAQ, QSGD,
+    #: DAdaQuant); elsewhere it applies only to ``downlink=uq`` codes.
+    entropy_codes: ClassVar[bool] = False
 
     @classmethod
     def check_downlink(cls, cfg: RunConfig, settings: Settings) -> None:
@@ -147,6 +150,11 @@ class CommunicationStrategy(Strategy):
                 f"downlink={cfg.downlink!r}: strategy {cfg.strategy!r} sends its paper's own "
                 f"compressed downlink; use downlink='method' (fp16 and uq apply to the methods "
                 f"that send the float32 model)"
+            )
+        if cfg.entropy != "none" and not (cls.entropy_codes or cfg.downlink == "uq"):
+            raise ConfigError(
+                f"entropy={cfg.entropy!r}: strategy {cfg.strategy!r} sends no code array the "
+                f"entropy stage applies to; use downlink='uq' with it, or entropy='none'"
             )
 
     def __init__(

@@ -82,6 +82,8 @@ def client_levels(
 class DAdaQuantStrategy(DeltaStrategy):
     """DAdaQuant server; see the module docstring."""
 
+    entropy_codes = True
+
     uplink_name = "DAdaQuant uplink"
     round_columns = {"levels": float("nan"), "client_levels": float("nan")}
     settings: DAdaQuantSettings
@@ -127,7 +129,9 @@ class DAdaQuantStrategy(DeltaStrategy):
         return self.assigned.get(server_round, {}).get(cid, self.schedule.levels)
 
     def decode_delta(self, server_round: int, reply: ClientReply) -> np.ndarray:
-        codec = SymmetricCodec(self.sizes, self.levels_for(server_round, reply.cid))
+        codec = SymmetricCodec(
+            self.sizes, self.levels_for(server_round, reply.cid), self.cfg.entropy
+        )
         return dequantize_symmetric(codec.decode(reply.arrays), self.sizes)
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[np.ndarray]:

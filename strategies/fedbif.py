@@ -48,6 +48,7 @@ class FedBiFStrategy(CommunicationStrategy):
     """Server side of FedBiF; see the module docstring."""
 
     generic_downlink = False  # the paper's own compressed downlink
+    entropy_codes = True  # its words (down) and codes (up) honour entropy=ans
 
     uplink_name = "FedBiF uplink"
     round_columns = {"sparsity": float("nan"), "active_bits": 0.0}
@@ -57,8 +58,8 @@ class FedBiFStrategy(CommunicationStrategy):
         super().__init__(*args, **kwargs)
         self.layout = self.settings.layout
         self.q_index, self.e_index, self.split = quantized_split(self.model)
-        self.down = fedbif.downlink_codec(self.settings, self.model)
-        self.up = fedbif.uplink_codec(self.settings, self.model)
+        self.down = fedbif.downlink_codec(self.settings, self.model, self.cfg.entropy)
+        self.up = fedbif.uplink_codec(self.settings, self.model, self.cfg.entropy)
 
     # --------------------------------------------------------------- per-round quantization
     def quantization(self, server_round: int) -> RoundQuantization:

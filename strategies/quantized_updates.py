@@ -36,12 +36,14 @@ from strategies.delta import DeltaStrategy
 class FedPAQStrategy(DeltaStrategy):
     """FedPAQ server: decode b-bit updates, example-weighted mean."""
 
+    entropy_codes = True
+
     uplink_name = "FedPAQ uplink"
     settings: FedPAQSettings
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.codec = SymmetricCodec(self.sizes, self.settings.levels)
+        self.codec = SymmetricCodec(self.sizes, self.settings.levels, self.cfg.entropy)
 
     def decode_delta(self, server_round: int, reply: ClientReply) -> np.ndarray:
         return dequantize_symmetric(self.codec.decode(reply.arrays), self.sizes)
@@ -50,13 +52,15 @@ class FedPAQStrategy(DeltaStrategy):
 class QSGDStrategy(DeltaStrategy):
     """QSGD server: decode norm-scaled s-level updates, example-weighted mean."""
 
+    entropy_codes = True
+
     uplink_name = "QSGD uplink"
     settings: QSGDSettings
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         levels, bucket = self.settings.levels, self.settings.bucket_size
-        self.codec = QSGDCodec(self.num_flat, levels, bucket)
+        self.codec = QSGDCodec(self.num_flat, levels, bucket, self.cfg.entropy)
 
     def decode_delta(self, server_round: int, reply: ClientReply) -> np.ndarray:
         message = self.codec.decode(reply.arrays)

@@ -124,6 +124,22 @@ CASES: dict[str, Callable[[], tuple[Codec, object]]] = {
 }
 
 
+def with_entropy(make: Callable[[], tuple[Codec, object]]) -> Callable[[], tuple[Codec, object]]:
+    """The same case with its code arrays as ``compression.entropy`` streams (``entropy=ans``)."""
+
+    def build() -> tuple[Codec, object]:
+        codec, message = make()
+        return dataclasses.replace(codec, entropy="ans"), message
+
+    return build
+
+
+CASES |= {
+    f"{name} + ans": with_entropy(CASES[name])
+    for name in ("FedBiF downlink", "FedBiF uplink", "symmetric levels", "QSGD")
+}
+
+
 def fields_of(message: object) -> dict[str, object]:
     if isinstance(message, list):
         return {str(i): a for i, a in enumerate(message)}
@@ -160,3 +176,15 @@ def test_codecs_pack_codes_at_their_width() -> None:
     for make, bits in ((fedbif_down, 3), (fedbif_up, 2), (fedbat_up, 1), (cuq_up, 3)):
         codec, message = make()
         assert codec.encode(message)[0].nbytes == -(-SPLIT.num_quantized * bits // 8)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n.endswith("+ ans")])
+def test_a_corrupt_entropy_stream_is_rejected(name: str) -> None:
+    codec, message = CASES[name]()
+    arrays = codec.encode(message)
+    corrupt = arrays[0].copy()
+    corrupt[-1] ^= np.uint8(0x5A)
+    with pytest.raises(ValueError):
+        codec.decode([corrupt, *arrays[1:]])
+    with pytest.raises(ValueError):
+        codec.decode([arrays[0][:-2], *arrays[1:]])

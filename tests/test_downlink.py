@@ -190,10 +190,11 @@ def test_a_uq_downlink_run_learns_and_entropy_coding_is_lossless(tmp_path):
     coded = run_inprocess({**config, "results-dir": str(tmp_path / "ans"), "entropy": "ans"}, 4)
     fp32 = run_inprocess({**config, "results-dir": str(tmp_path / "fp32"), "downlink": "fp32"}, 4)
     for a, b in zip(plain.history, coded.history, strict=True):
-        for key in ("accuracy", "loss", "train_loss", "uplink_bytes"):
+        for key in ("accuracy", "loss", "train_loss"):
             assert a[key] == pytest.approx(b[key], rel=0, abs=0, nan_ok=True), key
-        if a["round"] > 0:
+        if a["round"] > 0:  # FedPAQ's own update codes are entropy-coded too
             assert b["downlink_bytes"] < a["downlink_bytes"]
+            assert b["uplink_bytes"] < a["uplink_bytes"]
     final = plain.history[-1]
     assert 4.0 < final["downlink_bpp"] < 4.5  # 4-bit codes + per-channel scales + exact extras
     assert final["accuracy"] > 0.8
@@ -201,3 +202,30 @@ def test_a_uq_downlink_run_learns_and_entropy_coding_is_lossless(tmp_path):
     # Measured bytes are what was serialized: codes, scales and extras with their headers.
     message = plain.generic_downlink_message(4)[0]
     assert plain.traffic[4].downlink_bytes == 4 * sum(npy_bytes(a) for a in message)
+
+
+@pytest.mark.parametrize("strategy", ["fedbif", "qsgd"])
+def test_entropy_coding_inside_a_methods_codec_is_lossless(tmp_path, strategy):
+    config = {
+        "strategy": strategy,
+        "device": "cpu",
+        "num-server-rounds": 3,
+        "local-epochs": 1,
+        "partitioner": "iid",
+        "checkpoint": False,
+    }
+    plain = run_inprocess({**config, "results-dir": str(tmp_path / "plain")}, 3)
+    coded = run_inprocess({**config, "results-dir": str(tmp_path / "ans"), "entropy": "ans"}, 3)
+    for a, b in zip(plain.history, coded.history, strict=True):
+        for key in ("accuracy", "loss", "train_loss"):
+            assert a[key] == pytest.approx(b[key], rel=0, abs=0, nan_ok=True), key
+    saved = "downlink_bytes" if strategy == "fedbif" else "uplink_bytes"
+    assert coded.history[-1][saved] < plain.history[-1][saved]
+
+
+def test_entropy_where_nothing_is_coded_fails_at_start():
+    from fl_app.methods import load_config
+
+    with pytest.raises(ConfigError, match="no code array"):
+        load_config({"strategy": "fedavg", "entropy": "ans"})
+    load_config({"strategy": "fedbat", "entropy": "ans", "downlink": "uq"})  # codes: accepted
