@@ -229,7 +229,8 @@ class CommunicationStrategy(Strategy):
 
     def delta_base(self, server_round: int) -> list[np.ndarray]:
         """What clients started the round from: the decoded generic downlink where it is lossy,
-        else the global model. Updates are deltas against it, and so is the aggregate."""
+        else the global model. A client's change is measured against it (``delta_of``) and
+        added to the server's float32 model (``apply_delta``)."""
         if not self.downlink.active:
             return self.global_state
         return self.generic_downlink_message(server_round)[1]
@@ -269,10 +270,10 @@ class CommunicationStrategy(Strategy):
         return self.apply_delta(combined)
 
     def apply_delta(self, delta: np.ndarray) -> list[np.ndarray]:
-        """base + delta, back in the wire state's shapes (float32); the base is what clients
-        received this round (``delta_base``), the global model outside a round."""
-        base = self.global_state if self._delta_base is None else self._delta_base
-        flat = concat_flat(base, np.float64) + delta
+        """global + delta, back in the wire state's shapes (float32). The server's float32 model
+        takes the change, never the lossy copy clients received: rounding it to the downlink's
+        grid every round would erase every change below half a step."""
+        flat = concat_flat(self.global_state, np.float64) + delta
         return [p.astype(np.float32) for p in split_flat(flat, self.shapes)]
 
     def clamp_variances(self, state: list[np.ndarray]) -> list[np.ndarray]:

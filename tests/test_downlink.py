@@ -135,10 +135,11 @@ def test_impossible_downlink_settings_fail_at_start(raw, reason):
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedpaq", "ef-signsgd"])
-def test_clients_that_return_what_they_received_leave_the_received_model(tmp_path, strategy):
-    """The aggregate is received + mean(delta): with all deltas zero it is exactly what the
-    clients decoded, not the server's float32 model (a delta against the wrong base would
-    drift every round by the downlink's quantization error)."""
+def test_clients_that_return_what_they_received_leave_the_global_model(tmp_path, strategy):
+    """A client's change is measured against what it decoded and added to the server's float32
+    model: clients that send back exactly what they received change nothing (a change measured
+    against the float model would move it by the downlink's rounding error every round, and
+    replacing the model by the decoded copy would erase every change below half a step)."""
     base = {"strategy": strategy, "device": "cpu", "downlink": "uq", "downlink-bits": 3}
     server = build_test_strategy(base, tmp_path, **{"min-available-clients": 1})
     instructions = server.configure_fit(1, Parameters([], ""), manager_with(3))
@@ -153,9 +154,11 @@ def test_clients_that_return_what_they_received_leave_the_received_model(tmp_pat
     for partition, ((proxy, _), client) in enumerate(zip(instructions, clients, strict=True)):
         client.load_downlink(client.receive(message), {})
         replies.append((proxy, fit_res(client.encode_uplink({"server-round": 1}), 10, partition)))
+    before = [a.copy() for a in server.global_state]
+    assert any(not np.array_equal(a, b) for a, b in zip(before, received, strict=True))
     server.aggregate_fit(1, replies, [])
     assert server.traffic[1].rejected == 0
-    for got, want in zip(server.global_state, received, strict=True):
+    for got, want in zip(server.global_state, before, strict=True):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
