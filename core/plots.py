@@ -28,14 +28,34 @@ def cumulative_mb(rows: Sequence[Mapping[str, Any]], column: str) -> list[float]
     return out
 
 
-def plot_run(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
-    """Draw ``rows`` (``rounds.csv`` rows) into ``path``; written atomically, returns ``path``."""
+def _pyplot():  # noqa: ANN202 - matplotlib's module
+    """matplotlib.pyplot on the headless Agg backend, imported only when a picture is drawn."""
     os.environ.setdefault("MPLCONFIGDIR", str(Path.home() / ".cache" / "matplotlib"))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(figure: Any, path: Path, title: str) -> Path:
+    """Title, lay out and write ``figure`` atomically (a reader never sees half a PNG)."""
+    import matplotlib.pyplot as plt
+
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_run(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
+    """Draw ``rows`` (``rounds.csv`` rows) into ``path``; written atomically, returns ``path``."""
+    plt = _pyplot()
     rounds = [float(row["round"]) for row in rows]
     accuracy = [100.0 * float(row["accuracy"]) for row in rows]
     loss = [float(row["loss"]) for row in rows]
@@ -59,25 +79,14 @@ def plot_run(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
     by_traffic.legend(fontsize=8)
     for axis in (by_round, by_loss, by_traffic):
         axis.grid(alpha=0.3)
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    os.replace(tmp, path)
-    return path
+    return _save(figure, path, title)
 
 
 def plot_comparison(
     runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, title: str
 ) -> Path:
     """Several runs on one picture: accuracy by round, and by cumulative total MB (up + down)."""
-    os.environ.setdefault("MPLCONFIGDIR", str(Path.home() / ".cache" / "matplotlib"))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     figure, (by_round, by_traffic) = plt.subplots(1, 2, figsize=(11, 4.5))
     for label, rows in runs.items():
@@ -104,11 +113,4 @@ def plot_comparison(
     for axis in (by_round, by_traffic):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    os.replace(tmp, path)
-    return path
+    return _save(figure, path, title)
