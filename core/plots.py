@@ -18,6 +18,12 @@ PLOT_NAME = "curves.png"
 MB = 1e6
 
 
+def cumulative_total_mb(rows: Sequence[Mapping[str, Any]]) -> list[float]:
+    """Running sum of uplink + downlink bytes, in MB."""
+    up, down = cumulative_mb(rows, "uplink_bytes"), cumulative_mb(rows, "downlink_bytes")
+    return [u + d for u, d in zip(up, down, strict=True)]
+
+
 def cumulative_mb(rows: Sequence[Mapping[str, Any]], column: str) -> list[float]:
     """Running sum of a byte column, in MB (10^6 bytes, as the summaries print)."""
     total, out = 0.0, []
@@ -28,7 +34,7 @@ def cumulative_mb(rows: Sequence[Mapping[str, Any]], column: str) -> list[float]
     return out
 
 
-def _pyplot():  # noqa: ANN202 - matplotlib's module
+def pyplot():  # noqa: ANN201 - matplotlib's module
     """matplotlib.pyplot on the headless Agg backend, imported only when a picture is drawn."""
     os.environ.setdefault("MPLCONFIGDIR", str(Path.home() / ".cache" / "matplotlib"))
     import matplotlib
@@ -39,7 +45,7 @@ def _pyplot():  # noqa: ANN202 - matplotlib's module
     return plt
 
 
-def _save(figure: Any, path: Path, title: str) -> Path:
+def save_figure(figure: Any, path: Path, title: str, dpi: int = 100) -> Path:
     """Title, lay out and write ``figure`` atomically (a reader never sees half a PNG)."""
     import matplotlib.pyplot as plt
 
@@ -47,7 +53,7 @@ def _save(figure: Any, path: Path, title: str) -> Path:
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")
-    figure.savefig(tmp, dpi=100)
+    figure.savefig(tmp, dpi=dpi)
     plt.close(figure)
     os.replace(tmp, path)
     return path
@@ -55,13 +61,13 @@ def _save(figure: Any, path: Path, title: str) -> Path:
 
 def plot_run(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
     """Draw ``rows`` (``rounds.csv`` rows) into ``path``; written atomically, returns ``path``."""
-    plt = _pyplot()
+    plt = pyplot()
     rounds = [float(row["round"]) for row in rows]
     accuracy = [100.0 * float(row["accuracy"]) for row in rows]
     loss = [float(row["loss"]) for row in rows]
     up = cumulative_mb(rows, "uplink_bytes")
     down = cumulative_mb(rows, "downlink_bytes")
-    total = [u + d for u, d in zip(up, down, strict=True)]
+    total = cumulative_total_mb(rows)
 
     figure, (by_round, by_loss, by_traffic) = plt.subplots(1, 3, figsize=(15, 4.5))
     by_round.plot(rounds, accuracy, marker=".")
@@ -79,26 +85,19 @@ def plot_run(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
     by_traffic.legend(fontsize=8)
     for axis in (by_round, by_loss, by_traffic):
         axis.grid(alpha=0.3)
-    return _save(figure, path, title)
+    return save_figure(figure, path, title)
 
 
 def plot_comparison(
     runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, title: str
 ) -> Path:
     """Several runs on one picture: accuracy by round, and by cumulative total MB (up + down)."""
-    plt = _pyplot()
+    plt = pyplot()
 
     figure, (by_round, by_traffic) = plt.subplots(1, 2, figsize=(11, 4.5))
     for label, rows in runs.items():
         accuracy = [100.0 * float(row["accuracy"]) for row in rows]
-        total = [
-            u + d
-            for u, d in zip(
-                cumulative_mb(rows, "uplink_bytes"),
-                cumulative_mb(rows, "downlink_bytes"),
-                strict=True,
-            )
-        ]
+        total = cumulative_total_mb(rows)
         (line,) = by_round.plot(
             [float(r["round"]) for r in rows], accuracy, marker=".", label=label
         )
@@ -113,4 +112,4 @@ def plot_comparison(
     for axis in (by_round, by_traffic):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    return _save(figure, path, title)
+    return save_figure(figure, path, title)

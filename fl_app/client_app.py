@@ -21,7 +21,7 @@ from clients.attacks import AttackingClient, attacking_partitions
 from core.config import ConfigError
 from core.node_state import NodeStateError, NodeStateStore
 from core.torch_utils import select_device
-from fl_app.data import DATASETS, load_partition
+from fl_app.data import DATASETS, load_partition, partition_arguments
 from fl_app.methods import METHODS, load_config
 from fl_app.models import build_model
 from fl_app.worker_cache import CACHE
@@ -42,16 +42,7 @@ def client_fn(context: Context) -> Client:
     store = node_state_store(context, cfg.strategy, partition_id)
     spec = DATASETS.get(cfg.dataset)
     # Every argument of load_partition goes through here, so all of them are in the cache key.
-    partition_args = {
-        "partitioner": cfg.partitioner,
-        "alpha": cfg.dirichlet_alpha,
-        "labels_per_client": cfg.labels_per_client,
-        "seed": cfg.seed,
-        "data_files": cfg.data_files,
-        "min_partition_size": cfg.dirichlet_min_size,
-        "self_balancing": cfg.dirichlet_self_balancing,
-        "validation_fraction": cfg.validation_fraction,  # clients never train on validation
-    }
+    partition_args = partition_arguments(cfg)
     train_set = CACHE.partition(
         ("partition", cfg.dataset, partition_id, num_partitions, *sorted(partition_args.items())),
         lambda: load_partition(cfg.dataset, partition_id, num_partitions, **partition_args),

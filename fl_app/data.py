@@ -40,6 +40,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -54,6 +55,7 @@ from flwr_datasets.partitioner import (
 from torch.utils.data import TensorDataset
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
+from core.config import RunConfig
 from core.registry import Registry
 from core.seeding import derive_seed
 
@@ -749,6 +751,22 @@ def load_partition(
         raise ValueError(f"partition_id must be in 0..{num_partitions - 1}, got {partition_id}")
     images, labels = _partition_arrays(dataset, partition_id, split, data_files)
     return _to_tensors(images, labels, spec)
+
+
+def partition_arguments(cfg: RunConfig) -> dict[str, Any]:
+    """The keyword arguments of ``load_partition`` and ``partition_sizes`` that a run config
+    decides. The ClientApp trains on the partitions they give and the ServerApp caps example
+    counts by their sizes: one mapping, so the two can never partition differently."""
+    return {
+        "partitioner": cfg.partitioner,
+        "alpha": cfg.dirichlet_alpha,
+        "labels_per_client": cfg.labels_per_client,
+        "seed": cfg.seed,
+        "data_files": cfg.data_files,
+        "min_partition_size": cfg.dirichlet_min_size,
+        "self_balancing": cfg.dirichlet_self_balancing,
+        "validation_fraction": cfg.validation_fraction,  # clients never train on validation
+    }
 
 
 def partition_sizes(

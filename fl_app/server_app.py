@@ -13,7 +13,13 @@ from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 from core.config import ConfigError, RunConfig
 from core.results import ResultsWriter
 from core.settings import Settings
-from fl_app.data import DATASETS, load_test_set, load_validation_set, partition_sizes
+from fl_app.data import (
+    DATASETS,
+    load_test_set,
+    load_validation_set,
+    partition_arguments,
+    partition_sizes,
+)
 from fl_app.methods import METHODS, load_config
 from fl_app.models import build_model
 from strategies.base import CommunicationStrategy
@@ -47,18 +53,7 @@ def build_strategy(cfg: RunConfig, settings: Settings | None = None) -> Communic
     )
     results = ResultsWriter(cfg.run_dir(), extra_columns=tuple(method.strategy.round_columns))
     log(INFO, "results of this run go to %s", results.run_dir)
-    sizes = partial(
-        partition_sizes,
-        cfg.dataset,
-        partitioner=cfg.partitioner,
-        alpha=cfg.dirichlet_alpha,
-        labels_per_client=cfg.labels_per_client,
-        seed=cfg.seed,
-        data_files=cfg.data_files,
-        min_partition_size=cfg.dirichlet_min_size,
-        self_balancing=cfg.dirichlet_self_balancing,
-        validation_fraction=cfg.validation_fraction,
-    )
+    sizes = partial(partition_sizes, cfg.dataset, **partition_arguments(cfg))
     return method.strategy(
         cfg,
         settings,

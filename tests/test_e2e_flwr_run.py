@@ -99,6 +99,18 @@ def test_two_runs_at_the_same_time_do_not_meet(tmp_path):
         assert status == "finished:completed" and results_dir == tmp_path / name
 
 
+def launch_two_rounds(tmp_path, run_config: str, run_name: str):  # noqa: ANN001, ANN201
+    """2 rounds on 2 SuperNodes through ``flwr run``: (exit code, status, results dir, log)."""
+    code, status, results_dir = launch(
+        run_config=f"{run_config} num-server-rounds=2 results-dir='{tmp_path}' "
+        f"run-name='{run_name}' device='cpu'",
+        num_supernodes=2,
+        flwr_home=tmp_path / "flwr-home",
+        log_path=tmp_path / "run.log",
+    )
+    return code, status, results_dir, (tmp_path / "run.log").read_text()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("strategy", "attack", "logged"),
@@ -112,14 +124,9 @@ def test_two_runs_at_the_same_time_do_not_meet(tmp_path):
 def test_a_hostile_client_through_flwr_run_is_rejected_and_the_run_completes(
     tmp_path, strategy, attack, logged
 ):
-    code, status, results_dir = launch(
-        run_config=f"strategy='{strategy}' attack='{attack}' attack-fraction=0.5 "
-        f"num-server-rounds=2 results-dir='{tmp_path}' run-name='hostile' device='cpu'",
-        num_supernodes=2,
-        flwr_home=tmp_path / "flwr-home",
-        log_path=tmp_path / "run.log",
+    code, status, results_dir, log = launch_two_rounds(
+        tmp_path, f"strategy='{strategy}' attack='{attack}' attack-fraction=0.5", "hostile"
     )
-    log = (tmp_path / "run.log").read_text()
     assert code == 0 and status == "finished:completed", log[-3000:]
     assert logged in log, log[-3000:]
     rows = read_rounds(results_dir / "rounds.csv")
@@ -134,14 +141,9 @@ def test_a_hostile_client_through_flwr_run_is_rejected_and_the_run_completes(
 def test_a_quantized_entropy_coded_downlink_through_flwr_run(tmp_path, strategy):
     """downlink=uq entropy=ans through real Flower messages: the run completes, every client's
     message decodes (no failure, no rejection) and the downlink costs what 4-bit codes cost."""
-    code, status, results_dir = launch(
-        run_config=f"strategy='{strategy}' downlink='uq' downlink-bits=4 entropy='ans' "
-        f"num-server-rounds=2 results-dir='{tmp_path}' run-name='uq' device='cpu'",
-        num_supernodes=2,
-        flwr_home=tmp_path / "flwr-home",
-        log_path=tmp_path / "run.log",
+    code, status, results_dir, log = launch_two_rounds(
+        tmp_path, f"strategy='{strategy}' downlink='uq' downlink-bits=4 entropy='ans'", "uq"
     )
-    log = (tmp_path / "run.log").read_text()
     assert code == 0 and status == "finished:completed", log[-3000:]
     rows = read_rounds(results_dir / "rounds.csv")
     assert all(row["clients"] == 2 and row["failures"] == row["rejected"] == 0 for row in rows[1:])

@@ -154,8 +154,8 @@ def test_sampling_is_seeded_and_respects_fraction(tmp_path):
     assert chosen(1, 1) != chosen(2, 1) or chosen(1, 2) != chosen(2, 2)
 
 
-def test_results_files_written_every_round(tmp_path):
-    strategy = make_strategy(tmp_path, num_server_rounds=2)
+def run_two_unchanged_rounds(strategy) -> None:  # noqa: ANN001
+    """Rounds 0-2 with two clients that send back the global model (every file gets written)."""
     strategy.evaluate(0, Parameters([], ""))
     manager = manager_with(2)
     for server_round in (1, 2):
@@ -166,6 +166,11 @@ def test_results_files_written_every_round(tmp_path):
         ]
         strategy.aggregate_fit(server_round, results, [])
         strategy.evaluate(server_round, Parameters([], ""))
+
+
+def test_results_files_written_every_round(tmp_path):
+    strategy = make_strategy(tmp_path, num_server_rounds=2)
+    run_two_unchanged_rounds(strategy)
     run_dir = tmp_path / "t"
     rows = read_rounds(run_dir / "rounds.csv")
     assert [row["round"] for row in rows] == [0, 1, 2]
@@ -213,16 +218,7 @@ def test_validation_columns_and_the_run_plot(tmp_path, fraction):
 
     strategy = make_strategy(tmp_path, num_server_rounds=2, validation_fraction=fraction)
     assert (strategy.validation_set is not None) == (fraction > 0)
-    strategy.evaluate(0, Parameters([], ""))
-    manager = manager_with(2)
-    for server_round in (1, 2):
-        instructions = strategy.configure_fit(server_round, Parameters([], ""), manager)
-        results = [
-            (p, fit_res(strategy.global_state, 7, partition_id=i))
-            for i, (p, _) in enumerate(instructions)
-        ]
-        strategy.aggregate_fit(server_round, results, [])
-        strategy.evaluate(server_round, Parameters([], ""))
+    run_two_unchanged_rounds(strategy)
     run_dir = tmp_path / "t"
     rows = read_rounds(run_dir / "rounds.csv")
     summary = json.loads((run_dir / "summary.json").read_text())

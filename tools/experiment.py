@@ -65,6 +65,7 @@ from typing import Any
 
 import numpy as np
 
+from core.plots import pyplot, save_figure
 from core.results import read_rounds
 
 #: ``[tune] metric`` -> the ``summary.json`` field it chooses by (higher is better).
@@ -685,18 +686,9 @@ def _curves(runs: list[RunResult]) -> dict[str, _Curve]:
     return curves
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_group(runs: list[RunResult], title: str, path: Path) -> None:
     """Accuracy vs round and vs cumulative uplink MB, one line per method, seed spread shaded."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(12, 4.5))
     for method, curve in _curves(runs).items():
         rounds = np.arange(curve.accuracy.shape[1])
@@ -716,16 +708,13 @@ def plot_group(runs: list[RunResult], title: str, path: Path) -> None:
     by_round.legend(fontsize=8)
     by_round.grid(alpha=0.3)
     by_bytes.grid(alpha=0.3)
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path, title, dpi=110)
 
 
 def plot_group_total(runs: list[RunResult], title: str, path: Path) -> None:
     """Accuracy vs cumulative uplink + downlink MB, one line per method, seed spread shaded:
     the cost both ways, where a method with a compressed uplink and an fp32 downlink stands."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(7.5, 4.5))
     for method, curve in _curves(runs).items():
         acc = curve.accuracy
@@ -739,10 +728,7 @@ def plot_group_total(runs: list[RunResult], title: str, path: Path) -> None:
     )
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path, title, dpi=110)
 
 
 def write_report(experiment: Experiment) -> Path:
