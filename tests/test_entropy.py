@@ -72,14 +72,11 @@ def test_corrupt_and_truncated_streams_are_rejected(mode):
     )
     stream = entropy.encode(symbols, 4)
     assert stream[4] == mode
-    rejected = 0
-    for position in RNG.integers(entropy.HEADER_BYTES, stream.size, 40):
+    for position in RNG.integers(entropy.HEADER_BYTES, stream.size, 40):  # 40 single-bit flips
         corrupt = stream.copy()
         corrupt[position] ^= np.uint8(1 << int(RNG.integers(0, 8)))
         with pytest.raises(entropy.EntropyError):
             entropy.decode(corrupt, 4, n)
-        rejected += 1
-    assert rejected == 40
     for cut in (1, 3, 4, stream.size - entropy.HEADER_BYTES):
         with pytest.raises(entropy.EntropyError):
             entropy.decode(stream[:-cut], 4, n)
