@@ -48,7 +48,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--int8-mode", default="auto", choices=MODES)
     args = parser.parse_args()
+    # LBI-FL's client sets its own mode from the run config; other code follows the global one.
     set_int8_mode(args.int8_mode)
+    int8 = {"lbi-int8-kernels": args.int8_mode}
     print(
         "| model | method | up bpp (vs nominal) | down bpp (vs nominal) | fit s | x FedAvg "
         "| fit CPU s | x FedAvg (CPU) |"
@@ -59,7 +61,8 @@ def main() -> None:
         one_round("fedavg", model, samples=32, device=args.device)
         base = base_cpu = None
         for method in args.methods:
-            measure = one_round(method, model, samples=args.samples, device=args.device)
+            extra = int8 if method == "lbi-fl" else {}
+            measure = one_round(method, model, samples=args.samples, device=args.device, **extra)
             base = base or measure.fit_seconds
             base_cpu = base_cpu or measure.fit_cpu_seconds
             up, down = NOMINAL[method]

@@ -40,6 +40,7 @@ from clients.lbi_agent import (
     valid_actions,
 )
 from compression import lbi_codec
+from compression.int8_matmul import int8_mode
 from compression.layout import concat_flat, split_flat
 from compression.lowbit import (
     INT8,
@@ -163,7 +164,8 @@ class LBIClient(TrainingClient):
         trained_at = self.widths
         set_bit_widths(self.model, trained_at)
         reset_statistics(self.model)
-        payload, num_examples, metrics = super().fit(parameters, config)
+        with int8_mode(self.settings.int8_kernels):
+            payload, num_examples, metrics = super().fit(parameters, config)
         losses = quantization_losses(self.model)
         samples = self.cfg.local_epochs * len(self.train_set)
         action = self.decide(server_round, losses)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from compression import lbi_codec
+from compression import int8_matmul, lbi_codec
 from compression.layout import EXTRAS_DTYPES
 from compression.lowbit import FP32, INT4, INT8, KINDS, LAYER_CHOICES, WIDENINGS, BitWidths
 from core.settings import Settings, setting
@@ -89,6 +89,12 @@ class LBISettings(Settings):
         "float16", "dtype of biases/BatchNorm on the wire", choices=EXTRAS_DTYPES
     )
     agent_file: str = setting("", "agent JSON ('' = the shipped clients/lbi_agent.json)")
+    int8_kernels: str = setting(
+        "auto",
+        "INT8 products on integer GEMM kernels: auto (on CUDA where the kernel is exact), "
+        "always, never (fake quantization; faster for small products)",
+        choices=int8_matmul.MODES,
+    )
 
     @property
     def quantized_wire(self) -> bool:

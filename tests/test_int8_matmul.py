@@ -238,9 +238,20 @@ def test_wider_than_8_bits_or_grouped_convs_stay_on_fake_quantization(monkeypatc
 
 
 @pytest.mark.parametrize("mode", ["ui8", "ui4"])
-def test_an_lbi_client_round_through_integer_products_matches_fake_quant(tmp_path, mode):
+def test_an_lbi_client_round_through_integer_products_matches_fake_quant(
+    tmp_path, mode, monkeypatch
+):
     """A whole LBI-FL client round (digits CNN with BatchNorm, every conv and linear) with the
-    integer path forced on the CPU: same training up to float32 rounding."""
+    integer path forced on the CPU by ``lbi-int8-kernels=always``: same training up to float32
+    rounding; with ``never`` no integer product runs, whatever the process-wide mode."""
+    calls: list[str] = []
+    real = int8_matmul.int8_matmul
+
+    def counting(a, w, backend="auto"):
+        calls.append(a.device.type)
+        return real(a, w, backend)
+
+    monkeypatch.setattr(int8_matmul, "int8_matmul", counting)
     base = {
         "strategy": "lbi-fl",
         "device": "cpu",
@@ -253,10 +264,16 @@ def test_an_lbi_client_round_through_integer_products_matches_fake_quant(tmp_pat
     strategy = build_test_strategy(base, tmp_path)
     ((_, ins),) = strategy.configure_fit(1, Parameters([], ""), manager_with(1))
     replies = {}
+    products = {}
     for int_mode in ("never", "always"):
-        context = make_contexts({**base, "results-dir": str(tmp_path)}, 4)[0]
-        with int8_mode(int_mode):
+        context = make_contexts(
+            {**base, "lbi-int8-kernels": int_mode, "results-dir": str(tmp_path)}, 4
+        )[0]
+        calls.clear()
+        with int8_mode("always" if int_mode == "never" else "never"):  # the key wins
             replies[int_mode] = client_fn(context).fit(ins)
+        products[int_mode] = len(calls)
+    assert products["never"] == 0 and products["always"] > 0
     fake, integer = replies["never"], replies["always"]
     assert integer.num_examples == fake.num_examples
     # Close, not bit for bit: a last-bit difference of one layer's output (the one float32
@@ -303,9 +320,11 @@ def test_cuda_conv_accumulation_is_exact(kernel, stride, padding, dilation):
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("layer", [nn.Conv2d(16, 24, 3, padding=1), nn.Linear(40, 24)])
+@pytest.mark.parametrize(
+    "make_layer", [lambda: nn.Conv2d(16, 24, 3, padding=1), lambda: nn.Linear(40, 24)]
+)
 @pytest.mark.parametrize("widths", [INT8, INT4])
-def test_cuda_layers_pick_the_integer_kernel(layer, widths, monkeypatch):
+def test_cuda_layers_pick_the_integer_kernel(make_layer, widths, monkeypatch):
     """Auto mode on CUDA: the kernel runs; the forward equals the CPU's float32 fake quant up
     to float32 rounding (one layer, so both see the same codes), and the gradients equal the
     CUDA fake-quant path's."""
@@ -318,6 +337,7 @@ def test_cuda_layers_pick_the_integer_kernel(layer, widths, monkeypatch):
 
     monkeypatch.setattr(int8_matmul, "int8_matmul", counting)
     torch.manual_seed(3)
+    layer = make_layer()  # a fresh module per case: model.cuda() below moves it in place
     model = convert_to_lowbit(nn.Sequential(layer), refresh_interval=1)
     set_bit_widths(model, widths)
     shape = (32, 16, 6, 6) if isinstance(layer, nn.Conv2d) else (32, 40)

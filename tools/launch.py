@@ -37,6 +37,18 @@ RUN_ID_PATTERN = re.compile(r"run (?:ID )?(\d{3,})", re.IGNORECASE)
 RESULTS_PATTERN = re.compile(r"results of this run go to (\S+)")
 
 
+def flwr_executable(path: str) -> str:
+    """The ``flwr`` CLI: the one beside this interpreter (a venv), else the first on ``path``
+    (an interpreter whose packages were installed elsewhere, e.g. ``pip install --target``)."""
+    beside = Path(sys.executable).parent / "flwr"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("flwr", path=path)
+    if found is None:
+        raise FileNotFoundError(f"no flwr executable beside {sys.executable} or on PATH")
+    return found
+
+
 def offline_environment(flwr_home: Path) -> dict[str, str]:
     """Environment for a local run with no network: no dependency install, no update check."""
     env = dict(os.environ)
@@ -177,7 +189,7 @@ def launch(
     env[LAUNCH_MARKER] = launch_id
     env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
     env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
-    flwr = str(Path(sys.executable).parent / "flwr")
+    flwr = flwr_executable(env["PATH"])
     federation = federation_config or (
         f"num-supernodes={num_supernodes} client-resources-num-cpus=1"
     )
