@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from compression.downlink_codec import DOWNLINK_MODES, ENTROPY_MODES
+from core.link import PROFILE_CHOICES
 from core.settings import ConfigError, ConfigKey, Scalar, Settings, parse_values, setting
 
 __all__ = ["ConfigError", "ConfigKey", "RunConfig", "parse_run_config", "with_choices"]
@@ -83,9 +84,34 @@ class RunConfig(Settings):
     results_dir: str = setting("results", "folder for results (relative: to the launch dir)")
     run_name: str = setting("", "results sub-folder; empty: derived from the config")
     round_timeout: float = setting(
-        0.0, "seconds to wait for clients per round; 0 = no limit", min=0.0
+        0.0,
+        "seconds to wait for clients per round (modelled seconds with a link-profile); "
+        "0 = no limit",
+        min=0.0,
     )
     min_fit_results: int = setting(1, "fewer valid client updates skip the round", min=1)
+    link_profile: str = setting(
+        "none",
+        "modelled client links (core.link): round times on these links in rounds.csv; with a "
+        "profile, round-timeout is the modelled deadline",
+        choices=PROFILE_CHOICES,
+    )
+    link_up_mbps: float = setting(
+        1.0, "link-profile=custom: median uplink Mbit/s", min=0.0, min_inclusive=False
+    )
+    link_down_mbps: float = setting(
+        10.0, "link-profile=custom: median downlink Mbit/s", min=0.0, min_inclusive=False
+    )
+    link_rtt_ms: float = setting(50.0, "link-profile=custom: round-trip time in ms", min=0.0)
+    link_spread: float = setting(
+        0.5, "link-profile=custom: sigma of the clients' log-normal rate factor", min=0.0
+    )
+    target_accuracy: float = setting(
+        0.0,
+        "accuracy whose first round summary.json reports (link_seconds_to_target); 0 = none",
+        min=0.0,
+        max=1.0,
+    )
     aggregation: str = setting(
         "mean",
         "how client updates combine: weighted mean, coordinate-wise trimmed mean or median",

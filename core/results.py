@@ -35,6 +35,11 @@ ROUND_COLUMNS: tuple[str, ...] = (
     # the global model on the run's validation split (``validation-fraction``); NaN when off.
     "val_accuracy",
     "val_loss",
+    # modelled seconds on the run's links (``link-profile``, ``core.link``); NaN when off.
+    "link_seconds",
+    "link_seconds_total",
+    # replies dropped by a modelled deadline (``round-timeout`` with a link profile).
+    "late",
 )
 
 
@@ -51,7 +56,9 @@ class ResultsWriter:
         self.columns = ROUND_COLUMNS + tuple(c for c in extra_columns if c not in ROUND_COLUMNS)
         self.rounds_path = run_dir / "rounds.csv"
         self.summary_path = run_dir / "summary.json"
+        self.clients_path = run_dir / "clients.csv"
         self._started = False
+        self._clients_started = False
 
     def write_round(self, row: Mapping[str, Any]) -> None:
         """Append one round (the first write of a run starts ``rounds.csv`` afresh); every
@@ -72,6 +79,31 @@ class ResultsWriter:
         self._started = True
         for row in rows:
             self.write_round(row)
+
+    def write_clients(self, rows: list[Mapping[str, Any]]) -> None:
+        """Append one round's per-client rows to ``clients.csv`` (columns: the rows' keys, the
+        same every round). The first write of a process keeps only the earlier rounds' rows of
+        an existing file: a resumed run continues them, a rerun starts afresh."""
+        if not rows:
+            return
+        columns = list(rows[0])
+        first_round = min(int(row["round"]) for row in rows)
+        if not self._clients_started:
+            kept: list[list[str]] = []
+            if self.clients_path.exists():
+                with self.clients_path.open(newline="") as handle:
+                    reader = csv.reader(handle)
+                    header = next(reader, None)
+                    if header == columns:
+                        kept = [r for r in reader if r and float(r[0]) < first_round]
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with self.clients_path.open("w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(columns)
+                writer.writerows(kept)
+            self._clients_started = True
+        with self.clients_path.open("a", newline="") as handle:
+            csv.writer(handle).writerows([[row[c] for c in columns] for row in rows])
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """Atomically replace ``summary.json`` (write to a temp file, then rename). Non-finite

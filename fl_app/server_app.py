@@ -91,7 +91,8 @@ def server_fn(context: Context) -> ServerAppComponents:
     cfg, settings = load_config(context.run_config)
     strategy, rounds = build_server(cfg, settings)
     # A client that misses the timeout becomes a failure of that round, not a hang.
-    timeout = cfg.round_timeout or None
+    # With a link profile round-timeout is a modelled deadline (core.link), not Flower's wait.
+    timeout = (cfg.round_timeout or None) if cfg.link_profile == "none" else None
     return ServerAppComponents(
         strategy=strategy, config=ServerConfig(num_rounds=rounds, round_timeout=timeout)
     )

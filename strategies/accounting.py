@@ -31,6 +31,10 @@ class RoundTraffic:
     #: client updates whose norm was bounded, and whether the aggregate was refused.
     clipped: int = 0
     aggregate_refused: int = 0
+    #: the round's length on the run's modelled links (``core.link``), and the clients its
+    #: deadline dropped; 0 without a link profile.
+    link_seconds: float = 0.0
+    late: int = 0
 
     def add(self, other: RoundTraffic) -> None:
         for name in (f.name for f in dataclasses.fields(self)):

@@ -77,6 +77,7 @@ from strategies.aggregation import (
     mean_metric,
 )
 from strategies.checkpointing import load_run, save_run
+from strategies.link_timing import RoundClients, profile_of
 from strategies.reporting import RunProgress, log_round, round_row, summary
 
 T = TypeVar("T")
@@ -195,6 +196,10 @@ class CommunicationStrategy(Strategy):
         self._sizes: tuple[int, list[int] | None] | None = None
         #: cid -> the partition it first claimed: a client cannot switch partitions.
         self.partitions: dict[str, int] = {}
+        #: the run's modelled client links (``link-profile``; None: not modelled), and what the
+        #: server sent and received per client in the round being run (``clients.csv``).
+        self.link_profile = profile_of(cfg)
+        self._clients: RoundClients | None = None
         #: BatchNorm running variances: a lossy mean of deltas can push them below zero.
         self._variance_indices = [
             i for i, key in enumerate(wire_keys(self.model)) if key.endswith("running_var")
@@ -325,13 +330,16 @@ class CommunicationStrategy(Strategy):
         clients = self.sample_clients(server_round, client_manager)
         self.begin_round(server_round, clients)
         traffic = self.progress.traffic.round(server_round)
+        self._clients = self.round_clients(server_round)
         instructions = []
         for client in clients:
             payload = self.downlink_parameters(server_round, client.cid)
             config: dict[str, Scalar] = {ROUND: server_round}
             config.update(self.fit_config(server_round, client.cid))
-            traffic.downlink_bytes += parameters_nbytes(payload)
+            sent = parameters_nbytes(payload)
+            traffic.downlink_bytes += sent
             traffic.downlink_messages += 1
+            self._clients.sent[client.cid] = sent
             instructions.append((client, FitIns(payload, config)))
         return instructions
 
@@ -358,14 +366,32 @@ class CommunicationStrategy(Strategy):
         traffic.failures += len(failures)
         for failure in failures:
             log(WARNING, "round %d: a client failed: %s", server_round, _describe_failure(failure))
+        clients = self._clients
+        if clients is None or clients.server_round != server_round:
+            clients = self.round_clients(server_round)  # aggregate_fit without configure_fit
+        link_seconds, late = clients.receive([(client.cid, res) for client, res in results])
+        if self.link_profile is not None:
+            traffic.link_seconds = link_seconds
         updates: list[ClientUpdate] = []
         for client, fit_res in results:
             traffic.uplink_bytes += parameters_nbytes(fit_res.parameters)
             traffic.uplink_messages += 1
+            if client.cid in late:
+                traffic.late += 1
+                log(
+                    WARNING,
+                    "round %d: dropped client %s: its modelled reply comes after the "
+                    "round-timeout of %g s",
+                    server_round,
+                    client.cid,
+                    self.cfg.round_timeout,
+                )
+                continue
             try:
                 updates.append(self.decode_uplink(server_round, client.cid, fit_res))
             except PayloadError as err:
                 traffic.rejected += 1
+                clients.mark(client.cid, "rejected")
                 log(
                     WARNING,
                     "round %d: rejected payload of client %s: %s",
@@ -375,7 +401,12 @@ class CommunicationStrategy(Strategy):
                 )
         # A fixed order makes float sums, and so the whole run, independent of arrival order.
         updates.sort(key=lambda u: (u.partition_id, u.cid))
-        updates = self._drop_implausible(server_round, updates)
+        kept = self._drop_implausible(server_round, updates)
+        for dropped in {u.cid for u in updates} - {u.cid for u in kept}:
+            clients.mark(dropped, "rejected")
+        updates = kept
+        if self.results is not None:
+            self.results.write_clients(clients.table())
         self._cap_examples(server_round, updates)
         minimum = self.cfg.min_fit_results
         if len(updates) >= minimum:
@@ -551,6 +582,12 @@ class CommunicationStrategy(Strategy):
                 update.num_examples = max(cap, 1)
 
     # ----------------------------------------------------------------- shared machinery
+    def round_clients(self, server_round: int) -> RoundClients:
+        """A round's per-client record under the run's link model (``strategies.link_timing``);
+        with a link profile ``round-timeout`` is the modelled deadline."""
+        deadline = self.cfg.round_timeout if self.link_profile is not None else 0.0
+        return RoundClients(server_round, self.link_profile, self.cfg.seed, deadline)
+
     def sample_clients(self, server_round: int, client_manager: ClientManager) -> list[ClientProxy]:
         """Seeded sampling of ``fraction-fit`` of the available clients.
 
@@ -620,7 +657,15 @@ class CommunicationStrategy(Strategy):
             {**self.round_columns, **self.round_metrics.get(server_round, {})},
             val_accuracy=val_accuracy,
             val_loss=val_loss,
+            link_seconds_total=self.link_seconds_total(server_round),
         )
+
+    def link_seconds_total(self, server_round: int) -> float:
+        """Modelled seconds of rounds 1..``server_round`` (NaN without a link profile)."""
+        if self.link_profile is None:
+            return math.nan
+        ledger = self.progress.traffic
+        return float(sum(t.link_seconds for r, t in ledger.items() if 0 < r <= server_round))
 
     def _record_round(
         self,

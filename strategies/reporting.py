@@ -24,6 +24,12 @@ MB = 1024 * 1024
 #: validation columns, NaN in a run without a validation split (and in rows of checkpoints
 #: written before the columns existed).
 VALIDATION_COLUMNS = ("val_accuracy", "val_loss")
+#: link-model columns of rows recorded before they existed.
+LINK_DEFAULTS: dict[str, float | int] = {
+    "link_seconds": math.nan,
+    "link_seconds_total": math.nan,
+    "late": 0,
+}
 
 
 @dataclass
@@ -55,7 +61,7 @@ class RunProgress:
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any], completed_round: int) -> RunProgress:
-        missing = dict.fromkeys(VALIDATION_COLUMNS, math.nan)
+        missing = {**dict.fromkeys(VALIDATION_COLUMNS, math.nan), **LINK_DEFAULTS}
         return cls(
             history=[{**missing, **row} for row in meta["history"]],
             traffic=TrafficLedger.from_json(meta["traffic"]),
@@ -78,8 +84,12 @@ def round_row(
     *,
     val_accuracy: float = math.nan,
     val_loss: float = math.nan,
+    link_seconds_total: float = math.nan,
 ) -> dict[str, Any]:
     """The ``rounds.csv`` row of a round (round 0 = the initial model, no traffic).
+
+    ``link_seconds``/``link_seconds_total``: the round's and the run's modelled seconds on the
+    run's links (``core.link``); NaN without a link profile (``link_seconds_total`` is NaN then).
 
     ``total_bpp`` is what one participating client moves per parameter in the round, both ways
     (uplink bpp + downlink bpp): the figure a method's users pay for, not one direction of it."""
@@ -96,7 +106,7 @@ def round_row(
         "downlink_bytes": traffic.downlink_bytes,
         "uplink_bpp": uplink_bpp,
         "downlink_bpp": downlink_bpp,
-        "clients": traffic.uplink_messages - traffic.rejected,
+        "clients": traffic.uplink_messages - traffic.rejected - traffic.late,
         "failures": traffic.failures,
         "rejected": traffic.rejected,
         "seconds": seconds if server_round > 0 else 0.0,
@@ -106,6 +116,9 @@ def round_row(
         "total_bpp": uplink_bpp + downlink_bpp,
         "val_accuracy": val_accuracy,
         "val_loss": val_loss,
+        "link_seconds": traffic.link_seconds if math.isfinite(link_seconds_total) else math.nan,
+        "link_seconds_total": link_seconds_total,
+        "late": traffic.late,
         **method_columns,
     }
 
@@ -154,6 +167,8 @@ def summary(cfg: RunConfig, progress: RunProgress, num_scalars: int, device: str
         "rejected": totals.rejected,
         "clipped": totals.clipped,
         "aggregates_refused": totals.aggregate_refused,
+        "late": totals.late,
+        **target_fields(cfg, history),
         "wall_seconds": progress.wall_seconds(),
         "device": device,
         "config": cfg.as_dict(),
@@ -179,3 +194,42 @@ def log_round(strategy: str, num_rounds: int, row: Mapping[str, Any]) -> None:
         row["clients"],
         row["seconds"],
     )
+    if math.isfinite(float(row.get("link_seconds", math.nan))) and row["round"] > 0:
+        log(
+            INFO,
+            "[%s] round %d: %.1f s on the modelled links (%.1f s in all)%s",
+            strategy,
+            row["round"],
+            row["link_seconds"],
+            row["link_seconds_total"],
+            f", {row['late']} late" if row.get("late") else "",
+        )
+
+
+def target_fields(cfg: RunConfig, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The link model's totals and what reaching ``target-accuracy`` cost: the first round at
+    or above it, the bytes moved and the modelled seconds until then (null when not reached,
+    without a target, or, for the seconds, without a link profile)."""
+    linked = cfg.link_profile != "none"
+    last = history[-1] if history else {}
+    reached = next(
+        (
+            row
+            for row in history
+            if cfg.target_accuracy > 0 and float(row["accuracy"]) >= cfg.target_accuracy
+        ),
+        None,
+    )
+    total_bytes = 0
+    for row in history:
+        total_bytes += int(row["total_bytes"])
+        if row is reached:
+            break
+    return {
+        "link_profile": cfg.link_profile,
+        "link_seconds_total": last.get("link_seconds_total", math.nan) if linked else None,
+        "target_accuracy": cfg.target_accuracy if cfg.target_accuracy > 0 else None,
+        "round_to_target": reached["round"] if reached else None,
+        "total_bytes_to_target": total_bytes if reached else None,
+        "link_seconds_to_target": reached["link_seconds_total"] if reached and linked else None,
+    }
