@@ -33,6 +33,7 @@ from __future__ import annotations
 import gc
 import os
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
@@ -52,6 +53,8 @@ MAX_PARTITION_BYTES = 1 << 30
 #: models held in all (one per key unless clients overlap); a ResNet-18 is 45 MB.
 MAX_MODELS = 4
 MAX_MODELS_PER_KEY = 2
+#: seconds a garbage collection that freed no model of a key is not repeated for it.
+GC_QUIET_SECONDS = 5.0
 
 _forced: bool | None = None
 
@@ -137,6 +140,8 @@ class WorkerCache:
         self._models: OrderedDict[Hashable, list[_ModelSlot]] = OrderedDict()
         self._lock = threading.RLock()
         self.stats = CacheStats()
+        #: key -> until when a futile garbage collection is not repeated (``lease_model``).
+        self._gc_quiet: dict[Hashable, float] = {}
 
     # ----------------------------------------------------------------- partitions
     def partition(self, key: Hashable, build: Callable[[], TensorDataset]) -> TensorDataset:
@@ -177,9 +182,18 @@ class WorkerCache:
             self.stats.model_uncached += 1
             return build(), _nothing
         slot = self._take(key)
-        if slot is None and self._models.get(key):
-            gc.collect()  # all lent: a client in a reference cycle may still hold one
+        if (
+            slot is None
+            and self._models.get(key)
+            and time.monotonic() >= self._gc_quiet.get(key, 0)
+        ):
+            # All lent: a finished client in a reference cycle may still hold one. A full
+            # collection costs ~0.2 s in a large heap; where it frees nothing (the in-process
+            # runner holds a round's clients until the round ends), don't try again for a while.
+            gc.collect()
             slot = self._take(key)
+            if slot is None:
+                self._gc_quiet[key] = time.monotonic() + GC_QUIET_SECONDS
         if slot is not None:
             return slot.model, _releaser(slot)
         with self._lock:

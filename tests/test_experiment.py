@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from core.config import parse_run_config
+from core.link import PROFILES, client_link, client_round_seconds
 from core.results import ResultsWriter
 from fl_app.methods import all_config_keys
 from tools.experiment import (
@@ -56,6 +57,7 @@ def fake_run(
     accuracy: list[float],
     uplink: int = 1000,
     validation: list[float] | None = None,
+    train_seconds: float | None = None,
 ) -> None:
     """A finished run folder as the app writes it; ``validation``: accuracy per round on the
     validation split (None: a run without one, NaN columns and null summary fields)."""
@@ -82,8 +84,27 @@ def fake_run(
                 "total_bpp": 3.0,
                 "val_accuracy": val[index],
                 "val_loss": 1 - val[index],
+                "link_seconds": math.nan,
+                "link_seconds_total": math.nan,
+                "late": 0,
             }
         )
+        if train_seconds is not None and index:  # clients.csv: two clients share the traffic
+            writer.write_clients(
+                [
+                    {
+                        "round": index,
+                        "cid": str(10 + partition),
+                        "partition": partition,
+                        "downlink_bytes": uplink,
+                        "uplink_bytes": uplink // 2,
+                        "train_seconds": train_seconds * (1 + partition),
+                        "link_seconds": math.nan,
+                        "status": "accepted",
+                    }
+                    for partition in (0, 1)
+                ]
+            )
     writer.write_summary(
         {
             "completed": True,
@@ -95,6 +116,7 @@ def fake_run(
             "downlink_bpp": 2.0,
             "uplink_bytes": uplink * (len(accuracy) - 1),
             "downlink_bytes": 2 * uplink * (len(accuracy) - 1),
+            "num_params": 1000,
         }
     )
 
@@ -468,3 +490,44 @@ def test_a_key_added_after_some_runs_does_not_split_their_rows():
     assert new.label == "qsgd aggregation=mean" and newer.label == "fedpaq aggregation=median"
     label_runs([old, new])
     assert (old.label, new.label) == ("fedavg", "qsgd")
+
+
+def test_report_models_time_to_target_on_link_profiles(tmp_path):
+    """With link-profiles, the report adds time to the target per profile, modelled from each
+    run's clients.csv (slowest client per round, summed until the target round), once at the
+    runs' own message sizes and once scaled; the fastest method per profile is in bold."""
+    text = EXAMPLE.replace(
+        "target-accuracy = 0.5",
+        'target-accuracy = 0.5\nlink-profiles = ["iot", "broadband"]'
+        "\nlink-scale-params = [0, 4000]",
+    )
+    path = tmp_path / "demo.toml"
+    path.write_text(text)
+    experiment = load_experiment(path)
+    for point in experiment.points():
+        fedavg = point.config["strategy"] == "fedavg"
+        curve = [0.1, 0.4, 0.8] if fedavg else [0.1, 0.6, 0.7]
+        fake_run(point, experiment.folder, curve, uplink=200_000, train_seconds=1.0)
+
+    def expected(seed: int, profile: str, rounds: int, scale: int = 1) -> float:
+        return rounds * max(
+            client_round_seconds(
+                200_000 * scale,
+                100_000 * scale,
+                1.0 + partition,
+                client_link(PROFILES[profile], seed, partition),
+            )
+            for partition in (0, 1)
+        )
+
+    report = write_report(experiment).read_text()
+    assert "Time to 50% on modelled links" in report
+    assert "messages scaled to 4,000 parameters" in report
+    # fedbif reaches 50% in round 1, fedavg in round 2: fedbif is the fastest everywhere.
+    for profile, scale in (("iot", 1), ("broadband", 1), ("iot", 4)):
+        fedbif = sum(expected(seed, profile, 1, scale) for seed in (1, 2, 3)) / 3
+        fedavg = sum(expected(seed, profile, 2, scale) for seed in (1, 2, 3)) / 3
+        for seconds, bold in ((fedbif, True), (fedavg, False)):
+            shown = f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+            assert (f"**{shown}**" in report) == bold and shown in report
+    assert len(list(experiment.folder.glob("*-time.png"))) == 2

@@ -65,8 +65,10 @@ from typing import Any
 
 import numpy as np
 
+from core.link import PROFILES
 from core.plots import pyplot, save_figure
 from core.results import read_rounds
+from tools.link_report import link_runs, plot_time, time_rows, time_table
 
 #: ``[tune] metric`` -> the ``summary.json`` field it chooses by (higher is better).
 TUNE_METRICS = {
@@ -112,6 +114,10 @@ class Experiment:
     tune: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     #: the ``summary.json`` field settings are chosen by (``TUNE_METRICS``).
     tune_metric: str = "final_val_accuracy"
+    #: link profiles the report models time to target on (``tools.link_report``); the message
+    #: sizes it models them at (0: the run's own; N: scaled to N parameters).
+    link_profiles: list[str] = field(default_factory=list)
+    link_scale_params: list[int] = field(default_factory=lambda: [0])
 
     @property
     def folder(self) -> Path:
@@ -203,6 +209,8 @@ def load_experiment(path: Path) -> Experiment:
         "requires",
         "description",
         "tune",
+        "link-profiles",
+        "link-scale-params",
     }
     if unknown:
         raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}")
@@ -230,7 +238,11 @@ def load_experiment(path: Path) -> Experiment:
         requires=str(data.get("requires", "cpu")),
         tune=tune,
         tune_metric=metric,
+        link_profiles=[str(p) for p in data.get("link-profiles", [])],
+        link_scale_params=[int(n) for n in data.get("link-scale-params", [0])],
     )
+    if stray := sorted(set(experiment.link_profiles) - set(PROFILES)):
+        raise ValueError(f"{path}: unknown link-profiles {stray}; valid: {', '.join(PROFILES)}")
     strategies = {strategy_of(point.config) for point in experiment.points()}
     if stray := sorted(set(tune) - strategies):
         raise ValueError(
@@ -343,6 +355,8 @@ class RunResult:
     label: str = ""
     #: the run's tuned values, ``(key, value)`` in ``[tune.<strategy>]`` order (empty: untuned).
     setting: tuple[tuple[str, Any], ...] = ()
+    #: the run's results folder (``clients.csv`` for the link model).
+    run_dir: Path | None = None
 
     @property
     def method(self) -> str:
@@ -446,7 +460,9 @@ def collect(folder: Path, tune: Mapping[str, Mapping[str, Any]] | None = None) -
         if not summary.get("completed"):
             continue
         rounds = read_rounds(summary_path.parent / "rounds.csv")
-        results.append(RunResult(dict(summary["config"]), summary, rounds))
+        results.append(
+            RunResult(dict(summary["config"]), summary, rounds, run_dir=summary_path.parent)
+        )
     if results:
         label_runs(results, tune)
     return results
@@ -731,6 +747,34 @@ def plot_group_total(runs: list[RunResult], title: str, path: Path) -> None:
     save_figure(figure, path, title, dpi=110)
 
 
+def link_section(experiment: Experiment, runs: list[RunResult], label: str, slug: str) -> str:
+    """Time to the target accuracy on the experiment's modelled links (``tools.link_report``),
+    once per message size in ``link-scale-params``; the plot at the runs' own sizes."""
+    profiles, target = experiment.link_profiles, experiment.target_accuracy
+    parts = [
+        f"### Time to {100 * target:.0f}% on modelled links\n\n"
+        "Modelled from each run's `clients.csv` (`core.link`: 1.5 RTT + bytes down / down rate "
+        "+ the client's measured training seconds + bytes up / up rate, the round ending with "
+        "its slowest client; no deadline), mean over the seeds that reached the target; "
+        "fastest method per profile in bold.\n"
+    ]
+    for scale in experiment.link_scale_params:
+        link = link_runs(
+            ((r.method, r.group, r.run_dir, r.rounds, r.summary) for r in runs if r.run_dir),
+            profiles,
+            scale,
+        )
+        if not link:
+            return parts[0] + "\n(no run of this group recorded clients.csv)\n"
+        size = "the runs' own messages" if not scale else f"messages scaled to {scale:,} parameters"
+        (rows,) = time_rows(link, profiles, target).values()
+        parts.append(f"{size}:\n\n{time_table(rows, profiles, target)}\n")
+        if not scale:
+            plot_time(link, profiles, label, experiment.folder / f"{slug}-time.png")
+            parts.append(f"![{label}, by modelled time]({slug}-time.png)\n")
+    return "\n".join(parts)
+
+
 def write_report(experiment: Experiment) -> Path:
     """``report.md``, ``table.csv`` and two PNGs per group (by uplink, by total traffic) in the
     experiment folder; with ``[tune]``, each row at its setting chosen on validation, and the
@@ -776,6 +820,8 @@ def write_report(experiment: Experiment) -> Path:
             )
             for row in rows:
                 writer.writerow([label, *row.values()])
+            if experiment.link_profiles:
+                sections.append(link_section(experiment, runs, label, slug))
     grid = tuning_rows(candidates)
     if grid:
         sections.append(
