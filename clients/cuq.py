@@ -42,8 +42,8 @@ class ClippedUQClient(TrainingClient):
         keys = wire_keys(self.model)
         self.q_keys = [keys[i] for i in self.q_index]
         self.e_keys = [keys[i] for i in self.e_index]
-        self.up = cuq.uplink_codec(self.settings, self.model)
-        self.down = cuq.downlink_codec(self.settings, self.model)
+        self.up = cuq.uplink_codec(self.settings, self.model, self.cfg.entropy)
+        self.down = cuq.downlink_codec(self.settings, self.model, self.cfg.entropy)
         self.last_errors = np.zeros(0)
 
     # ----------------------------------------------------------------- downlink

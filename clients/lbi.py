@@ -87,7 +87,7 @@ class LBIClient(TrainingClient):
         keys = wire_keys(self.model)
         self.q_keys = [keys[i] for i in self.q_index]
         self.e_keys = [keys[i] for i in self.e_index]
-        self.codec = lbi.weight_codec(self.settings, self.model)
+        self.codec = lbi.weight_codec(self.settings, self.model, self.cfg.entropy)
         convert_to_lowbit(
             self.model,
             self.settings.layers,

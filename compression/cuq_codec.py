@@ -10,6 +10,8 @@ Uplink, client -> server (3 arrays, ``CuqCodec`` with ``with_errors``):
        ``compression.clipped_quant``): ``pack_codes(codes, B)`` over all d scalars,
        ceil(d * B / 8) bytes, when every tensor has the same width B; with per-tensor widths
        B_l, tensor after tensor, each ``pack_codes(codes_l, B_l)`` (ceil(d_l * B_l / 8) bytes);
+       with ``entropy=ans``, one ``compression.entropy`` stream of all d codes over the widest
+       width's alphabet (each tensor's codes checked against its own width on receipt);
     1. float32 (c + L,): the c clips s (c = L per layer, or the sum of the output-channel counts
        per channel, in wire order), then the L per-tensor squared quantization errors;
     2. float16 or float32 (e,): the client's trained extras.
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from compression import entropy
 from compression.clipped_quant import clipped_dequantize, quantize_tensor
 from compression.clipping import num_clips
 from compression.codec import Codec
@@ -41,6 +44,9 @@ class CuqLayout:
     bits: int
     granularity: str
     layer_bits: tuple[int, ...] = ()
+    #: ``ans``: array 0 is one ``compression.entropy`` stream of every code (alphabet of the
+    #: widest tensor's width) instead of packed bits.
+    entropy: str = "none"
 
     def __post_init__(self) -> None:
         if self.layer_bits and len(self.layer_bits) != len(self.split.quantized_shapes):
@@ -65,8 +71,14 @@ class CuqLayout:
         sizes = self.split.quantized_sizes
         return sum(packed_size(n, b) for n, b in zip(sizes, self.widths, strict=True))
 
+    @property
+    def widest(self) -> int:
+        return max(self.widths, default=1)
+
     def pack(self, codes: np.ndarray) -> np.ndarray:
         """Array 0 of a message from the codes of every quantized scalar (wire order)."""
+        if self.entropy == "ans":
+            return entropy.encode(np.asarray(codes, dtype=np.uint8), self.widest)
         if self.uniform:
             return pack_codes(codes, self.widths[0] if self.widths else 1)
         pieces = np.split(np.asarray(codes), np.cumsum(self.split.quantized_sizes)[:-1])
@@ -74,7 +86,16 @@ class CuqLayout:
         return np.concatenate(packed) if packed else np.zeros(0, dtype=np.uint8)
 
     def unpack(self, packed: np.ndarray) -> np.ndarray:
-        """Inverse of ``pack``; checks the byte length exactly."""
+        """Inverse of ``pack``; checks the byte length exactly (packed bits), or the stream and
+        every tensor's codes against its own width (``ans``)."""
+        if self.entropy == "ans":
+            codes = entropy.decode(packed, self.widest, self.split.num_quantized)
+            if not self.uniform:
+                pieces = np.split(codes, np.cumsum(self.split.quantized_sizes)[:-1])
+                for index, (piece, bits) in enumerate(zip(pieces, self.widths, strict=True)):
+                    if piece.size and int(piece.max()) >= 2**bits:
+                        raise ValueError(f"tensor {index}: a code beyond its {bits}-bit width")
+            return codes
         if self.uniform:
             width = self.widths[0] if self.widths else 1
             return unpack_codes(packed, width, self.split.num_quantized)
@@ -153,6 +174,9 @@ class CuqCodec(Codec[CuqMessage]):
         return CuqMessage(codes=codes, clips=clips, errors=errors, extras=extras)
 
     def payload_nbytes(self, message: CuqMessage | None = None) -> int:
+        """Bytes of the arrays; with ``entropy=ans`` the codes' size is ``message``'s own."""
+        if self.layout.entropy == "ans" and message is not None:
+            return sum(a.nbytes for a in self.encode(message))
         return (
             self.layout.codes_nbytes
             + 4 * self.side_size

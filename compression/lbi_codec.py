@@ -7,6 +7,7 @@ the model depth:
 
     0. uint8 ``pack_codes(u, k)``: u = c + (2^(k-1) - 1) for the signed code c in
        [-(2^(k-1) - 1), 2^(k-1) - 1] of every quantized scalar (value = c * s), ceil(d k / 8) B;
+       with ``entropy=ans``, a ``compression.entropy`` stream of the same u instead;
     1. float32 (1 + S,): k, then the scales in wire order: one per output channel of every
        tensor (S = C = the sum of the tensors' first dimensions, s = max|w_channel| /
        (2^(k-1) - 1)), or, with per-tensor scales (the paper's), one per tensor (S = L);
@@ -24,9 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from compression import entropy
 from compression.codec import Codec
 from compression.layout import SplitLayout, checked_floats
-from compression.packing import pack_codes, packed_size, unpack_codes
+from compression.packing import packed_size
 from compression.primitives import (
     channel_scale,
     grid,
@@ -107,6 +109,8 @@ class LBIWeightCodec(Codec[WeightMessage]):
     split: SplitLayout
     extras_dtype: str = "float16"
     per_channel: bool = True
+    #: ``ans``: array 0 is a ``compression.entropy`` stream of the codes instead of packed bits.
+    entropy: str = "none"
     name = "an LBI-FL message"
     num_arrays = 3
 
@@ -124,7 +128,7 @@ class LBIWeightCodec(Codec[WeightMessage]):
             [np.asarray([bits], dtype=np.float32), message.scales.astype(np.float32)]
         )
         extras = np.asarray(message.extras).astype(self.extras_dtype, copy=False)
-        return [pack_codes(unsigned, bits), side, extras]
+        return [entropy.pack(unsigned, bits, self.entropy), side, extras]
 
     def _decode(self, arrays: list[np.ndarray]) -> WeightMessage:
         packed, side, extras = arrays
@@ -141,7 +145,7 @@ class LBIWeightCodec(Codec[WeightMessage]):
         scales = side[1:]
         if np.any(scales <= 0):
             raise ValueError("scales must be positive")
-        unsigned = unpack_codes(packed, bits_int, split.num_quantized)
+        unsigned = entropy.unpack(packed, bits_int, split.num_quantized, self.entropy)
         offset = grid(bits_int, signed=True)[1]
         if unsigned.size and int(unsigned.max()) > 2 * offset:
             raise ValueError(
@@ -152,6 +156,9 @@ class LBIWeightCodec(Codec[WeightMessage]):
         return WeightMessage(bits=bits_int, codes=codes, scales=scales, extras=extras)
 
     def payload_nbytes(self, message: WeightMessage) -> int:
+        """Bytes of the arrays; with ``entropy=ans`` the codes' size is ``message``'s own."""
+        if self.entropy == "ans":
+            return sum(a.nbytes for a in self.encode(message))
         return (
             packed_size(self.split.num_quantized, message.bits)
             + 4 * (1 + num_scales(self.split, self.per_channel))

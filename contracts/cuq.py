@@ -69,18 +69,21 @@ class ClippedUQSettings(Settings):
         return widths
 
 
-def uplink_codec(settings: ClippedUQSettings, model: nn.Module) -> CuqCodec:
-    """Client -> server messages of this run (codes, clips, errors, extras)."""
+def uplink_codec(settings: ClippedUQSettings, model: nn.Module, entropy: str = "none") -> CuqCodec:
+    """Client -> server messages of this run (codes, clips, errors, extras); ``entropy`` is
+    the run's ``entropy`` key."""
     split = quantized_split(model)[2]
     widths = settings.widths_for(len(split.quantized_shapes))
-    layout = CuqLayout(split, settings.bits, settings.granularity, widths)
+    layout = CuqLayout(split, settings.bits, settings.granularity, widths, entropy)
     return CuqCodec(layout, with_errors=True, extras_dtype=settings.extras_dtype)
 
 
-def downlink_codec(settings: ClippedUQSettings, model: nn.Module) -> CuqCodec | None:
+def downlink_codec(
+    settings: ClippedUQSettings, model: nn.Module, entropy: str = "none"
+) -> CuqCodec | None:
     """Server -> client messages, or ``None`` when the downlink is the fp32 model."""
     if settings.downlink_bits == 0:
         return None
     split = quantized_split(model)[2]
-    layout = CuqLayout(split, settings.downlink_bits, settings.granularity)
+    layout = CuqLayout(split, settings.downlink_bits, settings.granularity, (), entropy)
     return CuqCodec(layout, with_errors=False, extras_dtype=settings.extras_dtype)

@@ -106,10 +106,13 @@ class LBISettings(Settings):
         return INITIAL_WIDTHS[self.mode]
 
 
-def weight_codec(settings: LBISettings, model: nn.Module) -> lbi_codec.LBIWeightCodec:
-    """The k_w-bit message of ``model`` (both directions)."""
+def weight_codec(
+    settings: LBISettings, model: nn.Module, entropy: str = "none"
+) -> lbi_codec.LBIWeightCodec:
+    """The k_w-bit message of ``model`` (both directions); ``entropy``: the run's key."""
     return lbi_codec.LBIWeightCodec(
         quantized_split(model)[2],
         settings.extras_dtype,
         per_channel=settings.weight_scale == "channel",
+        entropy=entropy,
     )

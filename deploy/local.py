@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.link import PROFILES, ClientLink, LinkProfile, client_link
 from deploy import certs as certs_module
 from deploy.cliconfig import write_connection
 from deploy.netns import Lab
@@ -265,6 +266,18 @@ class LocalFederation:
         except json.JSONDecodeError:
             return {"success": False, "error-message": result.stdout + result.stderr}
 
+    def shape_links(self, profile: LinkProfile, seed: int) -> dict[int, ClientLink]:
+        """Put SuperNode ``i`` behind the link the link model gives partition ``i`` under
+        ``profile`` and ``seed`` (``core.link.client_link``), so a run with the same
+        ``link-profile`` and seed models exactly the links it runs on. Needs a ``Lab``; the lab
+        removes the qdiscs with its namespaces."""
+        if self.lab is None:
+            raise DeploymentError("shaped links need network namespaces (a Lab, --netns)")
+        links = {i: client_link(profile, seed, i) for i in range(self.num_nodes)}
+        for index, link in links.items():
+            self.lab.shape(f"node{index}", link.up_mbps, link.down_mbps, 1e3 * link.rtt_s)
+        return links
+
     # ------------------------------------------------------------------ the deployment
     def start_superlink(self, timeout: float = 60) -> ManagedProcess:
         """Start the SuperLink (binding 0.0.0.0 under netns, as for other machines)."""
@@ -423,19 +436,49 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--netns", action="store_true", help="one network namespace per host")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
+    parser.add_argument(
+        "--link-profile",
+        choices=list(PROFILES),
+        default=None,
+        help="put each SuperNode behind its modelled link (needs --netns; core.link)",
+    )
+    parser.add_argument(
+        "--no-rtt", action="store_true", help="shape rates only (kernels without netem)"
+    )
+    parser.add_argument("--seed", type=int, default=42, help="run seed (links are drawn from it)")
     args = parser.parse_args(argv)
+    if args.link_profile and not args.netns:
+        parser.error("--link-profile needs --netns")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="commfl-deploy-"))
     results = workdir / "results"
     run_config = (
-        f"{args.run_config} min-available-clients={args.nodes} "
+        f"{args.run_config} min-available-clients={args.nodes} seed={args.seed} "
         f"results-dir='{results}' run-name='deploy'"
     )
+    profile = None
+    if args.link_profile:
+        named = PROFILES[args.link_profile]
+        profile = LinkProfile(
+            named.up_mbps, named.down_mbps, 0.0 if args.no_rtt else named.rtt_ms, named.spread
+        )
+        run_config += (
+            f" link-profile='custom' link-up-mbps={profile.up_mbps} "
+            f"link-down-mbps={profile.down_mbps} link-rtt-ms={profile.rtt_ms} "
+            f"link-spread={profile.spread}"
+        )
     lab = Lab(LocalFederation.lab_hosts(args.nodes)) if args.netns else None
     if lab is not None:
         lab.create()
     try:
         with LocalFederation(workdir, args.nodes, lab=lab) as federation:
             print(f"SuperLink {federation.address}, logs in {workdir / 'logs'}", flush=True)
+            if profile is not None:
+                for index, link in federation.shape_links(profile, args.seed).items():
+                    print(
+                        f"node{index}: {link.up_mbps:.3f} up / {link.down_mbps:.3f} down Mbit/s, "
+                        f"RTT {1e3 * link.rtt_s:g} ms",
+                        flush=True,
+                    )
             federation.start_superlink()
             federation.register_nodes()
             federation.start_supernodes()

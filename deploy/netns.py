@@ -29,7 +29,25 @@ DEFAULT_SUBNET = "10.77.0.0/24"
 
 
 class NetnsError(RuntimeError):
-    """An ``ip`` command failed (the message carries its output)."""
+    """An ``ip`` or ``tc`` command failed (the message carries its output)."""
+
+
+def _tc(namespace: str, *args: str) -> None:
+    result = subprocess.run(
+        ["ip", "netns", "exec", namespace, "tc", *args], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise NetnsError(f"tc {' '.join(args)} (in {namespace}): {result.stderr.strip()}")
+
+
+def tbf_arguments(mbps: float) -> list[str]:
+    """A token bucket at ``mbps`` Mbit/s: bursts of 10 ms of traffic (at least 32 KB, so a
+    fast link is not held below its rate by the kernel's timer granularity) and a queue of one
+    second of traffic (TCP backs off at a full queue, as on a real bottleneck)."""
+    bytes_per_second = mbps * 1e6 / 8
+    burst = max(32 * 1024, int(bytes_per_second / 100))
+    limit = max(2 * burst, int(bytes_per_second))
+    return ["tbf", "rate", f"{mbps * 1000:.3f}kbit", "burst", str(burst), "limit", str(limit)]
 
 
 def _ip(*args: str) -> str:
@@ -57,6 +75,26 @@ def unavailable_reason() -> str | None:
         _ip("-n", probe, "link", "add", "name", "v0", "type", "veth", "peer", "name", "v1")
     except NetnsError as err:
         return f"cannot create bridges or veth pairs here: {err}"
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
+    return None
+
+
+def shaping_unavailable_reason(delay: bool = False) -> str | None:
+    """None when links can be rate-limited here (``tc`` with ``tbf``; with ``delay``, also
+    ``netem`` for RTT), else why not."""
+    if reason := unavailable_reason():
+        return reason
+    if shutil.which("tc") is None:
+        return "iproute2's `tc` command is not installed"
+    probe = f"cflprobe{secrets.token_hex(3)}"
+    try:
+        _ip("netns", "add", probe)
+        _tc(probe, "qdisc", "add", "dev", "lo", "root", *tbf_arguments(1.0))
+        if delay:
+            _tc(probe, "qdisc", "replace", "dev", "lo", "root", "netem", "delay", "10ms")
+    except NetnsError as err:
+        return f"cannot shape links here: {err}"
     finally:
         subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
     return None
@@ -97,7 +135,11 @@ class Lab:
             name: Host(name, f"{self.tag}-{name}", str(addresses[index]))
             for index, name in enumerate(host_names)
         }
+        #: host -> its switch port (the other end of its ``eth0``).
+        self.ports = {name: f"port{index}" for index, name in enumerate(host_names)}
         self.created: list[str] = []
+        #: (namespace, device) pairs that carry a qdisc of ours (``shape``).
+        self.shaped: list[tuple[str, str]] = []
 
     def __enter__(self) -> Lab:
         self.create()
@@ -136,12 +178,63 @@ class Lab:
             self.destroy()
             raise
 
+    def shape(
+        self, host: str, up_mbps: float, down_mbps: float, rtt_ms: float = 0.0, loss: float = 0.0
+    ) -> None:
+        """Put ``host`` behind a link: ``up_mbps`` on what it sends (its ``eth0``), ``down_mbps``
+        on what it receives (its switch port), each direction delayed by half of ``rtt_ms`` and
+        losing ``loss`` percent of packets (``netem``, where the kernel has it; a rate alone
+        needs only ``tbf``)."""
+        if up_mbps <= 0 or down_mbps <= 0 or rtt_ms < 0 or not 0 <= loss < 100:
+            raise ValueError(f"bad link: {up_mbps}/{down_mbps} Mbit/s, {rtt_ms} ms, {loss}%")
+        ends = (
+            (self.hosts[host].namespace, "eth0", up_mbps),
+            (self.switch, self.ports[host], down_mbps),
+        )
+        for namespace, device, mbps in ends:
+            self.unshape_device(namespace, device)
+            if rtt_ms > 0 or loss > 0:
+                netem = ["netem", "delay", f"{rtt_ms / 2:.3f}ms"]
+                netem += ["loss", f"{loss}%"] if loss > 0 else []
+                _tc(namespace, "qdisc", "add", "dev", device, "root", "handle", "1:", *netem)
+                self.shaped.append((namespace, device))
+                _tc(namespace, "qdisc", "add", "dev", device, "parent", "1:", "handle", "2:",
+                    *tbf_arguments(mbps))  # fmt: skip
+            else:
+                _tc(namespace, "qdisc", "add", "dev", device, "root", *tbf_arguments(mbps))
+                self.shaped.append((namespace, device))
+
+    def unshape_device(self, namespace: str, device: str) -> None:
+        """Remove our qdisc from ``device`` (idempotent; the device's default returns)."""
+        if (namespace, device) in self.shaped:
+            subprocess.run(
+                ["ip", "netns", "exec", namespace, "tc", "qdisc", "del", "dev", device, "root"],
+                capture_output=True,
+                check=False,
+            )
+            self.shaped.remove((namespace, device))
+
+    def qdiscs(self, host: str) -> tuple[str, str]:
+        """``tc qdisc show`` of ``host``'s ``eth0`` and of its switch port."""
+
+        def show(namespace: str, device: str) -> str:
+            return subprocess.run(
+                ["ip", "netns", "exec", namespace, "tc", "qdisc", "show", "dev", device],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout
+
+        return show(self.hosts[host].namespace, "eth0"), show(self.switch, self.ports[host])
+
     def _add_namespace(self, namespace: str) -> None:
         _ip("netns", "add", namespace)
         self.created.append(namespace)
 
     def destroy(self) -> None:
-        """Delete every namespace this lab made (idempotent)."""
+        """Remove every qdisc and delete every namespace this lab made (idempotent)."""
+        for namespace, device in list(self.shaped):
+            self.unshape_device(namespace, device)
         while self.created:
             namespace = self.created.pop()
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True, check=False)

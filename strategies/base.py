@@ -140,7 +140,7 @@ class CommunicationStrategy(Strategy):
     #: words, LBI-FL's k_w-bit weights, SignSGD's vote): ``downlink=fp16|uq`` is refused.
     generic_downlink: ClassVar[bool] = True
     #: True where the method's own codecs honour ``entropy=ans`` (FedBiF, FedPAQ, QSGD,
-    #: DAdaQuant); elsewhere it applies only to ``downlink=uq`` codes.
+    #: DAdaQuant, clipped UQ, LBI-FL); elsewhere it applies only to ``downlink=uq`` codes.
     entropy_codes: ClassVar[bool] = False
 
     @classmethod

@@ -45,6 +45,7 @@ class ClippedUQStrategy(CommunicationStrategy):
     """Server side of clipped uniform quantization; see the module docstring."""
 
     uplink_name = "clipped-uq uplink"
+    entropy_codes = True
     round_columns = {"quant_mse": float("nan"), "weight_spread": float("nan")}
     settings: ClippedUQSettings
 
@@ -62,8 +63,8 @@ class ClippedUQStrategy(CommunicationStrategy):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.q_index, self.e_index, self.split = quantized_split(self.model)
-        self.up = cuq.uplink_codec(self.settings, self.model)
-        self.down = cuq.downlink_codec(self.settings, self.model)
+        self.up = cuq.uplink_codec(self.settings, self.model, self.cfg.entropy)
+        self.down = cuq.downlink_codec(self.settings, self.model, self.cfg.entropy)
 
     # --------------------------------------------------------------- downlink
     def downlink_message(self, server_round: int) -> tuple[list[np.ndarray], list[np.ndarray]]:

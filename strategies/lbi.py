@@ -60,6 +60,7 @@ class LBIStrategy(CommunicationStrategy):
     """Server side of LBI-FL; see the module docstring."""
 
     generic_downlink = False  # the paper's own compressed downlink
+    entropy_codes = True
 
     uplink_name = "LBI-FL uplink"
     round_columns = {
@@ -74,7 +75,7 @@ class LBIStrategy(CommunicationStrategy):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.q_index, self.e_index, self.split = quantized_split(self.model)
-        self.codec = lbi.weight_codec(self.settings, self.model)
+        self.codec = lbi.weight_codec(self.settings, self.model, self.cfg.entropy)
         self.float_codec = FloatStateCodec([a.shape for a in self.global_state])
         self.initial_bits = self.settings.initial_widths.weight
         self.client_bits: dict[str, int] = {}  # cid -> weight width of its next downlink

@@ -129,15 +129,48 @@ def with_entropy(make: Callable[[], tuple[Codec, object]]) -> Callable[[], tuple
 
     def build() -> tuple[Codec, object]:
         codec, message = make()
+        if isinstance(codec, cuq_codec.CuqCodec):  # the clipped-UQ layout owns the code array
+            layout = dataclasses.replace(codec.layout, entropy="ans")
+            return dataclasses.replace(codec, layout=layout), message
         return dataclasses.replace(codec, entropy="ans"), message
 
     return build
 
 
+def cuq_layer_widths() -> tuple[Codec, object]:
+    """Per-tensor widths (2 and 4 bits): one stream over the 4-bit alphabet."""
+    layout = cuq_codec.CuqLayout(SPLIT, 3, "layer", (2, 4))
+    first, second = SPLIT.quantized_sizes
+    codes = np.concatenate([RNG.integers(0, 4, first), RNG.integers(0, 16, second)])
+    message = cuq_codec.CuqMessage(
+        codes.astype(np.uint8), np.float32([0.3, 0.7]), np.float32([0.5, 1.5]), extras()
+    )
+    return cuq_codec.CuqCodec(layout, with_errors=True), message
+
+
+CASES["clipped-uq per-tensor widths"] = cuq_layer_widths
 CASES |= {
     f"{name} + ans": with_entropy(CASES[name])
-    for name in ("FedBiF downlink", "FedBiF uplink", "symmetric levels", "QSGD")
+    for name in (
+        "FedBiF downlink",
+        "FedBiF uplink",
+        "symmetric levels",
+        "QSGD",
+        "clipped-uq uplink",
+        "clipped-uq downlink",
+        "clipped-uq per-tensor widths",
+        "LBI-FL weights",
+    )
 }
+
+
+def test_a_code_beyond_its_tensors_width_is_refused_in_one_entropy_stream() -> None:
+    codec, message = with_entropy(cuq_layer_widths)()
+    codes = message.codes.copy()
+    codes[0] = 9  # a 4-bit symbol in the 2-bit tensor: the stream's alphabet allows it
+    arrays = codec.encode(dataclasses.replace(message, codes=codes))
+    with pytest.raises(ValueError, match="tensor 0: a code beyond its 2-bit width"):
+        codec.decode(arrays)
 
 
 def fields_of(message: object) -> dict[str, object]:

@@ -207,7 +207,7 @@ def test_a_uq_downlink_run_learns_and_entropy_coding_is_lossless(tmp_path):
     assert plain.traffic[4].downlink_bytes == 4 * sum(npy_bytes(a) for a in message)
 
 
-@pytest.mark.parametrize("strategy", ["fedbif", "qsgd"])
+@pytest.mark.parametrize("strategy", ["fedbif", "qsgd", "clipped-uq", "lbi-fl"])
 def test_entropy_coding_inside_a_methods_codec_is_lossless(tmp_path, strategy):
     config = {
         "strategy": strategy,
