@@ -31,6 +31,7 @@ from flwr.common import Context, FitIns, FitRes
 from flwr.common.config import parse_config_args
 
 from clients.attacks import attacking_partitions
+from core.link import LinkProfile
 from core.results import read_rounds
 from deploy import certs
 from deploy.cliconfig import write_connection
@@ -42,12 +43,13 @@ from deploy.local import (
     LocalFederation,
     TrafficComparison,
 )
-from deploy.netns import Lab, unavailable_reason
+from deploy.netns import Lab, shaping_unavailable_reason, unavailable_reason
 from deploy.nodes import node_config, supernode_command
 from deploy.procs import alive
 from deploy.superlink import superlink_command
 from fl_app.client_app import client_fn
 from tools.inprocess import run_inprocess
+from tools.link_report import read_client_records
 
 NUM_NODES = 3
 FEDBIF = {
@@ -345,12 +347,22 @@ def test_a_supernode_restarted_mid_run_resumes_with_its_client_state(loopback, t
         assert rows[2][key] == pytest.approx(reference[2][key], rel=1e-9), key
 
 
+#: a slow link for the shaping check: FedAvg's ~0.2 MB digits messages take ~4 s down and
+#: ~16 s up on it, far above the deployment's own per-round noise (its 3 s reply collection).
+SLOW_LINK = LinkProfile(up_mbps=0.1, down_mbps=0.4, rtt_ms=0.0, spread=0.0)
+
+
 @pytest.mark.deploy
 def test_separate_hosts_over_network_namespaces(tmp_path):
+    """Separate hosts, then the same deployment with every SuperNode behind a shaped link: the
+    round takes longer by the transfer time the link model predicts (and models exactly that
+    from the run's own bytes), and nothing of the lab is left afterwards."""
     if reason := unavailable_reason():
         pytest.skip(f"separate-host test needs network namespaces: {reason}")
+    shaping = shaping_unavailable_reason()
     num_nodes = 2
     lab = Lab(LocalFederation.lab_hosts(num_nodes))
+    runs = {}
     with lab:  # namespaces are deleted on exit, after the federation's processes are stopped
         with LocalFederation(tmp_path / "work", num_nodes, lab=lab) as federation:
             superlink = federation.start_superlink()
@@ -358,15 +370,32 @@ def test_separate_hosts_over_network_namespaces(tmp_path):
             federation.start_supernodes()
             config = {
                 **FEDBIF,
-                "num-server-rounds": 1,
+                "strategy": "fedavg",
+                "num-server-rounds": 2,
+                "local-epochs": 1,
                 "min-available-clients": num_nodes,
                 "results-dir": str(tmp_path / "results"),
                 "run-name": "netns",
             }
             outcome = federation.run(toml_run_config(config), timeout=300)
             received, sent = lab.interface_counters("superlink")
+            runs["netns"] = outcome
+            if shaping is None:
+                federation.shape_links(SLOW_LINK, seed=42)
+                qdiscs = lab.qdiscs("node0")
+                shaped = {
+                    **config,
+                    "run-name": "shaped",
+                    "link-profile": "custom",
+                    "link-up-mbps": SLOW_LINK.up_mbps,
+                    "link-down-mbps": SLOW_LINK.down_mbps,
+                    "link-rtt-ms": 0.0,
+                    "link-spread": 0.0,
+                }
+                runs["shaped"] = federation.run(toml_run_config(shaped), timeout=300)
             pids = federation.pids()
-        assert outcome.status == "finished:completed", outcome.log[-4000:]
+        for name, run in runs.items():
+            assert run.status == "finished:completed", f"{name}: {run.log[-4000:]}"
         # The SuperLink listened on its own interface and the nodes came from their hosts.
         assert federation.address == f"{lab['superlink'].address}:8000"
         for index in range(num_nodes):
@@ -375,4 +404,20 @@ def test_separate_hosts_over_network_namespaces(tmp_path):
         traffic = outcome.info["network-traffic"]
         assert received >= traffic["inbound-bytes"] > 0 and sent >= traffic["outbound-bytes"] > 0
         assert not [pid for pid in pids if alive(pid)]
+        if shaping is None:
+            up, down = qdiscs  # the node's eth0 (uplink) and its switch port (downlink)
+            assert "tbf" in up and "100Kbit" in up and "tbf" in down and "400Kbit" in down
+            # round 2: round 1 also carries the app bundle (FAB) and starts the ClientApps
+            plain = read_rounds(tmp_path / "results" / "netns" / "rounds.csv")[2]
+            slow = read_rounds(tmp_path / "results" / "shaped" / "rounds.csv")[2]
+            clients = read_client_records(tmp_path / "results" / "shaped")[2]
+            slowest = max(
+                8 * c.downlink_bytes / 0.4e6 + 8 * c.uplink_bytes / 0.1e6 for c in clients
+            )
+            compute = max(c.train_seconds for c in clients)
+            assert slow["link_seconds"] == pytest.approx(slowest + compute, rel=0.02)
+            extra = slow["seconds"] - plain["seconds"]
+            # transfer measured on 2 cores beside Flower's 3 s reply collection: within 0.7x
+            # to 1.6x of the model plus one collection interval
+            assert 0.7 * slowest - 3 < extra < 1.6 * slowest + 3, (extra, slowest)
     assert not lab.exists()
