@@ -53,7 +53,7 @@ MAX_PARTITION_BYTES = 1 << 30
 #: models held in all (one per key unless clients overlap); a ResNet-18 is 45 MB.
 MAX_MODELS = 4
 MAX_MODELS_PER_KEY = 2
-#: seconds a garbage collection that freed no model of a key is not repeated for it.
+#: seconds between two garbage collections for one key (``WorkerCache.lease_model``).
 GC_QUIET_SECONDS = 5.0
 
 _forced: bool | None = None
@@ -188,12 +188,11 @@ class WorkerCache:
             and time.monotonic() >= self._gc_quiet.get(key, 0)
         ):
             # All lent: a finished client in a reference cycle may still hold one. A full
-            # collection costs ~0.2 s in a large heap; where it frees nothing (the in-process
-            # runner holds a round's clients until the round ends), don't try again for a while.
+            # collection costs ~0.2 s in a large heap (the in-process runner's), more than
+            # building most models, so it runs at most once per GC_QUIET_SECONDS per key.
             gc.collect()
+            self._gc_quiet[key] = time.monotonic() + GC_QUIET_SECONDS
             slot = self._take(key)
-            if slot is None:
-                self._gc_quiet[key] = time.monotonic() + GC_QUIET_SECONDS
         if slot is not None:
             return slot.model, _releaser(slot)
         with self._lock:

@@ -258,3 +258,48 @@ def test_cached_worker_matches_a_fresh_process(tmp_path):
             np.testing.assert_array_equal(a, b, err_msg=f"partition {part} round {rnd}")
     for a, b in zip(cached_run.global_state, fresh_state, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_models_held_by_reference_cycles_cost_one_collection_per_interval(monkeypatch):
+    """A client in a reference cycle keeps its model until the garbage collector runs: a
+    collection gives it back, but the cache collects at most once per GC_QUIET_SECONDS per key
+    (a full collection costs ~0.2 s in a large heap) and builds a fresh model in between."""
+    cache = WorkerCache(max_models_per_key=2)
+    collections: list[int] = []
+    real_collect = gc.collect
+    monkeypatch.setattr(
+        worker_cache.gc, "collect", lambda *a: collections.append(1) or real_collect(*a)
+    )
+    now = [0.0]
+    monkeypatch.setattr(worker_cache.time, "monotonic", lambda: now[0])
+
+    class Client:
+        pass
+
+    def lend() -> Client:
+        model, release = cache.lease_model("k", lambda: torch.nn.Linear(2, 2))
+        client = Client()
+        client.model, client.me = model, client  # a cycle: only the collector frees it
+        cache.bind(client, release)
+        return client
+
+    def cached(client: Client) -> bool:
+        return any(client.model is slot.model for slot in cache._models["k"])
+
+    gc.disable()  # no automatic collection may free the cycles behind the test's back
+    try:
+        first, second = lend(), lend()  # both alive: the second lease collected in vain
+        assert len(collections) == 1 and cached(first) and cached(second)
+        del first, second  # now garbage, in cycles
+        now[0] += 2 * worker_cache.GC_QUIET_SECONDS
+        third, fourth = lend(), lend()  # one collection gives both slots back
+        assert len(collections) == 2 and cached(third) and cached(fourth)
+        del third, fourth
+        now[0] += 1.0  # within the interval: no collection, a fresh uncached model
+        fifth = lend()
+        assert len(collections) == 2 and not cached(fifth)
+        now[0] += worker_cache.GC_QUIET_SECONDS
+        sixth = lend()
+        assert len(collections) == 3 and cached(sixth)
+    finally:
+        gc.enable()
