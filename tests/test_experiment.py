@@ -161,6 +161,25 @@ def test_resumption_skips_finished_points_and_failures_stop(tmp_path):
         run_experiment(experiment, failing, echo=lambda _: None)
 
 
+def test_a_point_another_process_finished_meanwhile_is_not_run_again(tmp_path):
+    """Two harness processes on one grid (e.g. one per seed): a point that was unfinished when
+    this process listed its work, but finished by the other before its turn, is skipped."""
+    experiment = demo(tmp_path)
+    points = experiment.points()
+    calls: list[str] = []
+
+    def runner(point: Point, folder: Path) -> None:
+        calls.append(point.name)
+        fake_run(point, folder, [0.1, 0.6])
+        if point == points[0]:  # meanwhile, "another process" completes the last point
+            fake_run(points[-1], folder, [0.1, 0.6])
+
+    lines: list[str] = []
+    run_experiment(experiment, runner, echo=lines.append)
+    assert points[-1].name not in calls and len(calls) == len(points) - 1
+    assert lines[-1].endswith(f"{points[-1].name} already done")
+
+
 def test_table_mean_std_and_uplink_to_target(tmp_path):
     experiment = demo(tmp_path)
     finals = {1: 0.80, 2: 0.90, 3: 0.70}

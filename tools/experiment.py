@@ -330,6 +330,9 @@ def run_experiment(
     )
     started = time.monotonic()
     for index, point in enumerate(todo, start=1):
+        if is_finished(experiment.folder / point.name):  # another process of the grid ran it
+            echo(f"[{len(points) - len(todo) + index}/{len(points)}] {point.name} already done")
+            continue
         runner(point, experiment.folder)
         if not is_finished(experiment.folder / point.name):
             raise RuntimeError(f"point {point.name} left no completed summary.json")
