@@ -27,7 +27,6 @@ message bytes.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import tempfile
 from dataclasses import asdict, dataclass
@@ -36,8 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from core.link import PROFILES, LinkProfile
+from core.results import read_rounds
 from deploy.local import LocalFederation
 from deploy.netns import Lab, shaping_unavailable_reason
+from tools.link_report import read_client_records
 
 
 @dataclass
@@ -51,11 +52,6 @@ class Case:
     #: bytes the nodes' eth0 sent / received in the whole run over the app's message bytes
     wire_up_ratio: float = float("nan")
     wire_down_ratio: float = float("nan")
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def steady(values: list[float]) -> float:
@@ -93,19 +89,17 @@ def run_case(
     after = [lab.interface_counters(node) for node in nodes]
     wire_down = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
     wire_up = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
-    rows = [r for r in read_csv(results / name / "rounds.csv") if int(r["round"]) >= 2]
-    clients = read_csv(results / name / "clients.csv")
-    app_up = sum(int(c["uplink_bytes"]) for c in clients)
-    app_down = sum(int(c["downlink_bytes"]) for c in clients)
-    compute = [
-        max(float(c["train_seconds"]) for c in clients if c["round"] == r["round"]) for r in rows
-    ]
+    rows = [r for r in read_rounds(results / name / "rounds.csv") if r["round"] >= 2]
+    clients = read_client_records(results / name)
+    app_up = sum(c.uplink_bytes for records in clients.values() for c in records)
+    app_down = sum(c.downlink_bytes for records in clients.values() for c in records)
+    compute = [max(c.train_seconds for c in clients[int(r["round"])]) for r in rows]
     rtt = 1.5 * (profile.rtt_ms / 1e3 if profile else 0.0)
     return Case(
         profile_name,
         method,
-        steady([float(r["seconds"]) for r in rows]),
-        steady([float(r["link_seconds"]) for r in rows]),
+        steady([r["seconds"] for r in rows]),
+        steady([r["link_seconds"] for r in rows]),
         steady(compute) + rtt,
         outcome.status,
         wire_up / app_up,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.link import PROFILES, ClientRound, client_link, round_time
+from core.link import PROFILES, ClientRound, client_link, round_time, seconds_to_target
 from core.plots import pyplot, save_figure
 
 
@@ -87,12 +87,10 @@ def modelled_seconds(
 
 
 def seconds_to_reach(accuracy: Iterable[float], seconds: np.ndarray, target: float) -> float:
-    """Cumulative seconds at the first round (after round 0) at or above ``target``; NaN if
-    none."""
-    for index, value in enumerate(accuracy):
-        if index > 0 and value >= target:
-            return float(seconds[index])
-    return math.nan
+    """Cumulative seconds at the first round after round 0 at or above ``target`` (the
+    initial model does not count); NaN if none (``core.link.seconds_to_target``)."""
+    reached = seconds_to_target(list(accuracy)[1:], list(seconds[1:]), target)
+    return math.nan if reached is None else float(reached)
 
 
 @dataclass
