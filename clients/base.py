@@ -22,11 +22,13 @@ import time
 import numpy as np
 import torch
 from flwr.client import NumPyClient
-from flwr.common import Context, NDArrays, Scalar
+from flwr.common import Array, ArrayRecord, Context, NDArrays, Scalar
 from torch import nn
 from torch.func import functional_call
 from torch.utils.data import TensorDataset
 
+from compression import reference
+from compression.packing import pack_codes, unpack_codes
 from contracts.downlink import Downlink
 from contracts.messages import PARTITION_ID, ROUND, TRAIN_LOSS, TRAIN_SECONDS
 from core.config import RunConfig
@@ -34,6 +36,30 @@ from core.seeding import derive_seed, seed_everything
 from core.settings import NoSettings, Settings
 from core.torch_utils import evaluate_model, iterate_minibatches, select_device
 from core.wire_state import get_wire_state, set_wire_state
+
+#: ``context.state`` record of the ``downlink=uq`` codes last received (reference coding).
+UQ_CODES_KEY = "downlink-codes"
+
+
+def held_basis(context: Context, key: str, bits: int, count: int) -> reference.Basis | None:
+    """The codes a node kept under ``key`` (``keep_basis``) with their round, if any."""
+    record = context.state.get(key)
+    if not isinstance(record, ArrayRecord) or "codes" not in record or "round" not in record:
+        return None
+    held_round = int(record["round"].numpy().reshape(-1)[0])
+    return reference.Basis(held_round, unpack_codes(record["codes"].numpy(), bits, count))
+
+
+def keep_basis(context: Context, key: str, codes: np.ndarray, bits: int, server_round: int) -> None:
+    """Keep ``codes`` (packed, ``bits`` each) as the basis of the next reference-coded message."""
+    if server_round < 1:
+        raise ValueError(f"reference coding needs the round in the config, got {server_round}")
+    context.state[key] = ArrayRecord(
+        {
+            "codes": Array(pack_codes(codes, bits)),
+            "round": Array(np.array([server_round], dtype=np.int64)),
+        }
+    )
 
 
 class TrainingClient(NumPyClient):
@@ -120,19 +146,29 @@ class TrainingClient(NumPyClient):
     def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
         return get_wire_state(self.model)
 
-    def receive(self, arrays: NDArrays) -> NDArrays:
+    def receive(self, arrays: NDArrays, config: dict[str, Scalar] | None = None) -> NDArrays:
         """The wire state a generic ``downlink=fp16|uq`` message stands for (the message itself
-        otherwise): every method's client starts from exactly what it decoded."""
+        otherwise): every method's client starts from exactly what it decoded. With reference
+        coding the codes are resolved against the ones this node kept, and a training message
+        (``config`` given) leaves its codes as the next basis."""
         if not self.downlink.active:
             return arrays
         shapes = [tuple(a.shape) for a in get_wire_state(self.model)]
-        return self.downlink.decode(arrays, shapes)
+        if not self.downlink.reference:
+            return self.downlink.decode(arrays, shapes)
+        count = self.downlink.layout(shapes).num_codes
+        held = held_basis(self.context, UQ_CODES_KEY, self.downlink.bits, count)
+        state, codes = self.downlink.decode_codes(arrays, shapes, held)
+        if config is not None and codes is not None:
+            server_round = int(config.get(ROUND, 0))
+            keep_basis(self.context, UQ_CODES_KEY, codes, self.downlink.bits, server_round)
+        return state
 
     def fit(
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[NDArrays, int, dict[str, Scalar]]:
         server_round = int(config.get(ROUND, 0))
-        self.load_downlink(self.receive(parameters), config)
+        self.load_downlink(self.receive(parameters, config), config)
         received = get_wire_state(self.model) if self.poison_factor is not None else None
         started = time.perf_counter()
         train_loss = self.train(server_round)

@@ -17,6 +17,10 @@ in the node's ``context.state`` (float16, m * d * 2 bytes per client) between th
 client takes part in; a round starts from those magnitudes with signs set by the received bits.
 The first time (or with VBI off) magnitudes are |Kaiming-normal| draws.
 Biases and BatchNorm tensors are trained as usual and sent as the extras vector.
+
+Reference coding (``downlink-reference=last``): the node also keeps the words it last received
+(packed, m bits each) with their round, and rebuilds a message coded against them; a message
+against words it does not hold is refused with the reason (``compression.reference``).
 Contract: ``contracts.fedbif``.
 """
 
@@ -30,7 +34,7 @@ import torch
 from flwr.common import Array, ArrayRecord, NDArrays, Scalar
 from torch import nn
 
-from clients.base import TrainingClient
+from clients.base import TrainingClient, held_basis, keep_basis
 from compression.bits import bit_planes, step_ste
 from compression.fedbif_codec import UplinkMessage
 from compression.layout import concat_flat, split_flat
@@ -41,6 +45,8 @@ from core.seeding import torch_generator
 from core.wire_state import quantized_split, wire_keys
 
 STATE_KEY = "fedbif"
+#: ``context.state`` record of the last received words (reference coding).
+WORDS_KEY = "fedbif-words"
 MIN_MAGNITUDE = 1e-4  # keeps sign(v) meaningful after a float16 round trip
 
 
@@ -65,7 +71,9 @@ class FedBiFClient(TrainingClient):
         keys = wire_keys(self.model)
         self.q_keys = [keys[i] for i in self.q_index]
         self.e_keys = [keys[i] for i in self.e_index]
-        self.down = fedbif.downlink_codec(self.settings, self.model, self.cfg.entropy)
+        self.down = fedbif.downlink_codec(
+            self.settings, self.model, self.cfg.entropy, self.cfg.downlink_reference
+        )
         self.up = fedbif.uplink_codec(self.settings, self.model, self.cfg.entropy)
         self.positions: tuple[int, ...] = ()
         self.steps: list[float] = []
@@ -76,8 +84,14 @@ class FedBiFClient(TrainingClient):
 
     # ----------------------------------------------------------------- downlink
     def load_downlink(self, arrays: NDArrays, config: dict[str, Scalar]) -> None:
-        message = self.down.decode(arrays)
+        held = None
+        if self.down.reference:
+            held = held_basis(self.context, WORDS_KEY, self.layout.bits, self.split.num_quantized)
+        message = self.down.decode_with(arrays, held)
         words, extras = message.words, message.extras
+        if self.down.reference:
+            server_round = int(config.get(ROUND, 0))
+            keep_basis(self.context, WORDS_KEY, words, self.layout.bits, server_round)
         self.positions = fedbif.mask_to_positions(
             int(config.get(fedbif.ACTIVE_MASK, 0)), self.layout.bits
         )

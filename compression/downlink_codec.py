@@ -20,6 +20,10 @@ server keeps its float32 model, and every client starts from exactly what it dec
    statistics, anything with fewer than 2 dimensions), concatenated in wire order: exact, since
    a BatchNorm running variance off by a rounding step changes every activation.
 
+With reference coding (``downlink-reference=last``) a header comes first (four arrays): int64
+(2,) ``[basis round, CRC-32 of the basis codes]`` (``compression.reference``); with a basis, the
+codes array holds ``(codes - basis) mod 2^bits`` and the receiver adds the codes it kept.
+
 Rounding is to the nearest level, or stochastic (unbiased) with a seeded generator.
 """
 
@@ -30,8 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compression import entropy
-from compression.packing import pack_codes, packed_size, unpack_codes
+from compression import entropy, reference
+from compression.packing import packed_size, unpack_codes
 
 DOWNLINK_MODES = ("method", "fp32", "fp16", "uq")
 ENTROPY_MODES = ("none", "ans")
@@ -98,16 +102,24 @@ def decode_fp16(
     return out
 
 
-def encode_uq(
+@dataclass(frozen=True)
+class UQMessage:
+    """A quantized wire state: codes (num_codes,) uint8, scales, extras (float32)."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    extras: np.ndarray
+
+
+def quantize_uq(
     state: Sequence[np.ndarray],
     layout: DownlinkLayout,
     bits: int,
     *,
     stochastic: bool = False,
     rng: np.random.Generator | None = None,
-    entropy_mode: str = "none",
-) -> list[np.ndarray]:
-    """The ``uq`` message of ``state`` (see the module docstring)."""
+) -> UQMessage:
+    """The codes, scales and extras of ``state`` (see the module docstring)."""
     top = levels(bits)
     codes, scales = [], []
     for i in layout.quantized:
@@ -123,16 +135,45 @@ def encode_uq(
             rounded = np.rint(scaled)
         codes.append((np.clip(rounded, -top, top) + top).astype(np.uint8).reshape(-1))
         scales.append(scale.astype(np.float32))
-    flat_codes = np.concatenate(codes) if codes else np.zeros(0, np.uint8)
-    wire_codes = (
-        entropy.encode(flat_codes, bits) if entropy_mode == "ans" else pack_codes(flat_codes, bits)
-    )
     extras = [np.asarray(state[i], np.float32).reshape(-1) for i in layout.extras]
-    return [
-        wire_codes,
+    return UQMessage(
+        np.concatenate(codes) if codes else np.zeros(0, np.uint8),
         np.concatenate(scales) if scales else np.zeros(0, np.float32),
         np.concatenate(extras) if extras else np.zeros(0, np.float32),
-    ]
+    )
+
+
+def uq_arrays(
+    message: UQMessage,
+    bits: int,
+    *,
+    entropy_mode: str = "none",
+    with_header: bool = False,
+    basis: reference.Basis | None = None,
+) -> list[np.ndarray]:
+    """The wire arrays of ``message``; ``with_header``: reference coding's header first, and
+    the codes as their difference from ``basis`` when one is given."""
+    if basis is not None and not with_header:
+        raise ValueError("a basis needs the reference header")
+    symbols = (
+        message.codes if basis is None else reference.difference(message.codes, basis.codes, bits)
+    )
+    arrays = [entropy.pack(symbols, bits, entropy_mode), message.scales, message.extras]
+    return [reference.header(basis), *arrays] if with_header else arrays
+
+
+def encode_uq(
+    state: Sequence[np.ndarray],
+    layout: DownlinkLayout,
+    bits: int,
+    *,
+    stochastic: bool = False,
+    rng: np.random.Generator | None = None,
+    entropy_mode: str = "none",
+) -> list[np.ndarray]:
+    """The ``uq`` message of ``state`` (see the module docstring)."""
+    message = quantize_uq(state, layout, bits, stochastic=stochastic, rng=rng)
+    return uq_arrays(message, bits, entropy_mode=entropy_mode)
 
 
 def decode_uq(
@@ -143,8 +184,30 @@ def decode_uq(
     entropy_mode: str = "none",
 ) -> list[np.ndarray]:
     """The float32 state a ``uq`` message stands for; ``ValueError`` on anything malformed."""
-    if len(arrays) != 3:
-        raise ValueError(f"uq downlink needs 3 arrays (codes, scales, extras), got {len(arrays)}")
+    return decode_uq_codes(arrays, layout, bits, entropy_mode=entropy_mode)[0]
+
+
+def decode_uq_codes(
+    arrays: Sequence[np.ndarray],
+    layout: DownlinkLayout,
+    bits: int,
+    *,
+    entropy_mode: str = "none",
+    with_header: bool = False,
+    held: reference.Basis | None = None,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """(float32 state, codes) of a ``uq`` message; ``with_header``: a reference-coded one,
+    resolved against ``held`` (the codes the receiver kept); ``ValueError`` if malformed."""
+    arrays = list(arrays)
+    expected = 4 if with_header else 3
+    if len(arrays) != expected:
+        raise ValueError(
+            f"uq downlink needs {expected} arrays ({'header, ' if with_header else ''}codes, "
+            f"scales, extras), got {len(arrays)}"
+        )
+    basis_round, crc = reference.NO_BASIS, 0
+    if with_header:
+        basis_round, crc = reference.read_header(arrays.pop(0))
     wire_codes, scales, extras = (np.asarray(a) for a in arrays)
     top = levels(bits)
     if wire_codes.dtype != np.uint8 or wire_codes.ndim != 1:
@@ -158,6 +221,7 @@ def decode_uq(
                 f"{packed_size(layout.num_codes, bits)} bytes, got {wire_codes.size}"
             )
         codes = unpack_codes(wire_codes, bits, layout.num_codes)
+    codes = reference.resolve(codes, basis_round, crc, held, bits)
     if codes.size and int(codes.max()) > 2 * top:
         raise ValueError(f"uq downlink code above {2 * top}")
     for name, array, size in (
@@ -184,4 +248,4 @@ def decode_uq(
         size = int(np.prod(shape))
         state[i] = extras[extra_at : extra_at + size].reshape(shape).copy()
         extra_at += size
-    return [s for s in state if s is not None]
+    return [s for s in state if s is not None], codes

@@ -10,6 +10,10 @@ Downlink, server -> client (3 arrays, ``FedBiFDownlinkCodec``):
        ceil(d * m / 8) bytes (``compression.bits`` says how a word encodes the integer);
     1. float32 (L,): the step size alpha_l of each of the L quantized tensors (Eq. 5);
     2. float16 or float32 (e,): the extras.
+With reference coding (``reference=True``, run key ``downlink-reference=last``) a header comes
+first (4 arrays): int64 (2,) ``[basis round, CRC-32 of the basis words]``
+(``compression.reference``); with a basis, array 0 holds ``(words - basis) mod 2^m`` instead of
+the words, and the receiver adds it to the words it kept from that round.
 Uplink, client -> server (2 arrays, ``FedBiFUplinkCodec``):
     0. uint8  ``pack_codes(codes, s)``: per quantized scalar, its s activated bits as one s-bit
        code (bit j = the j-th activated position, ascending), ceil(d * s / 8) bytes;
@@ -23,19 +27,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compression import entropy
+from compression import entropy, reference
 from compression.codec import Codec
 from compression.layout import SplitLayout, checked_floats
 from compression.packing import packed_size
 
+HEADER_BYTES = reference.HEADER_SIZE * reference.HEADER_DTYPE.itemsize
+
 
 @dataclass(frozen=True)
 class DownlinkMessage:
-    """m-bit words (d,) uint8, steps (L,) float32, extras (e,)."""
+    """m-bit words (d,) uint8, steps (L,) float32, extras (e,); ``basis``: words the receiver
+    holds that the words are coded against (reference coding; None: full words)."""
 
     words: np.ndarray
     steps: np.ndarray
     extras: np.ndarray
+    basis: reference.Basis | None = None
 
 
 @dataclass(frozen=True)
@@ -55,31 +63,57 @@ class FedBiFDownlinkCodec(Codec[DownlinkMessage]):
     extras_dtype: str = "float16"
     #: ``ans``: the words travel as a ``compression.entropy`` stream instead of packed bits.
     entropy: str = "none"
+    #: a header array first, and words coded against a basis the receiver holds.
+    reference: bool = False
     name = "FedBiF downlink"
-    num_arrays = 3
+
+    @property
+    def num_arrays(self) -> int:  # type: ignore[override]
+        return 4 if self.reference else 3
 
     def encode(self, message: DownlinkMessage) -> list[np.ndarray]:
-        return [
-            entropy.pack(message.words, self.bits, self.entropy),
+        symbols = message.words
+        if message.basis is not None:
+            if not self.reference:
+                raise ValueError("a basis needs a codec built with reference=True")
+            symbols = reference.difference(message.words, message.basis.codes, self.bits)
+        arrays = [
+            entropy.pack(symbols, self.bits, self.entropy),
             np.asarray(message.steps, dtype=np.float32),
             np.asarray(message.extras).astype(self.extras_dtype, copy=False),
         ]
+        return [reference.header(message.basis), *arrays] if self.reference else arrays
 
-    def _decode(self, arrays: list[np.ndarray]) -> DownlinkMessage:
+    def decode_with(
+        self, arrays: Sequence[np.ndarray], held: reference.Basis | None
+    ) -> DownlinkMessage:
+        """``decode`` for a receiver holding ``held`` (the words of its last message)."""
+        arrays = list(arrays)
+        if len(arrays) != self.num_arrays:
+            raise ValueError(f"{self.name} has {self.num_arrays} arrays, got {len(arrays)}")
+        basis_round, crc = reference.NO_BASIS, 0
+        if self.reference:
+            basis_round, crc = reference.read_header(arrays.pop(0))
         packed, steps, extras = arrays
-        words = entropy.unpack(packed, self.bits, self.split.num_quantized, self.entropy)
+        symbols = entropy.unpack(packed, self.bits, self.split.num_quantized, self.entropy)
+        words = reference.resolve(symbols, basis_round, crc, held, self.bits)
         steps = checked_floats(steps, (len(self.split.quantized_shapes),), "steps", ("float32",))
         if np.any(steps <= 0):
             raise ValueError("steps must be positive")
         extras = checked_floats(extras, (self.split.num_extras,), "extras", (self.extras_dtype,))
         return DownlinkMessage(words, steps, extras)
 
+    def _decode(self, arrays: list[np.ndarray]) -> DownlinkMessage:
+        return self.decode_with(arrays, None)
+
     def payload_nbytes(self, message: DownlinkMessage | None = None) -> int:
-        """Bytes of the arrays; with ``entropy=ans`` the words' size is ``message``'s own."""
-        if self.entropy == "ans" and message is not None:
+        """Bytes of the arrays; with ``entropy=ans`` or a basis the size is ``message``'s own."""
+        if message is not None and (self.entropy == "ans" or message.basis is not None):
             return sum(a.nbytes for a in self.encode(message))
+        header = HEADER_BYTES if self.reference else 0
         return (
-            packed_size(self.split.num_quantized, self.bits)
+            header
+            + packed_size(self.split.num_quantized, self.bits)
             + 4 * len(self.split.quantized_shapes)
             + self.split.num_extras * np.dtype(self.extras_dtype).itemsize
         )

@@ -13,12 +13,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from compression import reference
 from compression.downlink_codec import (
     DownlinkLayout,
+    UQMessage,
     decode_fp16,
-    decode_uq,
+    decode_uq_codes,
     encode_fp16,
-    encode_uq,
+    quantize_uq,
+    uq_arrays,
 )
 from core.config import RunConfig
 
@@ -32,6 +35,8 @@ class Downlink:
     per_channel: bool
     stochastic: bool
     entropy: str
+    #: ``downlink-reference=last`` with ``uq``: a header first, codes against the client's last.
+    reference: bool = False
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> Downlink:
@@ -41,6 +46,7 @@ class Downlink:
             per_channel=cfg.downlink_scale == "channel",
             stochastic=cfg.downlink_rounding == "stochastic",
             entropy=cfg.entropy,
+            reference=cfg.downlink == "uq" and cfg.downlink_reference == "last",
         )
 
     @property
@@ -51,6 +57,19 @@ class Downlink:
     def layout(self, shapes: Sequence[tuple[int, ...]]) -> DownlinkLayout:
         return DownlinkLayout(tuple(tuple(s) for s in shapes), self.per_channel)
 
+    def quantize(
+        self, state: Sequence[np.ndarray], rng: np.random.Generator | None = None
+    ) -> UQMessage:
+        """The ``uq`` codes, scales and extras of ``state``."""
+        layout = self.layout([a.shape for a in state])
+        return quantize_uq(state, layout, self.bits, stochastic=self.stochastic, rng=rng)
+
+    def wire(self, message: UQMessage, basis: reference.Basis | None = None) -> list[np.ndarray]:
+        """The arrays of a ``uq`` message, its codes against ``basis`` if given."""
+        return uq_arrays(
+            message, self.bits, entropy_mode=self.entropy, with_header=self.reference, basis=basis
+        )
+
     def encode(
         self, state: Sequence[np.ndarray], rng: np.random.Generator | None = None
     ) -> list[np.ndarray]:
@@ -58,23 +77,32 @@ class Downlink:
         if self.mode == "fp16":
             return encode_fp16(state)
         if self.mode == "uq":
-            layout = self.layout([a.shape for a in state])
-            return encode_uq(
-                state,
-                layout,
-                self.bits,
-                stochastic=self.stochastic,
-                rng=rng,
-                entropy_mode=self.entropy,
-            )
+            return self.wire(self.quantize(state, rng))
         return list(state)
 
     def decode(
         self, arrays: Sequence[np.ndarray], shapes: Sequence[tuple[int, ...]]
     ) -> list[np.ndarray]:
-        """The float32 wire state a message stands for; ``ValueError`` if malformed."""
+        """The float32 state a message stands for; ``ValueError`` if malformed."""
+        return self.decode_codes(arrays, shapes)[0]
+
+    def decode_codes(
+        self,
+        arrays: Sequence[np.ndarray],
+        shapes: Sequence[tuple[int, ...]],
+        held: reference.Basis | None = None,
+    ) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """(float32 state, its ``uq`` codes or None) of a message, a reference-coded one
+        resolved against ``held``; ``ValueError`` if malformed or against other codes."""
         if self.mode == "fp16":
-            return decode_fp16(arrays, shapes)
+            return decode_fp16(arrays, shapes), None
         if self.mode == "uq":
-            return decode_uq(arrays, self.layout(shapes), self.bits, entropy_mode=self.entropy)
-        return list(arrays)
+            return decode_uq_codes(
+                arrays,
+                self.layout(shapes),
+                self.bits,
+                entropy_mode=self.entropy,
+                with_header=self.reference,
+                held=held,
+            )
+        return list(arrays), None

@@ -111,12 +111,16 @@ def mask_to_positions(mask: int, bits: int) -> tuple[int, ...]:
 
 
 def downlink_codec(
-    settings: FedBiFSettings, model: nn.Module, entropy: str = "none"
+    settings: FedBiFSettings, model: nn.Module, entropy: str = "none", reference: str = "none"
 ) -> FedBiFDownlinkCodec:
     """The m-bit downlink of ``model`` (Conv2d/Linear weights quantized, the rest extras);
-    ``entropy`` is the run's ``entropy`` key."""
+    ``entropy`` and ``reference`` are the run's ``entropy`` and ``downlink-reference`` keys."""
     return FedBiFDownlinkCodec(
-        quantized_split(model)[2], settings.bits, settings.extras_dtype, entropy
+        quantized_split(model)[2],
+        settings.bits,
+        settings.extras_dtype,
+        entropy,
+        reference=reference == "last",
     )
 
 

@@ -167,6 +167,12 @@ class RunConfig(Settings):
         "DAdaQuant messages): none, or ans (adaptive ANS, model sent)",
         choices=ENTROPY_MODES,
     )
+    downlink_reference: str = setting(
+        "none",
+        "last: code the downlink's codes as their difference from the codes the client kept "
+        "from its last accepted round (lossless; needs entropy=ans; FedBiF's words)",
+        choices=("none", "last"),
+    )
     checkpoint: bool = setting(True, "write checkpoint.npz to the run folder every round")
     resume_from: str = setting("", "a run folder (or its checkpoint.npz) to continue from")
     #: every validated key, method keys included (method settings are built from it).

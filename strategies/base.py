@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
@@ -55,6 +55,7 @@ from flwr.server.strategy import Strategy
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from compression.downlink_codec import UQMessage
 from compression.layout import concat_flat, split_flat
 from contracts.downlink import Downlink
 from contracts.messages import PARTITION_ID, ROUND, TRAIN_LOSS, TRAIN_SECONDS
@@ -78,6 +79,7 @@ from strategies.aggregation import (
 )
 from strategies.checkpointing import load_run, save_run
 from strategies.link_timing import RoundClients, profile_of
+from strategies.references import ReferenceBook
 from strategies.reporting import RunProgress, log_round, round_row, summary
 
 T = TypeVar("T")
@@ -142,6 +144,9 @@ class CommunicationStrategy(Strategy):
     #: True where the method's own codecs honour ``entropy=ans`` (FedBiF, FedPAQ, QSGD,
     #: DAdaQuant, clipped UQ, LBI-FL); elsewhere it applies only to ``downlink=uq`` codes.
     entropy_codes: ClassVar[bool] = False
+    #: True where the method's downlink codes can be sent against the client's last codes
+    #: (``downlink-reference=last``; FedBiF's words).
+    reference_codes: ClassVar[bool] = False
 
     @classmethod
     def check_downlink(cls, cfg: RunConfig, settings: Settings) -> None:
@@ -157,6 +162,19 @@ class CommunicationStrategy(Strategy):
                 f"entropy={cfg.entropy!r}: strategy {cfg.strategy!r} sends no code array the "
                 f"entropy stage applies to; use downlink='uq' with it, or entropy='none'"
             )
+        if cfg.downlink_reference != "none":
+            generic = cls.generic_downlink and cfg.downlink == "uq"
+            if not (cls.reference_codes or generic):
+                raise ConfigError(
+                    f"downlink-reference={cfg.downlink_reference!r}: strategy {cfg.strategy!r} "
+                    "has no downlink codes to send against a client's last ones (fedbif's words "
+                    "and downlink='uq' codes have); use downlink-reference='none'"
+                )
+            if cfg.entropy != "ans":
+                raise ConfigError(
+                    f"downlink-reference={cfg.downlink_reference!r} saves bits only through the "
+                    "entropy stage; set entropy='ans' (or downlink-reference='none')"
+                )
 
     def __init__(
         self,
@@ -186,6 +204,8 @@ class CommunicationStrategy(Strategy):
         self.round_metrics: dict[int, dict[str, Scalar]] = {}
         self.round_memo = RoundMemo()
         self.downlink = Downlink.from_config(cfg)
+        #: ``downlink-reference=last``: which round's codes each client holds.
+        self.references = ReferenceBook()
         #: what this round's deltas are relative to (set while a round is aggregated).
         self._delta_base: list[np.ndarray] | None = None
         self._round_started = self.progress.started
@@ -214,20 +234,41 @@ class CommunicationStrategy(Strategy):
         (e.g. DAdaQuant assigns each client its level here)."""
 
     def downlink_arrays(self, server_round: int, cid: str) -> list[np.ndarray]:
-        """Arrays sent to client ``cid``; default: the global model, as ``downlink`` says."""
+        """Arrays sent to client ``cid``; default: the global model, as ``downlink`` says
+        (``downlink-reference=last``: the codes against the ones ``cid`` kept, if any)."""
         if not self.downlink.active:
             return self.global_state
-        return self.generic_downlink_message(server_round)[0]
+        basis = self.references.basis_for(cid) if self.downlink.reference else None
+        if basis is None:
+            return self.generic_downlink_message(server_round)[0]
+        return self.round_memo.get(
+            server_round,
+            ("generic-downlink-against", basis.round),
+            lambda: self.downlink.wire(self._generic_quantized(server_round), basis),
+        )
+
+    def _generic_quantized(self, server_round: int) -> UQMessage:
+        """The round's ``downlink=uq`` codes, scales and extras (stochastic rounding seeded by
+        seed and round)."""
+        return self.round_memo.get(
+            server_round,
+            "generic-quantized",
+            lambda: self.downlink.quantize(
+                self.global_state, numpy_rng(self.cfg.seed, server_round, DOWNLINK_SALT)
+            ),
+        )
 
     def generic_downlink_message(
         self, server_round: int
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(message, the float32 state clients decode from it) of ``downlink=fp16|uq``; one
-        per round (every client gets the same), stochastic rounding seeded by seed and round."""
+        per round (every client gets the same; reference-coded ones stand for the same state)."""
 
         def build() -> tuple[list[np.ndarray], list[np.ndarray]]:
-            rng = numpy_rng(self.cfg.seed, server_round, DOWNLINK_SALT)
-            arrays = self.downlink.encode(self.global_state, rng)
+            if self.downlink.mode == "uq":
+                arrays = self.downlink.wire(self._generic_quantized(server_round))
+            else:
+                arrays = self.downlink.encode(self.global_state)
             return arrays, self.downlink.decode(arrays, self.shapes)
 
         return self.round_memo.get(server_round, "generic-downlink", build)
@@ -243,6 +284,15 @@ class CommunicationStrategy(Strategy):
     def fit_config(self, server_round: int, cid: str) -> dict[str, Scalar]:
         """Extra per-client instructions sent with the arrays (small scalars)."""
         return {}
+
+    def end_round(self, server_round: int, sent: Iterable[str], accepted: set[str]) -> None:
+        """Called after a round's replies were checked: ``sent`` are the clients the round's
+        downlink went to, ``accepted`` those whose update was accepted (reference coding notes
+        which codes each client holds)."""
+        if self.downlink.reference:
+            self.references.end_round(
+                server_round, sent, accepted, lambda: self._generic_quantized(server_round).codes
+            )
 
     def decode_update(self, server_round: int, reply: ClientReply) -> ClientUpdate:
         """Turn a client's arrays into a ``ClientUpdate``; raise ``ValueError`` if unusable."""
@@ -405,6 +455,7 @@ class CommunicationStrategy(Strategy):
         for dropped in {u.cid for u in updates} - {u.cid for u in kept}:
             clients.mark(dropped, "rejected")
         updates = kept
+        self.end_round(server_round, list(clients.sent), {u.cid for u in updates})
         if self.results is not None:
             self.results.write_clients(clients.table())
         self._cap_examples(server_round, updates)

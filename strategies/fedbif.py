@@ -10,10 +10,17 @@ Biases and BatchNorm tensors (parameters and running statistics) are not quantiz
 trained normally and travel as one float16 (default) or float32 vector both ways, and their bytes
 count in the measured bpp. Contract: ``contracts.fedbif``; wire format:
 ``compression.fedbif_codec``.
+
+With ``downlink-reference=last`` a client whose update the server accepted in an earlier round
+gets the words as their difference from the words of that round (``compression.reference``),
+which it kept; the server keeps the words of every round some client may still hold and forgets
+a client that was sent a message but gave no accepted reply (it gets full words next time).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +36,7 @@ from core.seeding import torch_generator
 from core.wire_state import quantized_split
 from strategies.aggregation import gather_flat, place_flat
 from strategies.base import ClientReply, ClientUpdate, CommunicationStrategy
+from strategies.references import ReferenceBook
 
 #: salt of the downlink's stochastic rounding seed.
 DOWNLINK_SALT = 0xB1D
@@ -42,6 +50,7 @@ class RoundQuantization:
     steps: np.ndarray
     positions: tuple[int, ...]
     downlink: list[np.ndarray]
+    message: DownlinkMessage
 
 
 class FedBiFStrategy(CommunicationStrategy):
@@ -49,6 +58,7 @@ class FedBiFStrategy(CommunicationStrategy):
 
     generic_downlink = False  # the paper's own compressed downlink
     entropy_codes = True  # its words (down) and codes (up) honour entropy=ans
+    reference_codes = True  # downlink-reference=last codes the words against a client's last
 
     uplink_name = "FedBiF uplink"
     round_columns = {"sparsity": float("nan"), "active_bits": 0.0}
@@ -58,8 +68,12 @@ class FedBiFStrategy(CommunicationStrategy):
         super().__init__(*args, **kwargs)
         self.layout = self.settings.layout
         self.q_index, self.e_index, self.split = quantized_split(self.model)
-        self.down = fedbif.downlink_codec(self.settings, self.model, self.cfg.entropy)
+        self.down = fedbif.downlink_codec(
+            self.settings, self.model, self.cfg.entropy, self.cfg.downlink_reference
+        )
         self.up = fedbif.uplink_codec(self.settings, self.model, self.cfg.entropy)
+        #: reference coding: which round's words each client holds.
+        self.references = ReferenceBook()
 
     # --------------------------------------------------------------- per-round quantization
     def quantization(self, server_round: int) -> RoundQuantization:
@@ -90,16 +104,31 @@ class FedBiFStrategy(CommunicationStrategy):
         flat_steps = np.asarray(steps, dtype=np.float32)
         positions = self.settings.active_positions(server_round, self.cfg.seed)
         extras = gather_flat(self.global_state, self.e_index, self.settings.extras_dtype)
-        downlink = self.down.encode(DownlinkMessage(flat_words, flat_steps, extras))
+        message = DownlinkMessage(flat_words, flat_steps, extras)
+        downlink = self.down.encode(message)
         self.record_metrics(
             server_round,
             sparsity=zeros / max(self.split.num_quantized, 1),
             active_bits=float(fedbif.positions_to_mask(positions)),
         )
-        return RoundQuantization(flat_words, flat_steps, positions, downlink)
+        return RoundQuantization(flat_words, flat_steps, positions, downlink, message)
 
     def downlink_arrays(self, server_round: int, cid: str) -> list[np.ndarray]:
-        return self.quantization(server_round).downlink
+        sent = self.quantization(server_round)
+        basis = self.references.basis_for(cid) if self.down.reference else None
+        if basis is None:
+            return sent.downlink
+        return self.round_memo.get(
+            server_round,
+            ("downlink-against", basis.round),
+            lambda: self.down.encode(dataclasses.replace(sent.message, basis=basis)),
+        )
+
+    def end_round(self, server_round: int, sent: Iterable[str], accepted: set[str]) -> None:
+        if self.down.reference:
+            self.references.end_round(
+                server_round, sent, accepted, lambda: self.quantization(server_round).words
+            )
 
     def fit_config(self, server_round: int, cid: str) -> dict[str, Scalar]:
         positions = self.quantization(server_round).positions

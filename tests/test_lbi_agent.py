@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -406,3 +407,23 @@ def test_the_eq9_target_is_the_plain_sum_of_rewards_by_default() -> None:
     ]
     samples = TeacherSamples.from_episodes([episode], args.bc_gamma)
     np.testing.assert_allclose(samples.returns, [1.75, 1.25, 1.0])
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+    reason="no Fashion-MNIST IDX files (apt-get install dataset-fashion-mnist)",
+)
+def test_the_environment_trains_on_another_dataset() -> None:
+    """``--dataset fmnist``: 28x28 single-channel input, held-out images from the train split."""
+    from tools.lbi_agent.environment import BitWidthEnv, EnvConfig, plan_policy, run_episode
+
+    torch.set_num_threads(1)
+    cfg = EnvConfig(
+        dataset="fmnist", model="lenet5", train_fraction=0.005, heldout_size=100, epochs=2, start=1
+    )
+    env = BitWidthEnv(cfg)
+    assert env.input_shape == (1, 28, 28)
+    assert len(env.train_set) == 300 and len(env.heldout) == 100
+    assert tuple(env.train_set.tensors[0].shape[1:]) == (1, 28, 28)
+    episode = run_episode(env, plan_policy({0: 3}))
+    assert episode.widths.gradient == 6 and 0.0 <= episode.accuracy <= 100.0

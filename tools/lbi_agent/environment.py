@@ -67,6 +67,7 @@ from fl_app.data import DATASETS, load_partition
 from fl_app.models import build_model
 from tools.lbi_agent.learning import Transition, reward
 
+#: the default environment dataset (``--dataset``); its test split is never touched.
 DATASET = "digits"
 CPU = torch.device("cpu")
 #: salts separating the seed streams of one epoch (batch order vs stochastic rounding).
@@ -84,6 +85,7 @@ WEIGHT_RANGE = (0.50, 0.95)
 class EnvConfig:
     """What one episode trains and how its decisions are scheduled and rewarded."""
 
+    dataset: str = DATASET
     model: str = "digits-cnn-bn"
     train_fraction: float = 0.3
     heldout_size: int = 600
@@ -127,15 +129,16 @@ class EnvConfig:
 
 
 def load_env_data(
-    train_fraction: float, seed: int, heldout_size: int = 0
+    train_fraction: float, seed: int, heldout_size: int = 0, dataset: str = DATASET
 ) -> tuple[TensorDataset, TensorDataset]:
-    """The digits train split shuffled by ``seed``: the first ``train_fraction`` trains, the next
-    ``heldout_size`` images (0: all the rest) are the held-out part the rewards are measured on.
+    """The train split of ``dataset`` shuffled by ``seed``: the first ``train_fraction`` trains,
+    the next ``heldout_size`` images (0: all the rest) are the held-out part the rewards are
+    measured on.
 
     Capping the held-out part bounds the evaluation that follows every decision (it costs about
     as much as training on the subset when all ~1,000 remaining images are scored)."""
     full = load_partition(
-        DATASET, 0, 1, partitioner="iid", alpha=1.0, labels_per_client=10, seed=seed
+        dataset, 0, 1, partitioner="iid", alpha=1.0, labels_per_client=10, seed=seed
     )
     images, labels = full.tensors
     cut = max(1, min(len(labels) - 1, round(train_fraction * len(labels))))
@@ -185,9 +188,9 @@ class BitWidthEnv:
     ) -> None:
         self.cfg = cfg
         self.train_set, self.heldout = data or load_env_data(
-            cfg.train_fraction, cfg.seed, cfg.heldout_size
+            cfg.train_fraction, cfg.seed, cfg.heldout_size, cfg.dataset
         )
-        spec = DATASETS.get(DATASET)
+        spec = DATASETS.get(cfg.dataset)
         self.input_shape = (spec.in_channels, spec.image_size, spec.image_size)
         torch.manual_seed(derive_seed(cfg.seed, 0))
         model = build_model(

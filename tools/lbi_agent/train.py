@@ -82,6 +82,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log", type=Path, default=None, help="JSON lines, one per episode")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    p.add_argument("--dataset", default=EnvConfig.dataset, help="environment data (train split)")
     p.add_argument("--model", default=EnvConfig.model)
     p.add_argument("--train-fraction", type=float, default=EnvConfig.train_fraction)
     p.add_argument("--heldout-size", type=int, default=EnvConfig.heldout_size)
@@ -132,6 +133,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def env_config(args: argparse.Namespace, seed: int) -> EnvConfig:
     return EnvConfig(
+        dataset=args.dataset,
         model=args.model,
         train_fraction=args.train_fraction,
         heldout_size=args.heldout_size,
