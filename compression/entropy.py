@@ -77,27 +77,34 @@ def _header(mode: int, bits: int, count: int, crc: int) -> bytes:
 
 
 def encode(symbols: np.ndarray, bits: int) -> np.ndarray:
-    """Code ``symbols`` (integers in ``[0, 2**bits)``) losslessly; the smaller of ANS and raw."""
+    """Code ``symbols`` (integers in ``[0, 2**bits)``) losslessly; the smaller of ANS and raw.
+
+    The raw packing is built only when it is sent: when the model alone costs more than it,
+    or when the ANS words do not beat it (rare for codes worth coding)."""
     if not 1 <= bits <= MAX_BITS:
         raise ValueError(f"symbol width must be 1..{MAX_BITS} bits, got {bits}")
     flat = np.ascontiguousarray(symbols).reshape(-1)
-    raw = pack_codes(flat, bits)  # validates the range
+    signed = not np.issubdtype(flat.dtype, np.unsignedinteger) and flat.dtype != np.bool_
+    if flat.size and ((signed and flat.min() < 0) or flat.max() >= 1 << bits):
+        raise ValueError(f"codes must lie in [0, {1 << bits}) for {bits}-bit coding")
     flat = flat.astype(np.uint8, copy=False)
     crc = zlib.crc32(flat.tobytes())
-    best = np.frombuffer(_header(RAW, bits, flat.size, crc), np.uint8)
-    best = np.concatenate([best, raw])
-    if flat.size == 0:
-        return best
+    raw_size = packed_size(flat.size, bits)
+
+    def raw() -> np.ndarray:
+        header = np.frombuffer(_header(RAW, bits, flat.size, crc), np.uint8)
+        return np.concatenate([header, pack_codes(flat, bits)])
+
+    if flat.size == 0 or model_bytes(bits) >= raw_size:  # the model alone costs more
+        return raw()
     freqs = frequencies(flat, bits)
-    if model_bytes(bits) >= raw.size:  # the model alone costs more than the raw codes
-        return best
     import constriction
 
     coder = constriction.stream.stack.AnsCoder()
     coder.encode_reverse(flat.astype(np.int32), _categorical(freqs))
     words = coder.get_compressed().astype("<u4", copy=False)
-    if model_bytes(bits) + words.nbytes >= raw.size:
-        return best
+    if model_bytes(bits) + words.nbytes >= raw_size:
+        return raw()
     return np.concatenate(
         [
             np.frombuffer(_header(ANS, bits, flat.size, crc), np.uint8),
@@ -161,8 +168,10 @@ def _decode_ans(body: np.ndarray, bits: int, count: int, raw_size: int) -> np.nd
     if not coder.is_empty():
         raise EntropyError("ANS stream has words left after the layout's symbols")
     symbols = np.asarray(symbols)
-    if symbols.size != count or (symbols.size and not present[symbols].all()):
-        raise EntropyError("ANS stream decodes to symbols its model does not contain")
+    # A symbol of zero frequency has no interval in the coder, so it can never be decoded;
+    # the CRC in ``decode`` checks the symbols themselves.
+    if symbols.size != count:
+        raise EntropyError(f"ANS stream decodes to {symbols.size} symbols, not {count}")
     return symbols.astype(np.uint8)
 
 

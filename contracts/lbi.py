@@ -17,10 +17,12 @@ from torch import nn
 from compression import int8_matmul, lbi_codec
 from compression.layout import EXTRAS_DTYPES
 from compression.lowbit import FP32, INT4, INT8, KINDS, LAYER_CHOICES, WIDENINGS, BitWidths
-from core.settings import Settings, setting
+from core.settings import ConfigError, Settings, setting
 from core.wire_state import quantized_split
 
-MODES = ("agent", "random", "fp32", "ui4", "ui8")
+MODES = ("agent", "random", "fp32", "ui4", "ui8", "fixed")
+#: widths ``lbi-mode=fixed`` accepts per tensor kind (the agent's action space).
+FIXED_CHOICES = (4, 6, 8)
 SCALES = ("channel", "tensor")
 #: widths a client starts at in each mode (``agent``/``random`` then only raise them).
 INITIAL_WIDTHS: dict[str, BitWidths] = {
@@ -68,6 +70,11 @@ class LBISettings(Settings):
 
     prefix = "lbi"
     mode: str = setting("agent", "bit-width policy", choices=MODES)
+    fixed_widths: str = setting(
+        "4,4,8",
+        "lbi-mode=fixed: weight,activation,gradient widths, each 4, 6 or 8 (an ablation: which "
+        "tensor's width matters)",
+    )
     start: int = setting(10, "first round the policy may change widths", min=1)
     interval: int = setting(5, "rounds between two decisions of a client", min=1)
     layers: str = setting("conv-linear", "layers trained in low bit", choices=LAYER_CHOICES)
@@ -101,9 +108,32 @@ class LBISettings(Settings):
         """Weights travel as k_w-bit codes (every mode but ``fp32``)."""
         return self.mode != "fp32"
 
+    def __post_init__(self) -> None:
+        _ = self.parsed_fixed_widths  # a bad lbi-fixed-widths fails at start, in every mode
+
+    @property
+    def parsed_fixed_widths(self) -> BitWidths:
+        parts = [p.strip() for p in str(self.fixed_widths).split(",")]
+        if len(parts) != 3 or not all(p in {str(c) for c in FIXED_CHOICES} for p in parts):
+            raise ConfigError(
+                f"lbi-fixed-widths must be three of {FIXED_CHOICES} as 'weight,activation,"
+                f"gradient', got {self.fixed_widths!r}"
+            )
+        return BitWidths(*(int(p) for p in parts))
+
     @property
     def initial_widths(self) -> BitWidths:
-        return INITIAL_WIDTHS[self.mode]
+        return self.parsed_fixed_widths if self.mode == "fixed" else INITIAL_WIDTHS[self.mode]
+
+    def reportable_widths(self, metric: str) -> frozenset[int]:
+        """The values width ``metric`` (``WIDTH_METRICS``) can take in this run: the mode's
+        (``allowed_widths``), or in ``fixed`` mode exactly that kind's width."""
+        if self.mode != "fixed":
+            return allowed_widths(self.mode)
+        fixed = self.parsed_fixed_widths
+        if metric == NEXT_WEIGHT_BITS:
+            return frozenset({fixed.weight})
+        return frozenset({fixed.get(KINDS[WIDTH_METRICS.index(metric)])})
 
 
 def weight_codec(

@@ -135,8 +135,8 @@ class LBIStrategy(CommunicationStrategy):
         losses, a known action."""
         metrics = reply.metrics
         widths = {name: _metric_bits(metrics, name) for name in lbi.WIDTH_METRICS}
-        allowed = lbi.allowed_widths(self.settings.mode)
         for name, value in widths.items():
+            allowed = self.settings.reportable_widths(name)
             if value not in allowed:
                 raise ValueError(
                     f"metrics[{name!r}] = {value} is not a width of mode "

@@ -258,3 +258,37 @@ def test_per_tensor_scales_travel_one_scale_per_tensor(tmp_path):
     assert sum(len(t) for t in res.parameters.tensors) == per_tensor
     update = strategy.decode_uplink(1, proxy.cid, res)
     assert np.all(np.isfinite(update.delta))
+
+
+@pytest.mark.parametrize("widths", ["8,4,4", "4,4,8", "6,8,4"])
+def test_fixed_widths_train_send_and_cost_what_they_say(tmp_path, widths: str):
+    """``lbi-mode=fixed``: the client trains at the given widths, sends weights at k_w bits,
+    and its BitOPs are those widths' (w*a + g*w + g*a per MAC); a report of another width is
+    refused."""
+    w, a, g = (int(v) for v in widths.split(","))
+    strategy, proxy, ins, context, res = one_fit(
+        tmp_path, **{"lbi-mode": "fixed", "lbi-fixed-widths": widths}
+    )
+    expected = message_bytes(strategy, w)
+    assert sum(len(t) for t in ins.parameters.tensors) == expected
+    assert sum(len(t) for t in res.parameters.tensors) == expected
+    got = [res.metrics[m] for m in ("lbi-weight-bits", "lbi-activation-bits", "lbi-gradient-bits")]
+    assert got == [w, a, g] and res.metrics["lbi-action"] == -1
+    client = client_fn(context).numpy_client  # type: ignore[attr-defined]
+    samples = len(client.train_set)
+    assert res.metrics["bitops"] == samples * training_bitops(client.macs, BitWidths(w, a, g))
+    strategy.decode_uplink(1, proxy.cid, res)
+    other = 6 if g != 6 else 8  # a width of the mode, not of the gradients
+    metrics = {**res.metrics, "lbi-gradient-bits": other}
+    bad = fit_res(res.parameters, res.num_examples, None, **metrics)
+    with pytest.raises(PayloadError, match="not a width of mode"):
+        strategy.decode_uplink(1, proxy.cid, bad)
+
+
+@pytest.mark.parametrize("value", ["4,4", "4,4,5", "8,8,x", ""])
+def test_bad_fixed_widths_fail_at_start(value: str):
+    from core.settings import ConfigError
+    from fl_app.methods import load_config
+
+    with pytest.raises(ConfigError, match="lbi-fixed-widths"):
+        load_config({"strategy": "lbi-fl", "lbi-mode": "fixed", "lbi-fixed-widths": value})
