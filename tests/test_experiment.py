@@ -496,19 +496,29 @@ def choose_settings_of(results):
     return choose_settings(results, "final_val_accuracy")
 
 
-def test_a_key_added_after_some_runs_does_not_split_their_rows():
-    """Runs from before a key existed lack it in their config: that is no setting, so it must not
-    label rows (a resumed grid mixes runs of two code versions)."""
+def test_a_key_added_after_some_runs_takes_its_default_for_them():
+    """Runs from before a key existed lack it in their config; they ran at the key's default
+    (new keys keep the old behaviour), so they merge with new runs at the default and split from
+    runs at another value (a resumed grid mixes runs of two code versions)."""
     from tools.experiment import RunResult, label_runs
 
     old = RunResult({"strategy": "fedavg", "seed": 1, "lr": 0.1}, {}, [])
     new = RunResult({"strategy": "qsgd", "seed": 1, "lr": 0.1, "aggregation": "mean"}, {}, [])
     newer = RunResult({"strategy": "fedpaq", "seed": 1, "lr": 0.1, "aggregation": "median"}, {}, [])
     label_runs([old, new, newer])
-    assert old.label == "fedavg"
+    assert old.label == "fedavg aggregation=mean"
     assert new.label == "qsgd aggregation=mean" and newer.label == "fedpaq aggregation=median"
+    old = RunResult({"strategy": "fedavg", "seed": 1, "lr": 0.1}, {}, [])
     label_runs([old, new])
     assert (old.label, new.label) == ("fedavg", "qsgd")
+    # Same method: the runs without the key and the runs at a new value are two rows.
+    before = RunResult({"strategy": "fedpaq", "seed": 1, "downlink": "uq"}, {}, [])
+    after = RunResult(
+        {"strategy": "fedpaq", "seed": 1, "downlink": "uq", "downlink-reference": "last"}, {}, []
+    )
+    label_runs([before, after])
+    assert before.label == "fedpaq downlink-reference=none"
+    assert after.label == "fedpaq downlink-reference=last"
 
 
 def test_report_models_time_to_target_on_link_profiles(tmp_path):

@@ -431,10 +431,21 @@ def label_runs(
     def tuned(result: RunResult) -> Mapping[str, Any]:
         return tune.get(str(result.config.get("strategy")), {})
 
-    common = {key.name for key in RunConfig.config_keys()}
+    common_defaults = {key.name: key.default for key in RunConfig.config_keys()}
+    common = set(common_defaults)
     keys = set().union(*(r.config for r in results)) - _NOT_LABELS
-    # A key some runs lack was added to the app after them: it tells rows apart only where
-    # runs that have it disagree (a missing key is not a value).
+    # A key some runs lack was added to the app after them, with the old behaviour as its
+    # default: those runs ran at the default (a resumed grid mixes runs of two code versions).
+    for result in results:
+        strategy = str(result.config.get("strategy"))
+        defaults = dict(common_defaults)
+        if strategy in METHODS:
+            defaults.update(
+                {key.name: key.default for key in METHODS.get(strategy).settings.config_keys()}
+            )
+        for key in keys - set(result.config):
+            if key in defaults:
+                result.config[key] = defaults[key]
     varying = sorted(
         k
         for k in keys
