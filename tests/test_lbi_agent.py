@@ -427,3 +427,22 @@ def test_the_environment_trains_on_another_dataset() -> None:
     assert tuple(env.train_set.tensors[0].shape[1:]) == (1, 28, 28)
     episode = run_episode(env, plan_policy({0: 3}))
     assert episode.widths.gradient == 6 and 0.0 <= episode.accuracy <= 100.0
+
+
+def test_the_wire_option_leaves_weights_on_the_weight_grid_after_every_epoch() -> None:
+    """``wire=True``: like LBI-FL's downlink each round, every Conv2d/Linear weight ends each
+    epoch on the k_w-bit grid of its output channel (at most 2^k - 1 values), stochastically
+    rounded (so not the nearest-rounded weights)."""
+    from tools.lbi_agent.environment import BitWidthEnv, EnvConfig, load_env_data
+
+    torch.set_num_threads(1)
+    cfg = EnvConfig(train_fraction=0.1, epochs=2, start=1, wire=True)
+    train, heldout = load_env_data(cfg.train_fraction, cfg.seed)
+    held = torch.utils.data.TensorDataset(*(t[:100] for t in heldout.tensors))
+    env = BitWidthEnv(cfg, (train, held))
+    env.reset()
+    weights = [p.detach() for p in env._current.model.parameters() if p.dim() >= 2]
+    assert weights
+    for weight in weights:
+        for channel in weight.reshape(weight.shape[0], -1):
+            assert torch.unique(channel).numel() <= 2**4 - 1

@@ -49,6 +49,7 @@ from clients.lbi_agent import (
     build_state,
     valid_actions,
 )
+from compression import lbi_codec
 from compression.lowbit import (
     INT4,
     INT8,
@@ -73,6 +74,7 @@ CPU = torch.device("cpu")
 #: salts separating the seed streams of one epoch (batch order vs stochastic rounding).
 _ORDER_SALT = 0x0B1
 _NOISE_SALT = 0x0B2
+_WIRE_SALT = 0x0B3
 
 #: Section 4.4 teacher ranges (time steps) for reaching INT8.
 GRADIENT_RANGE = (0.10, 0.45)
@@ -105,6 +107,10 @@ class EnvConfig:
     delta: float = 0.5
     seed: int = 0
     cache_size: int = 256
+    #: the federated round trip: after every epoch the Conv2d/Linear weights are rounded
+    #: stochastically to the k_w-bit grid (per output channel), as LBI-FL's downlink does
+    #: each round; without it, low weight widths cost far less than they do in a federation.
+    wire: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.start < self.epochs:
@@ -227,6 +233,19 @@ class BitWidthEnv:
             nn.functional.cross_entropy(model(images), labels).backward()
             optimizer.step()
 
+    def _round_trip(self, model: nn.Module, bits: int, epoch: int) -> None:
+        """Weights through the k_w-bit wire (``wire``): stochastic rounding, channel scales."""
+        generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, epoch, _WIRE_SALT))
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.dim() < 2:
+                    continue
+                codes, scales = lbi_codec.quantize_weights(
+                    [parameter.detach().numpy()], bits, "stochastic", generator
+                )
+                rounded = codes.astype(np.float32).reshape(len(scales), -1) * scales[:, None]
+                parameter.copy_(torch.from_numpy(rounded.reshape(parameter.shape)))
+
     def _advance(self, widths: BitWidths, epochs: int) -> _Snapshot:
         """Train ``epochs`` more epochs at ``widths`` from the current prefix (or replay them)."""
         key = self._history + (widths.as_tuple(),) * epochs
@@ -242,6 +261,8 @@ class BitWidthEnv:
             reset_statistics(model)
             for epoch in range(len(self._history), len(key)):
                 self._train_epoch(model, optimizer, epoch)
+                if self.cfg.wire:
+                    self._round_trip(model, widths.weight, epoch)
             self.trained_epochs += epochs
             accuracy = 100.0 * evaluate_model(model, self.heldout, CPU)[1]
             snapshot = _Snapshot(

@@ -98,6 +98,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--delta", type=float, default=EnvConfig.delta)
     p.add_argument("--cache-size", type=int, default=EnvConfig.cache_size)
     p.add_argument(
+        "--wire",
+        action="store_true",
+        help="round weights to the k_w-bit grid after every epoch (the federated round trip)",
+    )
+    p.add_argument(
         "--env-seeds", type=int, default=3, help="training environments (init/data seeds)"
     )
     p.add_argument("--teacher-episodes", type=int, default=24)
@@ -149,6 +154,7 @@ def env_config(args: argparse.Namespace, seed: int) -> EnvConfig:
         delta=args.delta,
         seed=seed,
         cache_size=args.cache_size,
+        wire=args.wire,
     )
 
 
