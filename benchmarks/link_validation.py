@@ -6,9 +6,9 @@ processes in a ``deploy.netns.Lab``) runs every case in turn, the links re-shape
 first unshaped, then each profile. Each SuperNode ``i`` sits behind the link the model gives
 partition ``i`` (``LocalFederation.shape_links``), and the run is told the same profile, so its
 ``rounds.csv`` has, per round, the measured wall seconds (``seconds``: from sending the round's
-messages to the end of its evaluation) beside the modelled ones (``link_seconds``). Without
-``netem`` in the kernel (this project's machines have ``tbf`` only) links are shaped in rate
-only and modelled with RTT 0.
+messages to the end of its evaluation) beside the modelled ones (``link_seconds``). Rates are
+shaped by ``tbf``; the RTT by ``netem`` where the kernel has it, else (this project's machines)
+by a relay in each node's namespace that holds every chunk RTT / 2 each way (``deploy.relay``).
 
     sudo .venv/bin/python -m benchmarks.link_validation [--nodes 3] [--rounds 3]
         [--profiles iot cellular] [--methods fedavg fedbif] [--json PATH]
@@ -68,8 +68,7 @@ def run_case(
     rounds: int,
     seed: int,
 ) -> Case:
-    for namespace, device in list(lab.shaped):
-        lab.unshape_device(namespace, device)
+    federation.unshape_links()
     name = f"{method}-{profile_name}"
     config = (
         f"strategy='{method}' num-server-rounds={rounds} local-epochs=1 device='cpu' "
@@ -119,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     if reason := shaping_unavailable_reason():
         print(f"cannot shape links here: {reason}")
         return 1
-    rtt = shaping_unavailable_reason(delay=True) is None
+    # RTT: netem where the kernel has it, else each node's delaying relay (deploy.relay).
+    netem = shaping_unavailable_reason(delay=True) is None
+    rtt = True
     workdir = Path(tempfile.mkdtemp(prefix="link-validation-"))
     results = workdir / "results"
     cases: list[Case] = []
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         lab.destroy()
     print(
         f"\n{args.nodes} SuperNodes in network namespaces, {args.rounds} rounds, digits; RTT "
-        f"{'emulated (netem)' if rtt else 'not emulated (no netem here): modelled as 0'}\n"
+        f"{'by netem' if netem else 'by a delaying TCP relay per node (no netem here)'}\n"
     )
     print(
         "| profile | method | measured s/round | modelled s/round | + unshaped overhead "

@@ -35,7 +35,7 @@ from typing import Any
 from core.link import PROFILES, ClientLink, LinkProfile, client_link
 from deploy import certs as certs_module
 from deploy.cliconfig import write_connection
-from deploy.netns import Lab
+from deploy.netns import Lab, shaping_unavailable_reason
 from deploy.nodes import register_command, registered_node_id, supernode_command
 from deploy.procs import (
     PROJECT_ROOT,
@@ -45,8 +45,12 @@ from deploy.procs import (
     process_tree,
     stop_marked,
 )
+from deploy.relay import relay_command
 from deploy.superlink import superlink_command
 from tools.launch import free_port
+
+#: the port a node's relay listens on inside its own namespace.
+RELAY_PORT = 9301
 
 RUN_ID_PATTERN = re.compile(r"run (?:ID )?(\d{3,})", re.IGNORECASE)
 #: CLI connection names written into the user's ``config.toml``.
@@ -185,6 +189,9 @@ class LocalFederation:
             self.port = 8000
             self.node_ports = [9094] * num_nodes
         self.address = f"{self.superlink_ip}:{self.port}"
+        #: a kernel without netem: each node dials the SuperLink through a delaying relay in
+        #: its namespace (``deploy.relay``), whose delay ``shape_links`` sets to RTT / 2.
+        self.relays = lab is not None and shaping_unavailable_reason(delay=True) is not None
         # One spare key that is never registered: the SuperLink must refuse it.
         self.material = certs_module.make_all(
             self.workdir / "certs",
@@ -238,10 +245,12 @@ class LocalFederation:
     def _wrap(self, host: str, command: list[str]) -> list[str]:
         return command if self.lab is None else self.lab[host].wrap(command)
 
-    def _start(self, name: str, host: str, command: list[str], home: str) -> ManagedProcess:
+    def _start(
+        self, name: str, host: str, command: list[str], home: str, cwd: Path | None = None
+    ) -> ManagedProcess:
         env = flwr_environment(self.workdir / home, {"OMP_NUM_THREADS": "1"})
         process = ManagedProcess(
-            name, self._wrap(host, command), self.workdir / "logs" / f"{name}.log", env
+            name, self._wrap(host, command), self.workdir / "logs" / f"{name}.log", env, cwd
         )
         self.processes.append(process)
         return process
@@ -275,8 +284,24 @@ class LocalFederation:
             raise DeploymentError("shaped links need network namespaces (a Lab, --netns)")
         links = {i: client_link(profile, seed, i) for i in range(self.num_nodes)}
         for index, link in links.items():
-            self.lab.shape(f"node{index}", link.up_mbps, link.down_mbps, 1e3 * link.rtt_s)
+            rtt_ms = 1e3 * link.rtt_s
+            if self.relays:  # no netem here: the rate from tbf, the RTT from the node's relay
+                self._relay_delay_file(index).write_text(f"{rtt_ms / 2:.3f}\n")
+                rtt_ms = 0.0
+            self.lab.shape(f"node{index}", link.up_mbps, link.down_mbps, rtt_ms)
         return links
+
+    def unshape_links(self) -> None:
+        """Links back to unshaped: qdiscs removed, relays at no delay."""
+        if self.lab is not None:
+            for namespace, device in list(self.lab.shaped):
+                self.lab.unshape_device(namespace, device)
+        for index in range(self.num_nodes):
+            if self.relays:
+                self._relay_delay_file(index).write_text("0\n")
+
+    def _relay_delay_file(self, index: int) -> Path:
+        return self.workdir / f"relay-{index}.delay-ms"
 
     # ------------------------------------------------------------------ the deployment
     def start_superlink(self, timeout: float = 60) -> ManagedProcess:
@@ -349,13 +374,16 @@ class LocalFederation:
         regular = key_name is None and tls and ca_cert is None and authenticate
         key = self.material.directory / (key_name or self.material.nodes[index].name)
         name = f"supernode-{index}" if regular else (name or f"extra-supernode-{index}")
+        address = self.address
         if regular:
             host, port = f"node{index}", self.node_ports[index]
+            if self.relays:
+                address = self._start_relay(index, host)
         else:
             # A misbehaving extra node: the CLI user's host, a port of its own.
             host, port = "user", free_port()
         command = supernode_command(
-            self.address,
+            address,
             index,
             self.num_nodes,
             ca_cert=(ca_cert or self.material.ca_cert) if tls else None,
@@ -366,6 +394,21 @@ class LocalFederation:
             state_dir=self.workdir / "node-state" / f"node{index}" if regular else None,
         )
         return self._start(name, host, command, f"{name}-home")
+
+    def _start_relay(self, index: int, host: str, timeout: float = 30) -> str:
+        """Start node ``index``'s delaying relay (``deploy.relay``) in its namespace; returns
+        the address the node dials instead of the SuperLink's (on the certificate's SANs)."""
+        listen = f"127.0.0.1:{RELAY_PORT}"
+        delay_file = self._relay_delay_file(index)
+        if not delay_file.exists():
+            delay_file.write_text("0\n")
+        command = [sys.executable, *relay_command(listen, self.address, 0.0, delay_file)]
+        process = self._start(
+            f"relay-{index}", host, command, f"relay-{index}-home", cwd=PROJECT_ROOT
+        )
+        if not process.wait_for_log("relay ready", timeout):
+            raise DeploymentError(f"relay of node {index} did not start (see {process.log_path})")
+        return listen
 
     def start_supernodes(self, timeout: float = 90) -> list[ManagedProcess]:
         """Start every registered SuperNode and wait until each has joined the SuperLink."""
