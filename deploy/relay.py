@@ -104,9 +104,14 @@ async def _connection(
 
 async def serve(listen: tuple[str, int], target: tuple[str, int], delay: Delay) -> None:
     """Relay connections on ``listen`` to ``target``, ``delay`` each way, until cancelled."""
-    server = await asyncio.start_server(
-        lambda r, w: _connection(r, w, target, delay), listen[0], listen[1]
-    )
+    connections: set[asyncio.Task[None]] = set()  # strong references until each one ends
+
+    def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.ensure_future(_connection(reader, writer, target, delay))
+        connections.add(task)
+        task.add_done_callback(connections.discard)
+
+    server = await asyncio.start_server(accept, listen[0], listen[1])
     async with server:
         print(f"relay ready {listen[0]}:{listen[1]} -> {target[0]}:{target[1]}", flush=True)
         await server.serve_forever()
