@@ -170,7 +170,8 @@ class RunConfig(Settings):
     downlink_reference: str = setting(
         "none",
         "last: code the downlink's codes as their difference from the codes the client kept "
-        "from its last accepted round (lossless; needs entropy=ans; FedBiF's words)",
+        "from its last accepted round (lossless; needs entropy=ans; FedBiF's words and "
+        "downlink=uq codes)",
         choices=("none", "last"),
     )
     checkpoint: bool = setting(True, "write checkpoint.npz to the run folder every round")
