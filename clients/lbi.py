@@ -39,7 +39,7 @@ from clients.lbi_agent import (
     build_state,
     valid_actions,
 )
-from compression import lbi_codec
+from compression import lbi_codec, reference
 from compression.int8_matmul import int8_mode
 from compression.layout import concat_flat, split_flat
 from compression.lowbit import (
@@ -95,7 +95,8 @@ class LBIClient(TrainingClient):
             widen=self.settings.scale_widening,
             per_channel=self.settings.weight_scale == "channel",
         )
-        self.received_grid: tuple[int, np.ndarray] | None = None
+        #: (width, scales, unsigned codes, round) of the message received this round.
+        self.received_grid: tuple[int, np.ndarray, np.ndarray, int] | None = None
         self.input_shape = tuple(self.train_set.tensors[0].shape[1:])
         self.macs = sum(layer_macs(self.model, self.input_shape).values())
         self._load_state()
@@ -126,7 +127,12 @@ class LBIClient(TrainingClient):
             set_wire_state(self.model, arrays)
             return
         message = self.codec.decode(arrays)
-        self.received_grid = (message.bits, message.scales)
+        self.received_grid = (
+            message.bits,
+            message.scales,
+            lbi_codec.unsigned_codes(message.codes, message.bits),
+            int(config.get(ROUND, 0)),
+        )
         weights = lbi_codec.dequantize(message, self.split)
         extras = split_flat(message.extras, self.split.extra_shapes)
         state = self.model.state_dict()
@@ -154,7 +160,12 @@ class LBIClient(TrainingClient):
         extras = concat_flat(
             [state[k].detach().cpu().numpy() for k in self.e_keys], self.settings.extras_dtype
         )
-        return self.codec.encode(lbi_codec.WeightMessage(bits, codes, scales, extras))
+        basis = None
+        if self.codec.reference and same_grid and self.received_grid is not None:
+            _, _, received_codes, received_round = self.received_grid
+            if received_round >= 1:
+                basis = reference.Basis(received_round, received_codes)
+        return self.codec.encode(lbi_codec.WeightMessage(bits, codes, scales, extras, basis))
 
     # ----------------------------------------------------------------- training and decisions
     def fit(

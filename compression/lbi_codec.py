@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from compression import entropy
+from compression import entropy, reference
 from compression.codec import Codec
 from compression.layout import SplitLayout, checked_floats
 from compression.packing import packed_size
@@ -49,6 +49,14 @@ class WeightMessage:
     codes: np.ndarray
     scales: np.ndarray
     extras: np.ndarray
+    #: unsigned codes (``unsigned_codes``) of a message the receiver holds, at the same width,
+    #: that the codes are sent against (reference coding; None: full codes).
+    basis: reference.Basis | None = None
+
+
+def unsigned_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Signed k-bit codes as the uint8 symbols on the wire (code + 2^(k-1) - 1)."""
+    return (np.asarray(codes).astype(np.int16) + grid(bits, signed=True)[1]).astype(np.uint8)
 
 
 def quantize_weights(
@@ -111,8 +119,13 @@ class LBIWeightCodec(Codec[WeightMessage]):
     per_channel: bool = True
     #: ``ans``: array 0 is a ``compression.entropy`` stream of the codes instead of packed bits.
     entropy: str = "none"
+    #: a ``compression.reference`` header first; codes may be sent against a held basis.
+    reference: bool = False
     name = "an LBI-FL message"
-    num_arrays = 3
+
+    @property
+    def num_arrays(self) -> int:  # type: ignore[override]
+        return 4 if self.reference else 3
 
     def encode(self, message: WeightMessage) -> list[np.ndarray]:
         bits = message.bits
@@ -122,15 +135,32 @@ class LBIWeightCodec(Codec[WeightMessage]):
             num_scales(split, self.per_channel),
         ):
             raise ValueError("codes/scales do not match the layout")
-        offset = grid(bits, signed=True)[1]
-        unsigned = (message.codes.astype(np.int16) + offset).astype(np.uint8)
+        symbols = unsigned_codes(message.codes, bits)
+        if message.basis is not None:
+            if not self.reference:
+                raise ValueError("a basis needs a codec built with reference=True")
+            symbols = reference.difference(symbols, message.basis.codes, bits)
         side = np.concatenate(
             [np.asarray([bits], dtype=np.float32), message.scales.astype(np.float32)]
         )
         extras = np.asarray(message.extras).astype(self.extras_dtype, copy=False)
-        return [entropy.pack(unsigned, bits, self.entropy), side, extras]
+        arrays = [entropy.pack(symbols, bits, self.entropy), side, extras]
+        return [reference.header(message.basis), *arrays] if self.reference else arrays
 
     def _decode(self, arrays: list[np.ndarray]) -> WeightMessage:
+        return self.decode_with(arrays, None)
+
+    def decode_with(
+        self, arrays: Sequence[np.ndarray], held: reference.Basis | None
+    ) -> WeightMessage:
+        """``decode`` for a receiver holding ``held`` (unsigned codes of a message it sent or
+        received), which a reference-coded message names in its header."""
+        arrays = list(arrays)
+        if len(arrays) != self.num_arrays:
+            raise ValueError(f"{self.name} has {self.num_arrays} arrays, got {len(arrays)}")
+        basis_round, crc = reference.NO_BASIS, 0
+        if self.reference:
+            basis_round, crc = reference.read_header(arrays.pop(0))
         packed, side, extras = arrays
         split = self.split
         side = checked_floats(
@@ -146,6 +176,7 @@ class LBIWeightCodec(Codec[WeightMessage]):
         if np.any(scales <= 0):
             raise ValueError("scales must be positive")
         unsigned = entropy.unpack(packed, bits_int, split.num_quantized, self.entropy)
+        unsigned = reference.resolve(unsigned, basis_round, crc, held, bits_int)
         offset = grid(bits_int, signed=True)[1]
         if unsigned.size and int(unsigned.max()) > 2 * offset:
             raise ValueError(
@@ -156,11 +187,12 @@ class LBIWeightCodec(Codec[WeightMessage]):
         return WeightMessage(bits=bits_int, codes=codes, scales=scales, extras=extras)
 
     def payload_nbytes(self, message: WeightMessage) -> int:
-        """Bytes of the arrays; with ``entropy=ans`` the codes' size is ``message``'s own."""
-        if self.entropy == "ans":
+        """Bytes of the arrays; with ``entropy=ans`` or a basis the size is ``message``'s own."""
+        if self.entropy == "ans" or message.basis is not None:
             return sum(a.nbytes for a in self.encode(message))
         return (
-            packed_size(self.split.num_quantized, message.bits)
+            reference.HEADER_SIZE * reference.HEADER_DTYPE.itemsize * self.reference
+            + packed_size(self.split.num_quantized, message.bits)
             + 4 * (1 + num_scales(self.split, self.per_channel))
             + self.split.num_extras * np.dtype(self.extras_dtype).itemsize
         )

@@ -95,6 +95,11 @@ class LBISettings(Settings):
     extras_dtype: str = setting(
         "float16", "dtype of biases/BatchNorm on the wire", choices=EXTRAS_DTYPES
     )
+    uplink_reference: bool = setting(
+        False,
+        "upload the weight codes as their difference from the codes received this round "
+        "(lossless; pays with entropy=ans; the server holds what it sent)",
+    )
     agent_file: str = setting("", "agent JSON ('' = the shipped clients/lbi_agent.json)")
     int8_kernels: str = setting(
         "auto",
@@ -145,4 +150,5 @@ def weight_codec(
         settings.extras_dtype,
         per_channel=settings.weight_scale == "channel",
         entropy=entropy,
+        reference=settings.uplink_reference,
     )

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from flwr.common import Scalar
 
-from compression import lbi_codec
+from compression import lbi_codec, reference
 from compression.float_codec import FloatStateCodec
 from compression.lowbit import KINDS
 from contracts import lbi
@@ -81,6 +81,8 @@ class LBIStrategy(CommunicationStrategy):
         self.client_bits: dict[str, int] = {}  # cid -> weight width of its next downlink
         # cid -> (round, the wire state it received, dequantized): updates are taken against it.
         self._sent: dict[str, tuple[int, list[np.ndarray]]] = {}
+        #: cid -> (width, unsigned codes) it was sent this round (``lbi-uplink-reference``).
+        self._sent_codes: dict[str, tuple[int, np.ndarray]] = {}
         self._clients_file_started = False
         self.total_bitops = 0.0
         self.total_bitops_int8 = 0.0
@@ -115,8 +117,16 @@ class LBIStrategy(CommunicationStrategy):
         if not self.settings.quantized_wire:
             self._sent[cid] = (server_round, self.global_state)
             return self.global_state
-        arrays, received = self.message(server_round, self.client_bits.get(cid, self.initial_bits))
+        bits = self.client_bits.get(cid, self.initial_bits)
+        arrays, received = self.message(server_round, bits)
         self._sent[cid] = (server_round, received)
+        if self.codec.reference:
+            codes = self.round_memo.get(
+                server_round,
+                ("sent-codes", bits),
+                lambda: lbi_codec.unsigned_codes(self.codec.decode(arrays).codes, bits),
+            )
+            self._sent_codes[cid] = (bits, codes)
         return arrays
 
     def evaluation_state(self, server_round: int) -> list[np.ndarray]:
@@ -155,7 +165,10 @@ class LBIStrategy(CommunicationStrategy):
         if sent_round != server_round:
             raise ValueError(f"no round-{server_round} model was sent to client {reply.cid}")
         if self.settings.quantized_wire:
-            message = self.codec.decode(reply.arrays)
+            held = None
+            if reply.cid in self._sent_codes:
+                held = reference.Basis(server_round, self._sent_codes[reply.cid][1])
+            message = self.codec.decode_with(reply.arrays, held)
             if message.bits != widths[lbi.WEIGHT_BITS]:
                 raise ValueError(
                     f"payload is {message.bits}-bit but the client reported "

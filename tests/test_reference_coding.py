@@ -192,3 +192,37 @@ def test_uq_downlink_runs_are_bit_identical_with_reference_coding(tmp_path, stra
     assert sum(h["downlink_bytes"] for h in coded.history[later]) < sum(
         h["downlink_bytes"] for h in plain.history[later]
     )
+
+
+def test_lbi_uploads_against_the_received_codes_are_bit_identical_and_smaller(tmp_path):
+    """``lbi-uplink-reference``: the server holds what it sent, so every upload at the received
+    width is coded against it; nothing changes but the uplink bytes."""
+    setting = {"lbi-mode": "ui4", "fraction-fit": 0.75, "min-available-clients": 4}
+    plain = _run(tmp_path, "plain", "lbi-fl", **setting)
+    coded = _run(tmp_path, "coded", "lbi-fl", **setting, **{"lbi-uplink-reference": True})
+    for a, b in zip(plain.global_state, coded.global_state, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(plain.history, coded.history, strict=True):
+        for key in ("accuracy", "loss", "rejected"):
+            assert a[key] == pytest.approx(b[key], rel=0, abs=0, nan_ok=True), key
+    assert sum(h["rejected"] for h in coded.history) == 0
+    assert sum(h["uplink_bytes"] for h in coded.history) < 0.8 * sum(
+        h["uplink_bytes"] for h in plain.history
+    )
+
+
+def test_an_lbi_upload_against_other_codes_is_refused():
+    from compression import lbi_codec
+
+    split = SplitLayout(quantized_shapes=((4, 6),), extra_shapes=((4,),))
+    codec = lbi_codec.LBIWeightCodec(split, entropy="ans", reference=True)
+    rng = np.random.default_rng(0)
+    sent = rng.integers(-7, 8, 24).astype(np.int8)
+    basis = reference.Basis(3, lbi_codec.unsigned_codes(sent, 4))
+    message = lbi_codec.WeightMessage(
+        4, sent, np.ones(4, np.float32), np.zeros(4, np.float16), basis
+    )
+    arrays = codec.encode(message)
+    np.testing.assert_array_equal(codec.decode_with(arrays, basis).codes, sent)
+    with pytest.raises(ValueError, match="holds round 2"):
+        codec.decode_with(arrays, reference.Basis(2, basis.codes))
