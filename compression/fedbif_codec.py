@@ -88,12 +88,9 @@ class FedBiFDownlinkCodec(Codec[DownlinkMessage]):
         self, arrays: Sequence[np.ndarray], held: reference.Basis | None
     ) -> DownlinkMessage:
         """``decode`` for a receiver holding ``held`` (the words of its last message)."""
-        arrays = list(arrays)
-        if len(arrays) != self.num_arrays:
-            raise ValueError(f"{self.name} has {self.num_arrays} arrays, got {len(arrays)}")
-        basis_round, crc = reference.NO_BASIS, 0
-        if self.reference:
-            basis_round, crc = reference.read_header(arrays.pop(0))
+        basis_round, crc, arrays = reference.take_header(
+            arrays, self.num_arrays, self.name, self.reference
+        )
         packed, steps, extras = arrays
         symbols = entropy.unpack(packed, self.bits, self.split.num_quantized, self.entropy)
         words = reference.resolve(symbols, basis_round, crc, held, self.bits)

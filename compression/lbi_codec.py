@@ -155,12 +155,9 @@ class LBIWeightCodec(Codec[WeightMessage]):
     ) -> WeightMessage:
         """``decode`` for a receiver holding ``held`` (unsigned codes of a message it sent or
         received), which a reference-coded message names in its header."""
-        arrays = list(arrays)
-        if len(arrays) != self.num_arrays:
-            raise ValueError(f"{self.name} has {self.num_arrays} arrays, got {len(arrays)}")
-        basis_round, crc = reference.NO_BASIS, 0
-        if self.reference:
-            basis_round, crc = reference.read_header(arrays.pop(0))
+        basis_round, crc, arrays = reference.take_header(
+            arrays, self.num_arrays, self.name, self.reference
+        )
         packed, side, extras = arrays
         split = self.split
         side = checked_floats(

@@ -15,6 +15,7 @@ a reason instead of rebuilding a wrong model.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,6 +90,20 @@ def read_header(array: np.ndarray) -> tuple[int, int]:
     if not 0 <= crc < 1 << 32 or (basis_round == NO_BASIS and crc != 0):
         raise ValueError(f"reference header has an invalid CRC {crc} for round {basis_round}")
     return basis_round, crc
+
+
+def take_header(
+    arrays: Sequence[np.ndarray], expected: int, name: str, with_header: bool
+) -> tuple[int, int, list[np.ndarray]]:
+    """(basis round, CRC, the other arrays) of a received message of ``expected`` arrays, the
+    header first when ``with_header`` (else round ``NO_BASIS``); ``ValueError`` on a wrong count."""
+    arrays = list(arrays)
+    if len(arrays) != expected:
+        raise ValueError(f"{name} has {expected} arrays, got {len(arrays)}")
+    if not with_header:
+        return NO_BASIS, 0, arrays
+    basis_round, crc = read_header(arrays[0])
+    return basis_round, crc, arrays[1:]
 
 
 def resolve(
