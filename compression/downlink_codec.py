@@ -198,16 +198,9 @@ def decode_uq_codes(
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """(float32 state, codes) of a ``uq`` message; ``with_header``: a reference-coded one,
     resolved against ``held`` (the codes the receiver kept); ``ValueError`` if malformed."""
-    arrays = list(arrays)
-    expected = 4 if with_header else 3
-    if len(arrays) != expected:
-        raise ValueError(
-            f"uq downlink needs {expected} arrays ({'header, ' if with_header else ''}codes, "
-            f"scales, extras), got {len(arrays)}"
-        )
-    basis_round, crc = reference.NO_BASIS, 0
-    if with_header:
-        basis_round, crc = reference.read_header(arrays.pop(0))
+    basis_round, crc, arrays = reference.take_header(
+        arrays, 4 if with_header else 3, "a uq downlink message", with_header
+    )
     wire_codes, scales, extras = (np.asarray(a) for a in arrays)
     top = levels(bits)
     if wire_codes.dtype != np.uint8 or wire_codes.ndim != 1:

@@ -32,8 +32,6 @@ from compression.codec import Codec
 from compression.layout import SplitLayout, checked_floats
 from compression.packing import packed_size
 
-HEADER_BYTES = reference.HEADER_SIZE * reference.HEADER_DTYPE.itemsize
-
 
 @dataclass(frozen=True)
 class DownlinkMessage:
@@ -107,7 +105,7 @@ class FedBiFDownlinkCodec(Codec[DownlinkMessage]):
         """Bytes of the arrays; with ``entropy=ans`` or a basis the size is ``message``'s own."""
         if message is not None and (self.entropy == "ans" or message.basis is not None):
             return sum(a.nbytes for a in self.encode(message))
-        header = HEADER_BYTES if self.reference else 0
+        header = reference.HEADER_BYTES if self.reference else 0
         return (
             header
             + packed_size(self.split.num_quantized, self.bits)

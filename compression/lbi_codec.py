@@ -188,7 +188,7 @@ class LBIWeightCodec(Codec[WeightMessage]):
         if self.entropy == "ans" or message.basis is not None:
             return sum(a.nbytes for a in self.encode(message))
         return (
-            reference.HEADER_SIZE * reference.HEADER_DTYPE.itemsize * self.reference
+            reference.HEADER_BYTES * self.reference
             + packed_size(self.split.num_quantized, message.bits)
             + 4 * (1 + num_scales(self.split, self.per_channel))
             + self.split.num_extras * np.dtype(self.extras_dtype).itemsize

@@ -22,6 +22,8 @@ import numpy as np
 
 HEADER_DTYPE = np.dtype("int64")
 HEADER_SIZE = 2
+#: bytes of the header array's payload (what ``payload_nbytes`` counts for it).
+HEADER_BYTES = HEADER_SIZE * HEADER_DTYPE.itemsize
 #: basis round of a message that carries full codes.
 NO_BASIS = 0
 
