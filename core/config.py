@@ -106,6 +106,25 @@ class RunConfig(Settings):
     link_spread: float = setting(
         0.5, "link-profile=custom: sigma of the clients' log-normal rate factor", min=0.0
     )
+    link_wire_up: float = setting(
+        1.0,
+        "with a link-profile: bytes the deployment puts on the uplink per app byte (framing, "
+        "Flower's own messages; benchmarks.link_validation measures it); 1 = the app's bytes",
+        min=0.0,
+        min_inclusive=False,
+    )
+    link_wire_down: float = setting(
+        1.0,
+        "with a link-profile: bytes on the downlink per app byte (as link-wire-up)",
+        min=0.0,
+        min_inclusive=False,
+    )
+    link_overhead_s: float = setting(
+        0.0,
+        "with a link-profile: seconds per client round the deployment adds beyond transfer and "
+        "training (message handling, ClientApp start; measured unshaped); 0 = the link alone",
+        min=0.0,
+    )
     target_accuracy: float = setting(
         0.0,
         "accuracy whose first round summary.json reports (link_seconds_to_target); 0 = none",

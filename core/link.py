@@ -11,11 +11,20 @@ One client's round on its link (rates in Mbit/s = 10^6 bit/s, bytes as serialize
     t = 1.5 RTT + 8 down_bytes / down_rate + compute + 8 up_bytes / up_rate
 
 A SuperNode pulls its message (a request and the reply: one RTT before the first byte), trains,
-and pushes its reply (half an RTT until the server has it). TCP slow start, framing and Flower's
-own small messages are not modelled (the networked validation in ``benchmarks/README.md`` says
-how far that takes the figures). The round ends when the last client is back; with a deadline
-(``round-timeout``) it ends at the deadline when a client is later, and the late clients are
-dropped, as a real server that closes the round would.
+and pushes its reply (half an RTT until the server has it). By default the bytes are the app's
+message bytes and nothing else costs time: the link alone. A real deployment also sends IP, TCP,
+TLS, HTTP/2, gRPC and protobuf framing and Flower's own messages, and spends time on message
+handling; a ``Transport`` calibrated on that deployment's unshaped run (wire bytes per app byte
+each way, seconds per client round beyond training) carries them into the model:
+
+    t = 1.5 RTT + wire_down 8 down_bytes / down_rate + compute + wire_up 8 up_bytes / up_rate
+        + overhead
+
+(``benchmarks.link_validation`` measures both and checks the result against shaped links).
+
+The round ends when the last client is back; with a deadline (``round-timeout``) it ends at the
+deadline when a client is later, and the late clients are dropped, as a real server that closes
+the round would.
 
 Per-client spread: each client's rates are the profile's times one log-normal factor
 ``exp(sigma * z)`` (z standard normal, seeded by the run seed and the client's partition, the
@@ -70,12 +79,35 @@ PROFILE_CHOICES: tuple[str, ...] = ("none", *PROFILES, "custom")
 
 
 @dataclass(frozen=True)
+class Transport:
+    """What a deployment adds to the app's bytes and the clients' training (module docstring):
+    wire bytes per app byte each way, and seconds per client round. The default adds nothing."""
+
+    wire_up: float = 1.0
+    wire_down: float = 1.0
+    overhead_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("wire_up", "wire_down"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if not (math.isfinite(self.overhead_s) and self.overhead_s >= 0):
+            raise ValueError(f"overhead_s must be a finite number >= 0, got {self.overhead_s!r}")
+
+
+#: the link alone: app bytes, no deployment overhead.
+NO_TRANSPORT = Transport()
+
+
+@dataclass(frozen=True)
 class ClientLink:
-    """One client's link: its rates (Mbit/s) and RTT (s)."""
+    """One client's link: its rates (Mbit/s) and RTT (s), and the deployment's ``Transport``."""
 
     up_mbps: float
     down_mbps: float
     rtt_s: float
+    transport: Transport = NO_TRANSPORT
 
 
 @dataclass(frozen=True)
@@ -111,22 +143,28 @@ def client_round_seconds(
     down_bytes: int, up_bytes: int, compute_seconds: float, link: ClientLink
 ) -> float:
     """Module docstring's ``t``: pull, train, push on ``link``."""
+    transport = link.transport
     return (
         RTTS_PER_ROUND * link.rtt_s
-        + transfer_seconds(down_bytes, link.down_mbps)
+        + transport.wire_down * transfer_seconds(down_bytes, link.down_mbps)
         + compute_seconds
-        + transfer_seconds(up_bytes, link.up_mbps)
+        + transport.wire_up * transfer_seconds(up_bytes, link.up_mbps)
+        + transport.overhead_s
     )
 
 
-def client_link(profile: LinkProfile, seed: int, partition: int) -> ClientLink:
+def client_link(
+    profile: LinkProfile, seed: int, partition: int, transport: Transport = NO_TRANSPORT
+) -> ClientLink:
     """The link of the client holding ``partition``: the profile's rates times its seeded
-    log-normal factor (module docstring)."""
+    log-normal factor (module docstring), in a deployment that adds ``transport``."""
     factor = 1.0
     if profile.spread > 0:
         z = float(numpy_rng(seed, partition, LINK_SALT).standard_normal())
         factor = math.exp(profile.spread * z)
-    return ClientLink(profile.up_mbps * factor, profile.down_mbps * factor, profile.rtt_ms / 1e3)
+    return ClientLink(
+        profile.up_mbps * factor, profile.down_mbps * factor, profile.rtt_ms / 1e3, transport
+    )
 
 
 def round_time(clients: Iterable[ClientRound], deadline: float = 0.0) -> RoundTime:

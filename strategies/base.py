@@ -78,7 +78,7 @@ from strategies.aggregation import (
     mean_metric,
 )
 from strategies.checkpointing import load_run, save_run
-from strategies.link_timing import RoundClients, profile_of
+from strategies.link_timing import RoundClients, profile_of, transport_of
 from strategies.references import ReferenceBook
 from strategies.reporting import RunProgress, log_round, round_row, summary
 
@@ -637,7 +637,9 @@ class CommunicationStrategy(Strategy):
         """A round's per-client record under the run's link model (``strategies.link_timing``);
         with a link profile ``round-timeout`` is the modelled deadline."""
         deadline = self.cfg.round_timeout if self.link_profile is not None else 0.0
-        return RoundClients(server_round, self.link_profile, self.cfg.seed, deadline)
+        return RoundClients(
+            server_round, self.link_profile, self.cfg.seed, deadline, transport_of(self.cfg)
+        )
 
     def sample_clients(self, server_round: int, client_manager: ClientManager) -> list[ClientProxy]:
         """Seeded sampling of ``fraction-fit`` of the available clients.

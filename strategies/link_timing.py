@@ -17,7 +17,15 @@ from flwr.common import FitRes
 
 from contracts.messages import PARTITION_ID, TRAIN_SECONDS
 from core.config import RunConfig
-from core.link import ClientLink, ClientRound, LinkProfile, client_link, resolve_profile, round_time
+from core.link import (
+    ClientLink,
+    ClientRound,
+    LinkProfile,
+    Transport,
+    client_link,
+    resolve_profile,
+    round_time,
+)
 from strategies.accounting import parameters_nbytes
 
 #: ``clients.csv`` columns (user-facing: add, never rename). ``status``: accepted, rejected
@@ -39,6 +47,11 @@ def profile_of(cfg: RunConfig) -> LinkProfile | None:
     return resolve_profile(
         cfg.link_profile, cfg.link_up_mbps, cfg.link_down_mbps, cfg.link_rtt_ms, cfg.link_spread
     )
+
+
+def transport_of(cfg: RunConfig) -> Transport:
+    """The deployment overheads the run's link model adds (``link-wire-*``, ``link-overhead-s``)."""
+    return Transport(cfg.link_wire_up, cfg.link_wire_down, cfg.link_overhead_s)
 
 
 def reported_partition(res: FitRes) -> int:
@@ -63,13 +76,14 @@ class RoundClients:
     profile: LinkProfile | None
     seed: int
     deadline: float
+    transport: Transport = field(default_factory=Transport)
     sent: dict[str, int] = field(default_factory=dict)
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def link(self, partition: int) -> ClientLink | None:
         if self.profile is None:
             return None
-        return client_link(self.profile, self.seed, max(partition, 0))
+        return client_link(self.profile, self.seed, max(partition, 0), self.transport)
 
     def receive(self, replies: list[tuple[str, FitRes]]) -> tuple[float, set[str]]:
         """Record the replies; returns the round's modelled seconds (NaN without a profile) and

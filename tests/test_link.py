@@ -14,6 +14,7 @@ from core.link import (
     ClientLink,
     ClientRound,
     LinkProfile,
+    Transport,
     client_link,
     client_round_seconds,
     resolve_profile,
@@ -34,6 +35,23 @@ def test_transfer_and_client_seconds_by_hand():
     # 1.5 RTT (0.15 s) + 1 MB down at 1 Mbit/s (8 s) + 2 s training + 250 kB up at 0.25 (8 s)
     assert client_round_seconds(1_000_000, 250_000, 2.0, IOT_LINK) == pytest.approx(18.15)
     assert client_round_seconds(0, 0, 0.0, IOT_LINK) == pytest.approx(0.15)
+
+
+def test_transport_scales_the_transfer_each_way_and_adds_its_overhead_by_hand():
+    calibrated = ClientLink(0.25, 1.0, 0.1, Transport(wire_up=1.5, wire_down=2.0, overhead_s=3.0))
+    # 0.15 s RTT + 2 x 8 s down + 2 s training + 1.5 x 8 s up + 3 s overhead
+    assert client_round_seconds(1_000_000, 250_000, 2.0, calibrated) == pytest.approx(33.15)
+    assert client_round_seconds(0, 0, 0.0, calibrated) == pytest.approx(3.15)
+    flat = LinkProfile(up_mbps=2.0, down_mbps=8.0, rtt_ms=40.0, spread=0.0)
+    transport = Transport(1.2, 1.1, 0.5)
+    assert client_link(flat, 1, 7, transport) == ClientLink(2.0, 8.0, 0.04, transport)
+    for bad in ({"wire_up": 0.0}, {"wire_down": math.nan}, {"overhead_s": -1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Transport(**bad)
+    with pytest.raises(ConfigError, match="link-wire-up"):
+        load_config({"link-profile": "iot", "link-wire-up": 0.0})
+    with pytest.raises(ConfigError, match="link-overhead-s"):
+        load_config({"link-profile": "iot", "link-overhead-s": -2.0})
 
 
 def test_round_ends_with_the_last_client_or_at_the_deadline_dropping_the_straggler():
@@ -101,6 +119,9 @@ def test_a_run_records_modelled_seconds_per_round_and_per_client(tmp_path):
         "num-server-rounds": 2,
         "local-epochs": 1,
         "link-profile": "iot",
+        "link-wire-up": 1.5,
+        "link-wire-down": 1.25,
+        "link-overhead-s": 0.75,
         "target-accuracy": 0.3,
         "results-dir": str(tmp_path),
         "run-name": "iot",
@@ -119,7 +140,7 @@ def test_a_run_records_modelled_seconds_per_round_and_per_client(tmp_path):
                 int(c["downlink_bytes"]),
                 int(c["uplink_bytes"]),
                 float(c["train_seconds"]),
-                client_link(PROFILES["iot"], seed=42, partition=int(c["partition"])),
+                client_link(PROFILES["iot"], 42, int(c["partition"]), Transport(1.5, 1.25, 0.75)),
             )
             for c in mine
         ]
@@ -193,3 +214,25 @@ def test_without_a_profile_nothing_is_modelled(tmp_path):
     assert summary["link_seconds_total"] is None and summary["link_seconds_to_target"] is None
     clients = read_clients(tmp_path / "plain" / "clients.csv")
     assert len(clients) == 2 and all(c["link_seconds"] == "nan" for c in clients)
+
+
+def test_link_validation_calibrates_the_transport_from_the_unshaped_run():
+    """The networked check's calibration: wire factors from the unshaped run's steady bytes
+    (never below 1), overhead = its round seconds beyond the slowest client's training; and the
+    calibrated model recomputed from recorded clients equals the hand-computed round."""
+    from benchmarks.link_validation import Case, calibration, modelled_round_seconds
+    from tools.link_report import ClientRecord
+
+    unshaped = Case("none", "fedavg", 0, 13.0, math.nan, 0.5, "ok", wire_down=1.2, wire_up=1.45)
+    assert calibration(unshaped) == Transport(wire_up=1.45, wire_down=1.2, overhead_s=12.5)
+    odd = Case("none", "x", 0, 0.2, math.nan, 0.5, "ok", wire_down=0.9, wire_up=math.nan)
+    assert calibration(odd) == Transport(1.0, 1.0, 0.0)
+    flat = LinkProfile(up_mbps=0.25, down_mbps=1.0, rtt_ms=100.0, spread=0.0)
+    records = {
+        2: [ClientRecord(2, "a", 0, 125_000, 31_250, 1.0), ClientRecord(2, "b", 1, 0, 0, 4.0)],
+        3: [ClientRecord(3, "a", 0, 250_000, 31_250, 1.0)],
+    }
+    transport = Transport(wire_up=2.0, wire_down=1.0, overhead_s=10.0)
+    # round 2: a = 0.15 + 1 + 1 + 2 x 1 + 10 = 14.15, b = 0.15 + 4 + 10; round 3: 15.15
+    seconds = modelled_round_seconds(records, [2, 3], flat, 0, transport)
+    assert seconds == pytest.approx((14.15 + 15.15) / 2)
