@@ -446,3 +446,48 @@ def test_the_wire_option_leaves_weights_on_the_weight_grid_after_every_epoch() -
     for weight in weights:
         for channel in weight.reshape(weight.shape[0], -1):
             assert torch.unique(channel).numel() <= 2**4 - 1
+
+
+def test_teacher_can_raise_weights_in_an_earlier_range() -> None:
+    """``weight_range``: the teacher's weight raises (both of them) fall inside the given range,
+    after the gradients took theirs; gradients and activations keep the paper's ranges."""
+    from tools.lbi_agent.environment import EnvConfig, teacher_schedule
+
+    times = EnvConfig().decision_times
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        plan = teacher_schedule(times, rng, weight_keep_prob=0.0, weight_range=(0.10, 0.45))
+        by_kind: dict[int, list[float]] = {}
+        for index in sorted(plan):
+            by_kind.setdefault(plan[index], []).append(times[index])
+        assert len(by_kind[1]) == 2 and 0.10 - 1e-9 <= min(by_kind[1])
+        assert max(by_kind[1]) <= 0.45 + 1e-9
+        assert len(by_kind[3]) == 2 and max(by_kind[3]) <= 0.45 + 1e-9
+        assert len(by_kind[2]) == 2 and min(by_kind[2]) >= 0.50 - 1e-9
+
+
+def test_wire_every_rounds_weights_within_the_epoch_and_stays_deterministic() -> None:
+    """``wire_every=N``: the weights also cross the wire every N steps. It changes training
+    (not the same model as once per epoch), keeps the weights on the grid, and two
+    environments with the same config train the same model."""
+    from tools.lbi_agent.environment import BitWidthEnv, EnvConfig, load_env_data
+
+    torch.set_num_threads(1)
+    base = EnvConfig(train_fraction=0.1, epochs=2, start=1, wire=True)
+    train, heldout = load_env_data(base.train_fraction, base.seed)
+    held = torch.utils.data.TensorDataset(*(t[:100] for t in heldout.tensors))
+
+    def trained(cfg: EnvConfig) -> list[torch.Tensor]:
+        env = BitWidthEnv(cfg, (train, held))
+        env.reset()
+        return [p.detach().clone() for p in env._current.model.parameters()]
+
+    every = EnvConfig(train_fraction=0.1, epochs=2, start=1, wire=True, wire_every=2)
+    first, again, per_epoch = trained(every), trained(every), trained(base)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, per_epoch, strict=True))
+    for weight in (p for p in first if p.dim() >= 2):
+        for channel in weight.reshape(weight.shape[0], -1):
+            assert torch.unique(channel).numel() <= 2**4 - 1
+    with pytest.raises(ValueError, match="wire_every"):
+        EnvConfig(wire_every=-1)

@@ -111,8 +111,14 @@ class EnvConfig:
     #: stochastically to the k_w-bit grid (per output channel), as LBI-FL's downlink does
     #: each round; without it, low weight widths cost far less than they do in a federation.
     wire: bool = False
+    #: with ``wire``: also round after every this many optimizer steps (0: once per epoch). A
+    #: federated client's local round is a few steps (600 samples, batch 64: ~10), so its model
+    #: passes the wire far more often than once per epoch of a central subset.
+    wire_every: int = 0
 
     def __post_init__(self) -> None:
+        if self.wire_every < 0:
+            raise ValueError(f"wire_every must be >= 0 (0: once per epoch), got {self.wire_every}")
         if not 0 < self.start < self.epochs:
             raise ValueError(f"need 0 < start < epochs, got start={self.start}, {self.epochs=}")
         if self.interval < 1:
@@ -224,18 +230,28 @@ class BitWidthEnv:
         """Training BitOPs of one epoch (every training sample once) at ``widths``."""
         return training_bitops(self.macs, widths) * self.samples
 
-    def _train_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> None:
+    def _train_epoch(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, weight_bits: int
+    ) -> None:
+        """One epoch; with ``wire`` the weights pass the k_w-bit wire every ``wire_every`` steps
+        (if > 0) and at the end of the epoch."""
         torch.manual_seed(derive_seed(self.cfg.seed, epoch, _NOISE_SALT))
         order = torch.Generator().manual_seed(derive_seed(self.cfg.seed, epoch, _ORDER_SALT))
         model.train()
-        for images, labels in iterate_minibatches(self.train_set, self.cfg.batch_size, order, CPU):
+        batches = iterate_minibatches(self.train_set, self.cfg.batch_size, order, CPU)
+        for step, (images, labels) in enumerate(batches, start=1):
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(images), labels).backward()
             optimizer.step()
+            if self.cfg.wire and self.cfg.wire_every and step % self.cfg.wire_every == 0:
+                self._round_trip(model, weight_bits, epoch, step)
+        if self.cfg.wire:
+            self._round_trip(model, weight_bits, epoch)
 
-    def _round_trip(self, model: nn.Module, bits: int, epoch: int) -> None:
+    def _round_trip(self, model: nn.Module, bits: int, epoch: int, step: int = 0) -> None:
         """Weights through the k_w-bit wire (``wire``): stochastic rounding, channel scales."""
-        generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, epoch, _WIRE_SALT))
+        salt = derive_seed(self.cfg.seed, epoch, _WIRE_SALT)
+        generator = torch.Generator().manual_seed(derive_seed(salt, step) if step else salt)
         with torch.no_grad():
             for parameter in model.parameters():
                 if parameter.dim() < 2:
@@ -260,9 +276,7 @@ class BitWidthEnv:
             set_bit_widths(model, widths)
             reset_statistics(model)
             for epoch in range(len(self._history), len(key)):
-                self._train_epoch(model, optimizer, epoch)
-                if self.cfg.wire:
-                    self._round_trip(model, widths.weight, epoch)
+                self._train_epoch(model, optimizer, epoch, widths.weight)
             self.trained_epochs += epochs
             accuracy = 100.0 * evaluate_model(model, self.heldout, CPU)[1]
             snapshot = _Snapshot(
@@ -278,13 +292,18 @@ class BitWidthEnv:
         self._bitops += self.epoch_bitops(widths) * epochs
         return snapshot
 
-    def run_reference(self) -> ReferenceRun:
-        """Train full INT8 for E epochs from the episodes' initial weights; store a_r per epoch."""
+    def constant_run(self, widths: BitWidths) -> list[float]:
+        """Held-out accuracy after every epoch (index 0 = untrained) of E epochs at ``widths``
+        from the episodes' initial weights (same batches and noise as every episode)."""
         self._history, self._current, self._bitops = (), self._initial, 0
         accuracy = [float("nan")]
         for _ in range(self.cfg.epochs):
-            accuracy.append(self._advance(INT8, 1).accuracy)
-        self.reference = ReferenceRun(accuracy, self.epoch_bitops(INT8))
+            accuracy.append(self._advance(widths, 1).accuracy)
+        return accuracy
+
+    def run_reference(self) -> ReferenceRun:
+        """Train full INT8 for E epochs from the episodes' initial weights; store a_r per epoch."""
+        self.reference = ReferenceRun(self.constant_run(INT8), self.epoch_bitops(INT8))
         return self.reference
 
     # ----------------------------------------------------------------- MDP
@@ -413,12 +432,16 @@ def teacher_schedule(
     decision_times: Sequence[float],
     rng: np.random.Generator,
     weight_keep_prob: float = 0.5,
+    weight_range: tuple[float, float] = WEIGHT_RANGE,
 ) -> dict[int, int]:
     """A Section 4.4 teacher sample as {decision index: action}.
 
     Each kind going to INT8 reaches it at a time drawn uniformly within its range (gradients
-    [0.10, 0.45], activations [0.50, 0.90], weights [0.50, 0.95] or, with probability
-    ``weight_keep_prob``, kept at INT4). INT4 -> INT8 takes two +2 raises at two decisions of the
+    [0.10, 0.45], activations [0.50, 0.90], weights ``weight_range``, by default the paper's
+    [0.50, 0.95], or, with probability ``weight_keep_prob``, kept at INT4). The paper's ranges
+    suit central training, where weights matter last; where the weights also cross a low-bit
+    wire every round (federated LBI-FL), an earlier weight range lets the teacher show the
+    agent the raise that pays there. INT4 -> INT8 takes two +2 raises at two decisions of the
     range that no earlier kind took: the decision that reaches INT8 is drawn among those that
     leave a free decision before it in the range, and the first raise goes to the latest such
     free decision. Kinds are placed in the order gradient, activation, weight; a kind whose range
@@ -428,7 +451,7 @@ def teacher_schedule(
     plan: dict[int, int] = {}
     ranges = [("gradient", GRADIENT_RANGE), ("activation", ACTIVATION_RANGE)]
     if rng.random() >= weight_keep_prob:
-        ranges.append(("weight", WEIGHT_RANGE))
+        ranges.append(("weight", weight_range))
     for kind, (low, high) in ranges:
         free = [
             int(i)

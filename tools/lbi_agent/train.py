@@ -56,6 +56,7 @@ from compression import lowbit
 from compression.lowbit import INT8
 from core.seeding import derive_seed
 from tools.lbi_agent.environment import (
+    WEIGHT_RANGE,
     BitWidthEnv,
     EnvConfig,
     Episode,
@@ -101,6 +102,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--wire",
         action="store_true",
         help="round weights to the k_w-bit grid after every epoch (the federated round trip)",
+    )
+    p.add_argument(
+        "--wire-every",
+        type=int,
+        default=EnvConfig.wire_every,
+        help="with --wire: also round every N optimizer steps (a federated local round's length)",
+    )
+    p.add_argument(
+        "--teacher-weight-range",
+        type=float,
+        nargs=2,
+        default=list(WEIGHT_RANGE),
+        metavar=("LOW", "HIGH"),
+        help="time range in which the teacher raises weights (paper: 0.50 0.95)",
     )
     p.add_argument(
         "--env-seeds", type=int, default=3, help="training environments (init/data seeds)"
@@ -155,6 +170,7 @@ def env_config(args: argparse.Namespace, seed: int) -> EnvConfig:
         seed=seed,
         cache_size=args.cache_size,
         wire=args.wire,
+        wire_every=args.wire_every,
     )
 
 
@@ -218,7 +234,9 @@ def collect_teacher(training: Training) -> list[Episode]:
     episodes = []
     for _ in range(args.teacher_episodes):
         number, env = training.next_episode()
-        plan = teacher_schedule(env.cfg.decision_times, rng, args.weight_keep_prob)
+        plan = teacher_schedule(
+            env.cfg.decision_times, rng, args.weight_keep_prob, tuple(args.teacher_weight_range)
+        )
         episode = run_episode(env, plan_policy(plan))
         episodes.append(episode)
         training.log.write(episode.log_record(kind="teacher", episode=number))
@@ -332,7 +350,14 @@ def evaluate_fresh(
         [
             run_episode(
                 env,
-                plan_policy(teacher_schedule(env.cfg.decision_times, rng, args.weight_keep_prob)),
+                plan_policy(
+                    teacher_schedule(
+                        env.cfg.decision_times,
+                        rng,
+                        args.weight_keep_prob,
+                        tuple(args.teacher_weight_range),
+                    )
+                ),
             )
             for _ in range(args.eval_repeats)
         ],
