@@ -212,6 +212,19 @@ def test_table_mean_std_and_uplink_to_target(tmp_path):
     assert len(list(experiment.folder.glob("*-total.png"))) == 2
     assert "total MB to 50%" in text and "12.00 (3/3)" in text
     assert (experiment.folder / "table.csv").read_text().count("\n") == 1 + 4
+    assert "last 2 rounds" not in text  # off unless the experiment asks for it
+
+    # tail-rounds = 2: each run's last two rounds (round 0, the initial model, left out):
+    # fedavg (0.4 + final) / 2 per seed -> 60, 65, 55 %: mean 60, sample std 5.
+    tables = table_rows(collect(experiment.folder), target=0.5, tail=2)
+    fedavg = next(
+        r for r in tables[("dataset=digits", "partitioner=iid")] if r["method"] == "fedavg"
+    )
+    assert fedavg["tail_accuracy_mean"] == pytest.approx(60.0)
+    assert fedavg["tail_accuracy_std"] == pytest.approx(5.0)
+    experiment.tail_rounds = 2
+    text = write_report(experiment).read_text()
+    assert "last 2 rounds % (mean ± std)" in text and "60.00 ± 5.00" in text
 
 
 def test_toml_values_for_run_config():

@@ -491,3 +491,46 @@ def test_wire_every_rounds_weights_within_the_epoch_and_stays_deterministic() ->
             assert torch.unique(channel).numel() <= 2**4 - 1
     with pytest.raises(ValueError, match="wire_every"):
         EnvConfig(wire_every=-1)
+
+
+def test_teacher_keep_probabilities_skip_gradient_and_activation_raises() -> None:
+    """Keep probabilities of 1 leave gradients/activations at INT4; 0 (the default) draws
+    nothing, so the paper teacher's stream of samples is unchanged; 0.5 mixes both."""
+    from tools.lbi_agent.environment import EnvConfig, teacher_schedule
+
+    times = EnvConfig().decision_times
+    paper = [teacher_schedule(times, np.random.default_rng(9)) for _ in range(1)]
+    explicit = [teacher_schedule(times, np.random.default_rng(9), 0.5, (0.50, 0.95), 0.0, 0.0)]
+    assert paper == explicit
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        plan = teacher_schedule(times, rng, 1.0, gradient_keep_prob=1.0, activation_keep_prob=1.0)
+        assert plan == {}
+    kinds = [
+        set(teacher_schedule(times, rng, 1.0, (0.5, 0.95), 0.5, 0.5).values()) for _ in range(200)
+    ]
+    assert 60 < sum(3 in k for k in kinds) < 140 and 60 < sum(2 in k for k in kinds) < 140
+
+
+def test_compare_runs_every_schedule_from_the_same_start(tmp_path) -> None:
+    """tools.lbi_agent.compare on a tiny environment: every schedule is there, UI8 costs 1.0 of
+    UI8's BitOPs, UI4 0.25, FP32 16, the agent's figures are its episode's, and the JSON holds
+    the table."""
+    from clients.lbi_agent import load_default_agent
+    from tools.lbi_agent import compare
+
+    torch.set_num_threads(1)
+    out = tmp_path / "compare.json"
+    flags = ["--train-fraction", "0.1", "--heldout-size", "100", "--epochs", "3", "--start", "1"]
+    agent_file = tmp_path / "agent.json"
+    load_default_agent().save(agent_file)
+    assert (
+        compare.main(["--agent", str(agent_file), "--seeds", "5", "--json", str(out), *flags]) == 0
+    )
+    payload = json.loads(out.read_text())
+    rows = payload["results"][0]["rows"]
+    assert list(rows) == ["fp32", "ui8", "ui4", "random", "random-matched", "agent"]
+    assert rows["ui8"]["bitops_vs_int8"] == 1.0 and rows["fp32"]["bitops_vs_int8"] == 16.0
+    assert rows["ui4"]["bitops_vs_int8"] == pytest.approx(0.25)
+    assert all(0.0 <= row["accuracy"] <= 100.0 for row in rows.values())
+    assert "| agent |" in payload["table"]

@@ -10,6 +10,7 @@ An experiment file (TOML):
     output = "benchmarks/results"   # relative to the file's folder
     seeds = [1, 2, 3]
     target-accuracy = 0.95          # the table reports uplink MB needed to first reach it
+    tail-rounds = 5                 # optional: tables add the mean accuracy of the last 5 rounds
     requires = "cpu"                # informational: "cpu" or "gpu + network"
     [fixed]                         # run-config keys shared by every point
     dataset = "digits"
@@ -118,6 +119,9 @@ class Experiment:
     #: sizes it models them at (0: the run's own; N: scaled to N parameters).
     link_profiles: list[str] = field(default_factory=list)
     link_scale_params: list[int] = field(default_factory=lambda: [0])
+    #: > 0: the tables add each row's accuracy averaged over its runs' last N rounds (a steadier
+    #: figure than the final round's where accuracy swings from round to round, e.g. non-IID).
+    tail_rounds: int = 0
 
     @property
     def folder(self) -> Path:
@@ -211,6 +215,7 @@ def load_experiment(path: Path) -> Experiment:
         "tune",
         "link-profiles",
         "link-scale-params",
+        "tail-rounds",
     }
     if unknown:
         raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}")
@@ -240,7 +245,10 @@ def load_experiment(path: Path) -> Experiment:
         tune_metric=metric,
         link_profiles=[str(p) for p in data.get("link-profiles", [])],
         link_scale_params=[int(n) for n in data.get("link-scale-params", [0])],
+        tail_rounds=int(data.get("tail-rounds", 0)),
     )
+    if experiment.tail_rounds < 0:
+        raise ValueError(f"{path}: tail-rounds must be >= 0, got {experiment.tail_rounds}")
     if stray := sorted(set(experiment.link_profiles) - set(PROFILES)):
         raise ValueError(f"{path}: unknown link-profiles {stray}; valid: {', '.join(PROFILES)}")
     strategies = {strategy_of(point.config) for point in experiment.points()}
@@ -372,6 +380,14 @@ class RunResult:
             for k in GROUP_KEYS
             if k in self.config and _relevant(k, self.config)
         )
+
+    def tail_accuracy(self, rounds: int) -> float:
+        """Mean test accuracy (0..1) of the last ``rounds`` recorded rounds (round 0, the
+        initial model, excluded); NaN when ``rounds`` is 0 or nothing was recorded."""
+        trained = [float(r["accuracy"]) for r in self.rounds if r.get("round", 1) > 0]
+        if rounds <= 0 or not trained:
+            return math.nan
+        return float(np.mean(trained[-rounds:]))
 
     def validation(self, metric: str) -> float:
         """The run's validation metric (a ``summary.json`` field); NaN without a validation
@@ -550,9 +566,10 @@ def choose_settings(results: list[RunResult], metric: str) -> list[Candidate]:
 
 
 def table_rows(
-    results: list[RunResult], target: float, metric: str = "final_val_accuracy"
+    results: list[RunResult], target: float, metric: str = "final_val_accuracy", tail: int = 0
 ) -> dict[tuple[str, ...], list[dict]]:
-    """Per group (dataset, model, partition): one row per method, aggregated over seeds.
+    """Per group (dataset, model, partition): one row per method, aggregated over seeds
+    (``tail`` > 0: also the accuracy over each run's last ``tail`` rounds).
 
     With tuning, pass only the chosen settings' runs (``choose_settings``): a row aggregates
     every run it is given.
@@ -567,6 +584,7 @@ def table_rows(
         rows = []
         for method, runs in sorted(methods.items()):
             acc_mean, acc_std = mean_std(100 * r.summary["final_accuracy"] for r in runs)
+            tail_mean, tail_std = mean_std(100 * r.tail_accuracy(tail) for r in runs)
             val_mean, val_std = mean_std(100 * r.validation(metric) for r in runs)
             reach_mean, _ = mean_std(r.uplink_mb_to_reach(target) for r in runs)
             total_reach_mean, _ = mean_std(r.total_mb_to_reach(target) for r in runs)
@@ -580,6 +598,8 @@ def table_rows(
                     "validation_std": val_std,
                     "accuracy_mean": acc_mean,
                     "accuracy_std": acc_std,
+                    "tail_accuracy_mean": tail_mean,
+                    "tail_accuracy_std": tail_std,
                     "uplink_bpp": float(np.mean([r.summary["uplink_bpp"] for r in runs])),
                     "downlink_bpp": float(np.mean([r.summary["downlink_bpp"] for r in runs])),
                     "total_gb": float(
@@ -610,7 +630,12 @@ def _pm(mean: float, std: float) -> str:
 
 
 def markdown_table(
-    rows: list[dict], target: float, *, tuned: bool = False, validation: bool = False
+    rows: list[dict],
+    target: float,
+    *,
+    tuned: bool = False,
+    validation: bool = False,
+    tail: int = 0,
 ) -> str:
     """The main table of a group; ``tuned`` adds the chosen setting, ``validation`` its mean
     validation accuracy (the figure it was chosen by)."""
@@ -620,6 +645,7 @@ def markdown_table(
     columns += ["validation % (mean ± std)"] if validation else []
     columns += [
         "test accuracy % (mean ± std)",
+        *([f"last {tail} rounds % (mean ± std)"] if tail > 0 else []),
         "uplink bpp",
         "downlink bpp",
         "total GB",
@@ -633,6 +659,7 @@ def markdown_table(
         cells += [_pm(row["validation_mean"], row["validation_std"])] if validation else []
         cells += [
             _pm(row["accuracy_mean"], row["accuracy_std"]),
+            *([_pm(row["tail_accuracy_mean"], row["tail_accuracy_std"])] if tail > 0 else []),
             f"{row['uplink_bpp']:.3f}",
             f"{row['downlink_bpp']:.3f}",
             f"{row['total_gb']:.4f}",
@@ -799,14 +826,19 @@ def write_report(experiment: Experiment) -> Path:
     metric = experiment.tune_metric
     candidates = choose_settings(results, metric)
     selected = [run for c in candidates if c.chosen for run in c.runs]
-    tables = table_rows(selected, experiment.target_accuracy, metric)
+    tables = table_rows(selected, experiment.target_accuracy, metric, experiment.tail_rounds)
     tuned = bool(experiment.tune)
     validation = any(not math.isnan(row["validation_mean"]) for t in tables.values() for row in t)
+    tail_note = (
+        f" (and, where shown, the mean over each run's last {experiment.tail_rounds} rounds)"
+        if experiment.tail_rounds
+        else ""
+    )
     head = (
         f"# {experiment.name}\n\nMeasured bpp = 8 x bytes on the wire / scalars of a "
         f"FedAvg message / client messages. Seeds: {experiment.seeds}. Test accuracy is the "
-        f"final round's; MB to a target are cumulative until the round that first reached it "
-        f"(uplink, and uplink + downlink).\n"
+        f"final round's{tail_note}; MB to a target are cumulative until the round that first "
+        f"reached it (uplink, and uplink + downlink).\n"
     )
     if tuned:
         head += (
@@ -826,7 +858,11 @@ def write_report(experiment: Experiment) -> Path:
             plot_group(runs, label, experiment.folder / f"{slug}.png")
             plot_group_total(runs, label, experiment.folder / f"{slug}-total.png")
             table = markdown_table(
-                rows, experiment.target_accuracy, tuned=tuned, validation=validation
+                rows,
+                experiment.target_accuracy,
+                tuned=tuned,
+                validation=validation,
+                tail=experiment.tail_rounds,
             )
             sections.append(
                 f"## {label}\n\n{table}\n\n![{label}]({slug}.png)\n\n"

@@ -238,14 +238,15 @@ class BitWidthEnv:
         torch.manual_seed(derive_seed(self.cfg.seed, epoch, _NOISE_SALT))
         order = torch.Generator().manual_seed(derive_seed(self.cfg.seed, epoch, _ORDER_SALT))
         model.train()
+        wire = self.cfg.wire and weight_bits < 32  # FP32 weights go down as float32
         batches = iterate_minibatches(self.train_set, self.cfg.batch_size, order, CPU)
         for step, (images, labels) in enumerate(batches, start=1):
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(images), labels).backward()
             optimizer.step()
-            if self.cfg.wire and self.cfg.wire_every and step % self.cfg.wire_every == 0:
+            if wire and self.cfg.wire_every and step % self.cfg.wire_every == 0:
                 self._round_trip(model, weight_bits, epoch, step)
-        if self.cfg.wire:
+        if wire:
             self._round_trip(model, weight_bits, epoch)
 
     def _round_trip(self, model: nn.Module, bits: int, epoch: int, step: int = 0) -> None:
@@ -433,6 +434,8 @@ def teacher_schedule(
     rng: np.random.Generator,
     weight_keep_prob: float = 0.5,
     weight_range: tuple[float, float] = WEIGHT_RANGE,
+    gradient_keep_prob: float = 0.0,
+    activation_keep_prob: float = 0.0,
 ) -> dict[int, int]:
     """A Section 4.4 teacher sample as {decision index: action}.
 
@@ -446,10 +449,22 @@ def teacher_schedule(
     leave a free decision before it in the range, and the first raise goes to the latest such
     free decision. Kinds are placed in the order gradient, activation, weight; a kind whose range
     holds fewer than two free decisions is left at INT4 (never moved outside its range).
+
+    ``gradient_keep_prob`` / ``activation_keep_prob`` (0: the paper's teacher, which always
+    raises both) keep those kinds at INT4 with that probability, so the teacher's samples also
+    hold schedules that skip raises the rewards may not pay for; a probability of 0 draws
+    nothing, so the default stream of samples is the paper teacher's.
     """
     times = np.asarray(decision_times)
     plan: dict[int, int] = {}
-    ranges = [("gradient", GRADIENT_RANGE), ("activation", ACTIVATION_RANGE)]
+    ranges = [
+        (kind, bounds)
+        for kind, bounds, keep in (
+            ("gradient", GRADIENT_RANGE, gradient_keep_prob),
+            ("activation", ACTIVATION_RANGE, activation_keep_prob),
+        )
+        if not (keep > 0 and rng.random() < keep)
+    ]
     if rng.random() >= weight_keep_prob:
         ranges.append(("weight", weight_range))
     for kind, (low, high) in ranges:

@@ -118,6 +118,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="time range in which the teacher raises weights (paper: 0.50 0.95)",
     )
     p.add_argument(
+        "--teacher-gradient-keep-prob",
+        type=float,
+        default=0.0,
+        help="probability the teacher keeps gradients at INT4 (paper: 0, always raised)",
+    )
+    p.add_argument(
+        "--teacher-activation-keep-prob",
+        type=float,
+        default=0.0,
+        help="probability the teacher keeps activations at INT4 (paper: 0, always raised)",
+    )
+    p.add_argument(
         "--env-seeds", type=int, default=3, help="training environments (init/data seeds)"
     )
     p.add_argument("--teacher-episodes", type=int, default=24)
@@ -227,6 +239,20 @@ def build_environments(args: argparse.Namespace, log: _Log) -> list[BitWidthEnv]
     return envs
 
 
+def teacher_plan(
+    args: argparse.Namespace, times: Sequence[float], rng: np.random.Generator
+) -> dict[int, int]:
+    """A teacher sample (``teacher_schedule``) with the command's teacher settings."""
+    return teacher_schedule(
+        times,
+        rng,
+        args.weight_keep_prob,
+        tuple(args.teacher_weight_range),
+        args.teacher_gradient_keep_prob,
+        args.teacher_activation_keep_prob,
+    )
+
+
 def collect_teacher(training: Training) -> list[Episode]:
     """(b) Teacher episodes of Section 4.4, one per environment in rotation."""
     args = training.args
@@ -234,9 +260,7 @@ def collect_teacher(training: Training) -> list[Episode]:
     episodes = []
     for _ in range(args.teacher_episodes):
         number, env = training.next_episode()
-        plan = teacher_schedule(
-            env.cfg.decision_times, rng, args.weight_keep_prob, tuple(args.teacher_weight_range)
-        )
+        plan = teacher_plan(args, env.cfg.decision_times, rng)
         episode = run_episode(env, plan_policy(plan))
         episodes.append(episode)
         training.log.write(episode.log_record(kind="teacher", episode=number))
@@ -350,14 +374,7 @@ def evaluate_fresh(
         [
             run_episode(
                 env,
-                plan_policy(
-                    teacher_schedule(
-                        env.cfg.decision_times,
-                        rng,
-                        args.weight_keep_prob,
-                        tuple(args.teacher_weight_range),
-                    )
-                ),
+                plan_policy(teacher_plan(args, env.cfg.decision_times, rng)),
             )
             for _ in range(args.eval_repeats)
         ],
