@@ -161,6 +161,34 @@ def test_resumption_skips_finished_points_and_failures_stop(tmp_path):
         run_experiment(experiment, failing, echo=lambda _: None)
 
 
+def test_an_interrupted_point_with_a_checkpoint_resumes_from_it(tmp_path):
+    """A point whose folder has a checkpoint but no completed summary goes on from it
+    (``resume-from``); the others start afresh; and ``resume-from`` never labels a row."""
+    experiment = demo(tmp_path)
+    points = experiment.points()
+    victim = points[3]
+    checkpoint = experiment.folder / victim.name / "checkpoint.npz"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"not read by the fake runner")
+    seen: dict[str, dict] = {}
+
+    def runner(point: Point, folder: Path) -> None:
+        seen[point.name] = dict(point.config)
+        fake_run(point, folder, [0.1, 0.6])
+
+    lines: list[str] = []
+    assert run_experiment(experiment, runner, echo=lines.append) == len(points)
+    assert seen[victim.name]["resume-from"] == str(checkpoint)
+    assert all("resume-from" not in c for name, c in seen.items() if name != victim.name)
+    assert any(line == f"{victim.name}: resuming from {checkpoint}" for line in lines)
+    results = collect(experiment.folder)
+    summary = json.loads((experiment.folder / victim.name / "summary.json").read_text())
+    summary["config"]["resume-from"] = str(checkpoint)  # as the app records a resumed run
+    (experiment.folder / victim.name / "summary.json").write_text(json.dumps(summary))
+    results = collect(experiment.folder)
+    assert {r.method for r in results} == {"fedavg", "fedbif"}
+
+
 def test_a_point_another_process_finished_meanwhile_is_not_run_again(tmp_path):
     """Two harness processes on one grid (e.g. one per seed): a point that was unfinished when
     this process listed its work, but finished by the other before its turn, is skipped."""

@@ -66,6 +66,7 @@ from typing import Any
 
 import numpy as np
 
+from core.checkpoint import CHECKPOINT_NAME
 from core.link import PROFILES
 from core.plots import pyplot, save_figure
 from core.results import read_rounds
@@ -327,7 +328,11 @@ RUNNERS = {"flwr": flwr_runner, "inprocess": inprocess_runner}
 def run_experiment(
     experiment: Experiment, runner: Runner | None = None, echo: Callable[[str], None] = print
 ) -> int:
-    """Run every unfinished point; returns how many ran. Raises on the first failed run."""
+    """Run every unfinished point; returns how many ran. Raises on the first failed run.
+
+    A point whose folder holds a checkpoint (``checkpoint = true``, the app's default) but no
+    completed summary was interrupted: it continues from its last finished round
+    (``resume-from``), so long runs progress across sessions instead of starting over."""
     runner = runner or flwr_runner(experiment)
     experiment.folder.mkdir(parents=True, exist_ok=True)
     points = experiment.points()
@@ -341,6 +346,10 @@ def run_experiment(
         if is_finished(experiment.folder / point.name):  # another process of the grid ran it
             echo(f"[{len(points) - len(todo) + index}/{len(points)}] {point.name} already done")
             continue
+        checkpoint = experiment.folder / point.name / CHECKPOINT_NAME
+        if checkpoint.exists():  # an interrupted run with checkpoints: go on from its last round
+            echo(f"{point.name}: resuming from {checkpoint}")
+            point = Point(point.name, {**point.config, "resume-from": str(checkpoint)})
         runner(point, experiment.folder)
         if not is_finished(experiment.folder / point.name):
             raise RuntimeError(f"point {point.name} left no completed summary.json")
@@ -425,7 +434,15 @@ def _relevant(key: str, config: Mapping[str, Any]) -> bool:
 
 
 #: keys that never tell two table rows apart: seeds are averaged, groups make tables.
-_NOT_LABELS = {"seed", "results-dir", "run-name", "strategy", "checkpoint", *GROUP_KEYS}
+_NOT_LABELS = {
+    "seed",
+    "results-dir",
+    "run-name",
+    "strategy",
+    "checkpoint",
+    "resume-from",
+    *GROUP_KEYS,
+}
 
 
 def label_runs(
