@@ -601,3 +601,29 @@ def test_report_models_time_to_target_on_link_profiles(tmp_path):
             shown = f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
             assert (f"**{shown}**" in report) == bold and shown in report
     assert len(list(experiment.folder.glob("*-time.png"))) == 2
+
+
+def test_where_selects_a_slice_of_the_grid(tmp_path):
+    """``--where KEY=VALUE``: only the matching points run (values as the file writes them);
+    a key no point sets is refused with the keys they do set."""
+    from tools.experiment import select_points
+
+    experiment = demo(tmp_path)
+    points = experiment.points()
+    fedavg = select_points(points, ["strategy=fedavg"])
+    assert fedavg and all(p.config["strategy"] == "fedavg" for p in fedavg)
+    assert len(fedavg) == len(points) // 2
+    one = select_points(points, ["strategy=fedavg", "seed=2", "dirichlet-alpha=0.1"])
+    assert len(one) == 1 and one[0].config["seed"] == 2
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        select_points(points, ["strategy"])
+    with pytest.raises(ValueError, match="no point sets"):
+        select_points(points, ["stratgy=fedavg"])
+    calls: list[str] = []
+    ran = run_experiment(
+        experiment,
+        lambda point, folder: (calls.append(point.name), fake_run(point, folder, [0.1, 0.6])),
+        echo=lambda _: None,
+        where=["strategy=fedbif"],
+    )
+    assert ran == len(points) // 2 and all(name.startswith("strategy=fedbif") for name in calls)

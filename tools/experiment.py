@@ -59,7 +59,7 @@ import sys
 import time
 import tomllib
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -325,8 +325,30 @@ def inprocess_runner(experiment: Experiment) -> Runner:
 RUNNERS = {"flwr": flwr_runner, "inprocess": inprocess_runner}
 
 
+def select_points(points: list[Point], where: Sequence[str]) -> list[Point]:
+    """The points whose run config matches every ``KEY=VALUE`` of ``where`` (the value as the
+    experiment file writes it: ``partitioner=dirichlet``, ``fedbif-bits=3``, ``seed=1``)."""
+    wanted: dict[str, str] = {}
+    for condition in where:
+        key, sep, value = condition.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--where takes KEY=VALUE, got {condition!r}")
+        wanted[key] = value
+    known = set().union(*(p.config for p in points)) if points else set()
+    if stray := sorted(set(wanted) - known):
+        raise ValueError(f"--where names keys no point sets: {stray}; they set {sorted(known)}")
+
+    def text(value: Any) -> str:
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    return [p for p in points if all(text(p.config.get(k)) == v for k, v in wanted.items())]
+
+
 def run_experiment(
-    experiment: Experiment, runner: Runner | None = None, echo: Callable[[str], None] = print
+    experiment: Experiment,
+    runner: Runner | None = None,
+    echo: Callable[[str], None] = print,
+    where: Sequence[str] = (),
 ) -> int:
     """Run every unfinished point; returns how many ran. Raises on the first failed run.
 
@@ -335,7 +357,7 @@ def run_experiment(
     (``resume-from``), so long runs progress across sessions instead of starting over."""
     runner = runner or flwr_runner(experiment)
     experiment.folder.mkdir(parents=True, exist_ok=True)
-    points = experiment.points()
+    points = select_points(experiment.points(), where)
     todo = [p for p in points if not is_finished(experiment.folder / p.name)]
     echo(
         f"{experiment.name}: {len(points)} points, {len(points) - len(todo)} done, "
@@ -918,15 +940,26 @@ def main(argv: list[str] | None = None) -> int:
         default="flwr",
         help="flwr: every point through `flwr run` (default); inprocess: quick",
     )
+    parser.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run or list only the points whose run config has KEY=VALUE (repeatable)",
+    )
     args = parser.parse_args(argv)
     experiment = load_experiment(args.experiment)
+    try:
+        selected = select_points(experiment.points(), args.where)
+    except ValueError as err:
+        parser.error(str(err))
     if args.command == "list":
-        for point in experiment.points():
+        for point in selected:
             print(point.name)
         return 0
     if args.command == "run":
         try:
-            run_experiment(experiment, RUNNERS[args.runner](experiment))
+            run_experiment(experiment, RUNNERS[args.runner](experiment), where=args.where)
         except RuntimeError as err:
             print(f"experiment stopped: {err}", file=sys.stderr)
             return 1
