@@ -534,3 +534,38 @@ def test_compare_runs_every_schedule_from_the_same_start(tmp_path) -> None:
     assert rows["ui4"]["bitops_vs_int8"] == pytest.approx(0.25)
     assert all(0.0 <= row["accuracy"] <= 100.0 for row in rows.values())
     assert "| agent |" in payload["table"]
+
+
+@pytest.mark.parametrize(
+    "losses",
+    [
+        {"weight": 0.126, "activation": 0.0122, "gradient": 0.0041},  # a federated client's
+        {"weight": 0.05, "activation": 0.02, "gradient": 0.01},
+        {"weight": 0.2, "activation": 0.005, "gradient": 0.002},
+    ],
+)
+def test_the_fmnist_agent_raises_weights_early_and_never_gradients(losses) -> None:
+    """The shipped Fashion-MNIST agent, rolled out over the 18 decisions of its environment as
+    a client would (widths and change times updated after each action): the weights reach
+    INT8 by t = 0.25, the gradients stay at INT4 (what its training found pays under Eqs. 6-8)."""
+    from clients.lbi_agent import BitWidthAgent, build_state
+
+    agent = BitWidthAgent.load("clients/lbi_agent_fmnist.json")
+    assert "--wire" in agent.metadata["command"] and "fmnist" in agent.metadata["command"]
+    widths, last_change, weight_at_8 = (
+        INT4,
+        dict.fromkeys(("weight", "activation", "gradient"), -1.0),
+        None,
+    )
+    for index in range(2, 20):
+        time_step = index / 20
+        action = agent.act(build_state(time_step, widths, losses, last_change), widths)
+        new = apply_action(widths, action)
+        for kind in last_change:
+            if new.get(kind) != widths.get(kind):
+                last_change[kind] = time_step
+        widths = new
+        if widths.weight == 8 and weight_at_8 is None:
+            weight_at_8 = time_step
+    assert weight_at_8 is not None and weight_at_8 <= 0.25
+    assert widths.gradient == 4
