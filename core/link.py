@@ -45,6 +45,15 @@ LINK_SALT = 0x11AC
 RTTS_PER_ROUND = 1.5
 
 
+def _check_fields(obj: object, positive: tuple[str, ...], non_negative: tuple[str, ...]) -> None:
+    """Refuse non-finite figures, and ones <= 0 (``positive``) or < 0 (``non_negative``)."""
+    for names, ok, bound in ((positive, float.__gt__, "> 0"), (non_negative, float.__ge__, ">= 0")):
+        for name in names:
+            value = float(getattr(obj, name))
+            if not (math.isfinite(value) and ok(value, 0.0)):
+                raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class LinkProfile:
     """Median link of a client population: rates in Mbit/s, RTT in ms, log-normal spread."""
@@ -55,14 +64,7 @@ class LinkProfile:
     spread: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("up_mbps", "down_mbps"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        for name in ("rtt_ms", "spread"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        _check_fields(self, positive=("up_mbps", "down_mbps"), non_negative=("rtt_ms", "spread"))
 
 
 #: Named profiles (README, "Link model", gives the sources): ``iot`` an LTE-M class device
@@ -88,12 +90,7 @@ class Transport:
     overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("wire_up", "wire_down"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if not (math.isfinite(self.overhead_s) and self.overhead_s >= 0):
-            raise ValueError(f"overhead_s must be a finite number >= 0, got {self.overhead_s!r}")
+        _check_fields(self, positive=("wire_up", "wire_down"), non_negative=("overhead_s",))
 
 
 #: the link alone: app bytes, no deployment overhead.
