@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from core.config import parse_run_config
@@ -162,14 +163,20 @@ def test_resumption_skips_finished_points_and_failures_stop(tmp_path):
 
 
 def test_an_interrupted_point_with_a_checkpoint_resumes_from_it(tmp_path):
-    """A point whose folder has a checkpoint but no completed summary goes on from it
-    (``resume-from``); the others start afresh; and ``resume-from`` never labels a row."""
-    experiment = demo(tmp_path)
+    """A point whose folder has a checkpoint with rounds still to run, but no completed summary,
+    goes on from it (``resume-from``). A checkpoint that already holds every round (stopped
+    between its last round and its summary) or cannot be read is removed and the point starts
+    afresh; the others start afresh anyway; and ``resume-from`` never labels a row."""
+    from core.checkpoint import save_checkpoint
+
+    experiment = demo(tmp_path)  # num-server-rounds = 2
     points = experiment.points()
-    victim = points[3]
-    checkpoint = experiment.folder / victim.name / "checkpoint.npz"
-    checkpoint.parent.mkdir(parents=True)
-    checkpoint.write_bytes(b"not read by the fake runner")
+    partial, full, broken = points[3], points[5], points[7]
+    for point, done in ((partial, 1), (full, 2)):
+        (experiment.folder / point.name).mkdir(parents=True)
+        save_checkpoint(experiment.folder / point.name, {"w": np.zeros(2)}, {"round": done})
+    (experiment.folder / broken.name).mkdir(parents=True)
+    (experiment.folder / broken.name / "checkpoint.npz").write_bytes(b"not a checkpoint")
     seen: dict[str, dict] = {}
 
     def runner(point: Point, folder: Path) -> None:
@@ -178,15 +185,19 @@ def test_an_interrupted_point_with_a_checkpoint_resumes_from_it(tmp_path):
 
     lines: list[str] = []
     assert run_experiment(experiment, runner, echo=lines.append) == len(points)
-    assert seen[victim.name]["resume-from"] == str(checkpoint)
-    assert all("resume-from" not in c for name, c in seen.items() if name != victim.name)
-    assert any(line == f"{victim.name}: resuming from {checkpoint}" for line in lines)
-    results = collect(experiment.folder)
-    summary = json.loads((experiment.folder / victim.name / "summary.json").read_text())
+    checkpoint = experiment.folder / partial.name / "checkpoint.npz"
+    assert seen[partial.name]["resume-from"] == str(checkpoint)
+    assert all("resume-from" not in c for name, c in seen.items() if name != partial.name)
+    assert f"{partial.name}: resuming from {checkpoint} after round 1" in lines
+    assert f"{full.name}: checkpoint holds all 2 rounds but no summary; starting afresh" in lines
+    assert any(line.startswith(f"{broken.name}: unreadable checkpoint") for line in lines)
+    assert not (experiment.folder / full.name / "checkpoint.npz").exists()
+    assert not (experiment.folder / broken.name / "checkpoint.npz").exists()
+    summary_path = experiment.folder / partial.name / "summary.json"
+    summary = json.loads(summary_path.read_text())
     summary["config"]["resume-from"] = str(checkpoint)  # as the app records a resumed run
-    (experiment.folder / victim.name / "summary.json").write_text(json.dumps(summary))
-    results = collect(experiment.folder)
-    assert {r.method for r in results} == {"fedavg", "fedbif"}
+    summary_path.write_text(json.dumps(summary))
+    assert {r.method for r in collect(experiment.folder)} == {"fedavg", "fedbif"}
 
 
 def test_a_point_another_process_finished_meanwhile_is_not_run_again(tmp_path):

@@ -66,7 +66,7 @@ from typing import Any
 
 import numpy as np
 
-from core.checkpoint import CHECKPOINT_NAME
+from core.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from core.link import PROFILES
 from core.plots import pyplot, save_figure
 from core.results import read_rounds
@@ -344,6 +344,31 @@ def select_points(points: list[Point], where: Sequence[str]) -> list[Point]:
     return [p for p in points if all(text(p.config.get(k)) == v for k, v in wanted.items())]
 
 
+def resumable(point: Point, run_dir: Path, echo: Callable[[str], None]) -> Point:
+    """``point`` with ``resume-from`` its checkpoint when an interrupted run left one with rounds
+    still to run; a checkpoint that holds every round (the run stopped between its last round
+    and its summary) or cannot be read is removed and the point starts afresh."""
+    checkpoint = run_dir / CHECKPOINT_NAME
+    if not checkpoint.exists():
+        return point
+    try:
+        done = int(load_checkpoint(checkpoint)[1]["round"])
+    except (OSError, ValueError, KeyError) as err:
+        echo(f"{point.name}: unreadable checkpoint ({err}); starting afresh")
+        checkpoint.unlink()
+        return point
+    from core.config import RunConfig
+
+    default = {key.name: key.default for key in RunConfig.config_keys()}["num-server-rounds"]
+    rounds = int(point.config.get("num-server-rounds", default))
+    if done >= rounds:
+        echo(f"{point.name}: checkpoint holds all {rounds} rounds but no summary; starting afresh")
+        checkpoint.unlink()
+        return point
+    echo(f"{point.name}: resuming from {checkpoint} after round {done}")
+    return Point(point.name, {**point.config, "resume-from": str(checkpoint)})
+
+
 def run_experiment(
     experiment: Experiment,
     runner: Runner | None = None,
@@ -368,10 +393,7 @@ def run_experiment(
         if is_finished(experiment.folder / point.name):  # another process of the grid ran it
             echo(f"[{len(points) - len(todo) + index}/{len(points)}] {point.name} already done")
             continue
-        checkpoint = experiment.folder / point.name / CHECKPOINT_NAME
-        if checkpoint.exists():  # an interrupted run with checkpoints: go on from its last round
-            echo(f"{point.name}: resuming from {checkpoint}")
-            point = Point(point.name, {**point.config, "resume-from": str(checkpoint)})
+        point = resumable(point, experiment.folder / point.name, echo)
         runner(point, experiment.folder)
         if not is_finished(experiment.folder / point.name):
             raise RuntimeError(f"point {point.name} left no completed summary.json")
