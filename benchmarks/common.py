@@ -8,9 +8,11 @@ measured: bytes and bpp per direction, the arrays and the exact bytes Flower wou
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -149,3 +151,9 @@ def one_round(
         dict(ins.config),
         fit_cpu_seconds,
     )
+
+
+def write_json(path: Path, payload: Any, indent: int = 2) -> None:
+    """A benchmark's results as JSON at ``path`` (its folder made if needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=indent) + "\n")

@@ -14,7 +14,6 @@ mean gap to the first width set, BitOPs per MAC and seconds per run. The environ
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import write_json
 from compression.lowbit import INT8, BitWidths, training_bitops
 from tools.lbi_agent.environment import BitWidthEnv
 from tools.lbi_agent.train import env_config, parse_args
@@ -75,9 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {ratio:.2f} | {np.mean(seconds[name]):.0f} |"
         )
     if mine.json:
-        mine.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"argv": argv, "final": finals, "curves": curves, "seconds": seconds}
-        mine.json.write_text(json.dumps(payload, indent=2) + "\n")
+        write_json(mine.json, {"argv": argv, "final": finals, "curves": curves, "seconds": seconds})
     return 0
 
 

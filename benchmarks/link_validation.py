@@ -35,7 +35,6 @@ training: the transfer part alone.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import threading
 from dataclasses import asdict, dataclass
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import write_json
 from core.link import (
     PROFILES,
     ClientRound,
@@ -312,8 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'by netem' if netem else 'by a delaying TCP relay per node (no netem here)'}\n"
     )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([asdict(c) for c in cases], indent=2) + "\n")
+        write_json(args.json, [asdict(c) for c in cases])
     print_table(cases)
     return 0 if all(c.status == "finished:completed" for c in cases) else 1
 
