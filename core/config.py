@@ -81,6 +81,13 @@ class RunConfig(Settings):
         42, "seed for data split, init, sampling and training", min=0, max=2**63 - 1
     )
     device: str = setting("auto", "where to train and evaluate", choices=("auto", "cpu", "cuda"))
+    torch_threads: int = setting(
+        0,
+        "CPU threads of torch's kernels in clients and server (torch.set_num_threads); a seed "
+        "reproduces a CPU run exactly only at the same count; 0 = torch's default "
+        "(OMP_NUM_THREADS, else the cores)",
+        min=0,
+    )
     results_dir: str = setting("results", "folder for results (relative: to the launch dir)")
     run_name: str = setting("", "results sub-folder; empty: derived from the config")
     round_timeout: float = setting(

@@ -20,6 +20,19 @@ def select_device(preference: str) -> torch.device:
     return torch.device(preference)
 
 
+def apply_thread_count(threads: int) -> int:
+    """Pin torch's intra-op CPU threads when ``threads`` > 0; returns the count now in force.
+
+    CPU kernels split their reductions by thread, so a seed reproduces a run bit for bit only at
+    the same count: pinning it makes a run independent of ``OMP_NUM_THREADS`` and the core count.
+    """
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0 (0 = torch's default), got {threads}")
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 def iterate_minibatches(
     data: TensorDataset, batch_size: int, generator: torch.Generator, device: torch.device
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -20,7 +20,7 @@ from flwr.common.logger import log
 from clients.attacks import AttackingClient, attacking_partitions
 from core.config import ConfigError
 from core.node_state import NodeStateError, NodeStateStore
-from core.torch_utils import select_device
+from core.torch_utils import apply_thread_count, select_device
 from fl_app.data import DATASETS, load_partition, partition_arguments
 from fl_app.methods import METHODS, load_config
 from fl_app.models import build_model
@@ -48,6 +48,7 @@ def client_fn(context: Context) -> Client:
         lambda: load_partition(cfg.dataset, partition_id, num_partitions, **partition_args),
     )
     device = select_device(cfg.device)
+    apply_thread_count(cfg.torch_threads)
     # The method and its settings are in the key: LBI-FL converts its model's layers in place.
     model_key = (
         "model",

@@ -64,7 +64,7 @@ from core.plots import PLOT_NAME, plot_run
 from core.results import ResultsWriter
 from core.seeding import derive_seed, numpy_rng
 from core.settings import ConfigError, NoSettings, Settings
-from core.torch_utils import evaluate_model, select_device
+from core.torch_utils import apply_thread_count, evaluate_model, select_device
 from core.wire_state import count_wire_scalars, get_wire_state, set_wire_state, wire_keys
 from strategies.accounting import RoundTraffic, parameters_nbytes
 from strategies.aggregation import (
@@ -191,6 +191,7 @@ class CommunicationStrategy(Strategy):
         self.cfg = cfg
         self.settings = settings if settings is not None else NoSettings()
         self.device = select_device(cfg.device)
+        self.torch_threads = apply_thread_count(cfg.torch_threads)
         torch.manual_seed(derive_seed(cfg.seed, INIT_SALT))  # the initial model: seed only
         self.model = model_fn()
         self.global_state: list[np.ndarray] = get_wire_state(self.model)
@@ -685,7 +686,9 @@ class CommunicationStrategy(Strategy):
     def summary(self) -> dict[str, Any]:
         """The ``summary.json`` content for the rounds recorded so far."""
         return {
-            **summary(self.cfg, self.progress, self.num_scalars, str(self.device)),
+            **summary(
+                self.cfg, self.progress, self.num_scalars, str(self.device), self.torch_threads
+            ),
             **self.summary_fields(),
         }
 

@@ -123,8 +123,11 @@ def round_row(
     }
 
 
-def summary(cfg: RunConfig, progress: RunProgress, num_scalars: int, device: str) -> dict[str, Any]:
-    """The ``summary.json`` content for the rounds recorded so far."""
+def summary(
+    cfg: RunConfig, progress: RunProgress, num_scalars: int, device: str, torch_threads: int
+) -> dict[str, Any]:
+    """The ``summary.json`` content for the rounds recorded so far (``torch_threads``: the
+    server's CPU thread count, which a CPU run's exact numbers depend on)."""
     totals = progress.traffic.totals()
     history = progress.history
     last = history[-1] if history else {}
@@ -171,6 +174,7 @@ def summary(cfg: RunConfig, progress: RunProgress, num_scalars: int, device: str
         **target_fields(cfg, history),
         "wall_seconds": progress.wall_seconds(),
         "device": device,
+        "torch_threads": torch_threads,
         "config": cfg.as_dict(),
     }
 
