@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.checkpoint import save_checkpoint
 from core.config import parse_run_config
 from core.link import PROFILES, client_link, client_round_seconds
 from core.results import ResultsWriter
@@ -167,8 +168,6 @@ def test_an_interrupted_point_with_a_checkpoint_resumes_from_it(tmp_path):
     goes on from it (``resume-from``). A checkpoint that already holds every round (stopped
     between its last round and its summary) or cannot be read is removed and the point starts
     afresh; the others start afresh anyway; and ``resume-from`` never labels a row."""
-    from core.checkpoint import save_checkpoint
-
     experiment = demo(tmp_path)  # num-server-rounds = 2
     points = experiment.points()
     partial, full, broken = points[3], points[5], points[7]

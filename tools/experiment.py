@@ -154,12 +154,17 @@ class Experiment:
         return points
 
 
-def strategy_of(config: Mapping[str, Any]) -> str:
-    """The strategy a run config runs (the app's default when the config does not say)."""
+def run_config_default(key: str) -> Any:
+    """The app's default of run-config ``key`` (imported here: ``core.config`` pulls in the
+    codecs, which listing a grid does not need)."""
     from core.config import RunConfig
 
-    default = next(key.default for key in RunConfig.config_keys() if key.name == "strategy")
-    return str(config.get("strategy", default))
+    return next(k.default for k in RunConfig.config_keys() if k.name == key)
+
+
+def strategy_of(config: Mapping[str, Any]) -> str:
+    """The strategy a run config runs (the app's default when the config does not say)."""
+    return str(config.get("strategy", run_config_default("strategy")))
 
 
 def _parse_tune(
@@ -357,10 +362,7 @@ def resumable(point: Point, run_dir: Path, echo: Callable[[str], None]) -> Point
         echo(f"{point.name}: unreadable checkpoint ({err}); starting afresh")
         checkpoint.unlink()
         return point
-    from core.config import RunConfig
-
-    default = {key.name: key.default for key in RunConfig.config_keys()}["num-server-rounds"]
-    rounds = int(point.config.get("num-server-rounds", default))
+    rounds = int(point.config.get("num-server-rounds", run_config_default("num-server-rounds")))
     if done >= rounds:
         echo(f"{point.name}: checkpoint holds all {rounds} rounds but no summary; starting afresh")
         checkpoint.unlink()
