@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from core.checkpoint import save_checkpoint
-from core.config import parse_run_config
+from core.config import RunConfig, parse_run_config
 from core.link import PROFILES, client_link, client_round_seconds
 from core.results import ResultsWriter
 from fl_app.methods import all_config_keys
@@ -19,6 +19,7 @@ from tools.experiment import (
     Point,
     collect,
     load_experiment,
+    run_config_default,
     run_experiment,
     table_rows,
     toml_value,
@@ -637,3 +638,13 @@ def test_where_selects_a_slice_of_the_grid(tmp_path):
         where=["strategy=fedbif"],
     )
     assert ran == len(points) // 2 and all(name.startswith("strategy=fedbif") for name in calls)
+
+
+def test_run_config_default_reads_the_app_schema_and_names_an_unknown_key():
+    """The harness fills a key a grid leaves out from the app's own schema, and a misspelt key
+    is a clear error, not a bare ``StopIteration``."""
+    schema = {key.name: key.default for key in RunConfig.config_keys()}
+    assert run_config_default("num-server-rounds") == schema["num-server-rounds"]
+    assert run_config_default("strategy") == schema["strategy"]
+    with pytest.raises(KeyError, match="num-server-round'"):
+        run_config_default("num-server-round")

@@ -159,7 +159,10 @@ def run_config_default(key: str) -> Any:
     codecs, which listing a grid does not need)."""
     from core.config import RunConfig
 
-    return next(k.default for k in RunConfig.config_keys() if k.name == key)
+    defaults = {k.name: k.default for k in RunConfig.config_keys()}
+    if key not in defaults:
+        raise KeyError(f"no run-config key {key!r}")
+    return defaults[key]
 
 
 def strategy_of(config: Mapping[str, Any]) -> str:
