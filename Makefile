@@ -2,7 +2,8 @@
 #   make run   - the main job: FedBiF through flwr run (offline, digits) beside FedAvg of the same
 #                setting (cached per config and code version), results and curves under results/
 #   make test  - the whole test suite
-# Overrides: make run NUM_SUPERNODES=20 RUN_CONFIG="strategy='fedavg' num-server-rounds=5"
+# Overrides: make run NUM_SUPERNODES=20 RUN_CONFIG="strategy=fedavg num-server-rounds=5"
+# `make` alone prints this help and installs nothing.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,11 +22,31 @@ export HF_DATASETS_OFFLINE := 1
 export HF_HUB_OFFLINE := 1
 export MPLCONFIGDIR := $(CURDIR)/.flwr/mplconfig
 
-.PHONY: run test lint install clean gpu-check
+.DEFAULT_GOAL := help
+.PHONY: help run test check lint install clean gpu-check
+
+help:
+	@echo "commfl: communication-efficient federated learning on Flower"
+	@echo ""
+	@echo "  make run     the main job: FedBiF through flwr run on digits (offline) beside FedAvg"
+	@echo "               of the same setting; results and curves under results/ (~3 min)"
+	@echo "               e.g. make run RUN_CONFIG=\"strategy=fedbat num-server-rounds=5\""
+	@echo "  make test    the whole test suite (what CI runs; ~12 min on 2 cores)"
+	@echo "  make check   the quick tier: no end-to-end flwr runs or deployments (~4 min)"
+	@echo "  make lint    ruff"
+	@echo "  make gpu-check  CUDA tests and a GPU benchmark (exits 0 without CUDA)"
+	@echo "  make install    only create .venv and install (first run: several minutes;"
+	@echo "               ~6.5 GB, most of it torch's CUDA libraries, also on a CPU machine)"
+	@echo "  make clean   remove .flwr, results/ and caches (not .venv)"
 
 $(VENV)/.installed: pyproject.toml
+	@echo "installing the project into $(VENV): torch, torchvision, flwr[simulation] (with ray) and"
+	@echo "the test tools; several minutes the first time, ~6.5 GB (torch's CUDA libraries come"
+	@echo "with it even on a CPU machine)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --progress-bar off -e ".[dev]" | grep -E "^(Collecting|Successfully)" || true
+	@$(PY) -c "import torch, flwr" || { echo "install failed: see the pip output above"; exit 1; }
+	@echo "installed: $$(du -sh $(VENV) | cut -f1) in $(VENV)"
 	@touch $@
 
 install: $(VENV)/.installed
@@ -38,6 +59,10 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The inner loop: everything but the end-to-end flwr runs, deployments and long runs.
+check: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow and not deploy and not e2e" $(PYTEST_ARGS)
 
 # CUDA tests, one flwr run per seed method on CUDA, resnet18 methods benchmark: one table;
 # non-zero on any failure, exit 0 with a message on a machine without CUDA (tools/gpu_check.py)

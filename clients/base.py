@@ -30,7 +30,7 @@ from torch.utils.data import TensorDataset
 from compression import reference
 from compression.packing import pack_codes, unpack_codes
 from contracts.downlink import Downlink
-from contracts.messages import PARTITION_ID, ROUND, TRAIN_LOSS, TRAIN_SECONDS
+from contracts.messages import PARTITION_ID, ROUND, TORCH_THREADS, TRAIN_LOSS, TRAIN_SECONDS
 from core.config import RunConfig
 from core.seeding import derive_seed, seed_everything
 from core.settings import NoSettings, Settings
@@ -180,6 +180,7 @@ class TrainingClient(NumPyClient):
             PARTITION_ID: self.partition_id,
             TRAIN_LOSS: train_loss,
             TRAIN_SECONDS: train_seconds,
+            TORCH_THREADS: torch.get_num_threads(),
         }
         return payload, len(self.train_set), metrics
 

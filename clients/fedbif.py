@@ -51,11 +51,11 @@ MIN_MAGNITUDE = 1e-4  # keeps sign(v) meaningful after a float16 round trip
 
 
 def kaiming_magnitudes(
-    shape: tuple[int, ...], bits: int, generator: torch.Generator
+    shape: tuple[int, ...], bits: int, generator: torch.Generator, scale: float = 1.0
 ) -> torch.Tensor:
-    """|N(0, 2 / fan_in)| draws for the m virtual bits of a weight tensor: (m, *shape)."""
+    """|N(0, scale^2 * 2 / fan_in)| draws for the m virtual bits of a weight tensor: (m, *shape)."""
     fan_in = shape[1] * math.prod(shape[2:]) if len(shape) > 1 else shape[0]
-    std = math.sqrt(2.0 / max(fan_in, 1))
+    std = scale * math.sqrt(2.0 / max(fan_in, 1))
     return torch.randn((bits, *shape), generator=generator).abs_().mul_(std)
 
 
@@ -138,7 +138,7 @@ class FedBiFClient(TrainingClient):
             ]
         generator = torch_generator(self.cfg.seed, self.partition_id, server_round, 0xB1F)
         return [
-            kaiming_magnitudes(shape, self.layout.bits, generator)
+            kaiming_magnitudes(shape, self.layout.bits, generator, self.settings.init_scale)
             .clamp_min_(MIN_MAGNITUDE)
             .to(self.device)
             for shape in self.split.quantized_shapes
@@ -162,7 +162,6 @@ class FedBiFClient(TrainingClient):
 
     def current_weights(self) -> dict[str, torch.Tensor]:
         """The quantized weights rebuilt from frozen bits and activated virtual bits."""
-        identity = self.settings.ste == "identity"
         weights = {}
         positions = list(self.positions)
         if self.layout.kind == "offset":
@@ -175,7 +174,7 @@ class FedBiFClient(TrainingClient):
             ):
                 value = frozen
                 for row, position in enumerate(positions):
-                    scale = 1.0 / (step * 2.0**position) if identity else 1.0
+                    scale = self.settings.ste_scale(step, position)
                     value = value + 2.0**position * step_ste(virtual[row], scale)
                 weights[key] = step * value
             return weights
@@ -184,8 +183,7 @@ class FedBiFClient(TrainingClient):
         ):
             rows = list(planes.unbind(0))
             for row, position in enumerate(positions):
-                scale = 1.0 / (step * 2.0**position) if identity else 1.0
-                rows[position] = step_ste(virtual[row], scale)
+                rows[position] = step_ste(virtual[row], self.settings.ste_scale(step, position))
             weights[key] = step * self.layout.value_from_bits(torch.stack(rows))
         return weights
 

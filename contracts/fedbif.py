@@ -20,6 +20,7 @@ from core.settings import ConfigError, Settings, setting
 from core.wire_state import quantized_split
 
 SELECTORS = ("sequential", "fixed", "random")
+STE_MODES = ("identity", "chain", "place")
 #: fit-config entry: bit mask of the round's activated positions.
 ACTIVE_MASK = "fedbif-active-mask"
 
@@ -45,11 +46,39 @@ class FedBiFSettings(Settings):
         "float16", "dtype of biases/BatchNorm on the wire", choices=EXTRAS_DTYPES
     )
     lr: float = setting(0.1, "learning rate of the virtual bits", min=0.0, min_inclusive=False)
+    init_scale: float = setting(
+        1.0,
+        "factor on the Kaiming std of fresh virtual-bit magnitudes (drawn as abs(N(0, 2/fan_in))); "
+        "larger: bits flip later",
+        min=0.0,
+        min_inclusive=False,
+        max=1000.0,
+    )
+    server_model: str = setting(
+        "quantized",
+        "quantized: Eq. 6, the mean of the clients' quantized weights becomes the global model "
+        "(the downlink's rounding error stays in it, round after round); float (beyond the "
+        "paper): the server keeps its float model and adds the clients' mean change against "
+        "the quantized weights they were sent",
+        choices=("quantized", "float"),
+    )
     ste: str = setting(
         "identity",
-        "virtual-bit gradient: identity (dw/dv = 1) or chain",
-        choices=("identity", "chain"),
+        "virtual-bit gradient: identity (dw/dv = 1, the paper), chain (dL/dw * alpha * 2^p), "
+        "or place (beyond the paper: identity / 2^p, so flipping bit p takes 2^p times the "
+        "push of the LSB, as it moves the weight 2^p times as far)",
+        choices=STE_MODES,
     )
+
+    def ste_scale(self, step: float, position: int) -> float:
+        """Factor on the chain-rule gradient reaching the virtual bit of ``position`` (the
+        weight is step * (... + 2^p h(v)), so the chain rule alone gives dL/dw * step * 2^p)."""
+        place = step * 2.0**position
+        if self.ste == "identity":
+            return 1.0 / place
+        if self.ste == "place":
+            return 1.0 / (place * 2.0**position)
+        return 1.0
 
     def __post_init__(self) -> None:
         # An impossible selector setting fails at start, not in round 1.

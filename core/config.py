@@ -22,6 +22,7 @@ from typing import Any
 
 from compression.downlink_codec import DOWNLINK_MODES, ENTROPY_MODES
 from core.link import PROFILE_CHOICES
+from core.run_identity import config_fingerprint
 from core.settings import ConfigError, ConfigKey, Scalar, Settings, parse_values, setting
 
 __all__ = ["ConfigError", "ConfigKey", "RunConfig", "parse_run_config", "with_choices"]
@@ -67,6 +68,14 @@ class RunConfig(Settings):
         min=0.0,
         max=0.5,
     )
+    client_data_fraction: float = setting(
+        1.0,
+        "share of its partition each client trains on (a subset seeded by the run seed and the "
+        "partition; for ablations sized for small machines, never for final tables); 1 = all",
+        min=0.0,
+        max=1.0,
+        min_inclusive=False,
+    )
     num_server_rounds: int = setting(20, "federated rounds", min=1)
     fraction_fit: float = setting(
         1.0, "share of clients sampled per round", min=0.0, max=1.0, min_inclusive=False
@@ -83,13 +92,31 @@ class RunConfig(Settings):
     device: str = setting("auto", "where to train and evaluate", choices=("auto", "cpu", "cuda"))
     torch_threads: int = setting(
         0,
-        "CPU threads of torch's kernels in clients and server (torch.set_num_threads); a seed "
-        "reproduces a CPU run exactly only at the same count; 0 = torch's default "
-        "(OMP_NUM_THREADS, else the cores)",
+        "CPU threads of torch's kernels in each client (torch.set_num_threads); a seed "
+        "reproduces a CPU run exactly only at the same count; 0 = auto: the CPUs the run gives "
+        "the client (client-resources-num-cpus under Ray, the node config's num-cpus, else 1 "
+        "in-process and the machine's cores on a SuperNode)",
         min=0,
+        max=4096,
+    )
+    server_torch_threads: int = setting(
+        0,
+        "CPU threads of torch in the server (evaluation, decoding); 0 = torch-threads when "
+        "that is set, else 1 (the server shares the machine with client workers)",
+        min=0,
+        max=4096,
     )
     results_dir: str = setting("results", "folder for results (relative: to the launch dir)")
-    run_name: str = setting("", "results sub-folder; empty: derived from the config")
+    run_name: str = setting(
+        "",
+        "results sub-folder; empty: derived from the config (strategy, dataset, model, "
+        "partitioner, seed and a hash of every other key, so other settings never share it)",
+    )
+    overwrite: bool = setting(
+        False,
+        "replace the results in the run's folder even when another config (or federation "
+        "size) wrote them; off: such a run is refused at start",
+    )
     round_timeout: float = setting(
         0.0,
         "seconds to wait for clients per round (modelled seconds with a link-profile); "
@@ -230,7 +257,10 @@ class RunConfig(Settings):
         """The results sub-folder: the user's ``run-name``, or one derived from the config."""
         if self.run_name:
             return self.run_name
-        return f"{self.strategy}-{self.dataset}-{self.model}-{self.partitioner}-seed{self.seed}"
+        return (
+            f"{self.strategy}-{self.dataset}-{self.model}-{self.partitioner}-seed{self.seed}-"
+            f"{config_fingerprint(self.values)}"
+        )
 
     def run_dir(self, base: Path | None = None) -> Path:
         """Absolute results folder: the ServerApp runs from Flower's app cache, not the project,

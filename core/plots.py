@@ -45,6 +45,40 @@ def pyplot():  # noqa: ANN201 - matplotlib's module
     return plt
 
 
+def log_axis(axis: Any, **labels: str) -> None:
+    """A logarithmic x axis readable at every scale (cumulative MB, minutes): ticks at 1, 2 and
+    5 per decade written as plain numbers (0.5, 2, 100); a point at 0 (round 0) is left out."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set(xscale="log", **labels)
+    axis.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.xaxis.set_minor_formatter(NullFormatter())
+
+
+def round_axis(axis: Any, **labels: str) -> None:
+    """A round axis with whole-number ticks only."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set(**labels)
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def plot_file_name(parts: Sequence[str], limit: int = 40) -> str:
+    """A short file name (no extension) for a plot of the setting ``parts`` (``key=value``
+    strings): the values only, joined by ``_``; past ``limit`` characters, cut and made unique
+    by a hash of the whole setting (the picture's title carries the setting in full)."""
+    import hashlib
+    import re
+
+    values = [part.split("=", 1)[-1] for part in parts]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(values)).strip("-") or "all"
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256("|".join(parts).encode()).hexdigest()[:6]
+    return f"{name[: limit - 7].rstrip('-_')}-{digest}"
+
+
 def save_figure(figure: Any, path: Path, title: str, dpi: int = 100) -> Path:
     """Title, lay out and write ``figure`` atomically (a reader never sees half a PNG)."""
     import matplotlib.pyplot as plt
@@ -71,15 +105,15 @@ def plot_run(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
 
     figure, (by_round, by_loss, by_traffic) = plt.subplots(1, 3, figsize=(15, 4.5))
     by_round.plot(rounds, accuracy, marker=".")
-    by_round.set(xlabel="round", ylabel="test accuracy (%)", title="accuracy by round")
+    round_axis(by_round, xlabel="round", ylabel="test accuracy (%)", title="accuracy by round")
     by_loss.plot(rounds, loss, marker=".", color="tab:red")
-    by_loss.set(xlabel="round", ylabel="test loss", title="loss by round")
+    round_axis(by_loss, xlabel="round", ylabel="test loss", title="loss by round")
     for label, xs in (("uplink", up), ("downlink", down), ("total", total)):
         by_traffic.plot(xs, accuracy, marker=".", label=label)
-    by_traffic.set(
+    log_axis(
+        by_traffic,
         xlabel="cumulative measured traffic (MB, all clients)",
         ylabel="test accuracy (%)",
-        xscale="symlog",
         title="accuracy by traffic",
     )
     by_traffic.legend(fontsize=8)
@@ -102,11 +136,11 @@ def plot_comparison(
             [float(r["round"]) for r in rows], accuracy, marker=".", label=label
         )
         by_traffic.plot(total, accuracy, marker=".", label=label, color=line.get_color())
-    by_round.set(xlabel="round", ylabel="test accuracy (%)", title="accuracy by round")
-    by_traffic.set(
+    round_axis(by_round, xlabel="round", ylabel="test accuracy (%)", title="accuracy by round")
+    log_axis(
+        by_traffic,
         xlabel="cumulative measured traffic, up + down (MB, all clients)",
         ylabel="test accuracy (%)",
-        xscale="symlog",
         title="accuracy by total traffic",
     )
     for axis in (by_round, by_traffic):

@@ -16,7 +16,10 @@ the two equal).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import re
+import tomllib
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -160,23 +163,74 @@ class NoSettings(Settings):
     """The settings of a method without keys of its own (FedAvg, EF-SignSGD)."""
 
 
+def did_you_mean(word: str, candidates: Sequence[Scalar]) -> str:
+    """`` (did you mean 'x'?)`` for the closest candidate names, or an empty string."""
+    names = [c for c in candidates if isinstance(c, str)]
+    close = difflib.get_close_matches(word, names, n=2, cutoff=0.6)
+    if not close:
+        return ""
+    return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"
+
+
 def parse_values(raw: Mapping[str, Any], keys: Sequence[ConfigKey]) -> dict[str, Scalar]:
     """Validate ``raw`` against ``keys``: fill defaults, reject unknown keys and bad values.
 
-    All problems are reported at once so a user fixes a command line in one go.
+    All problems are reported at once, on one line, so a user fixes a command line in one go;
+    an unknown key or choice names its closest valid ones.
     """
     by_name = {key.name: key for key in keys}
     errors = [
-        f"unknown key {name!r}; valid keys: {', '.join(sorted(by_name))}"
+        f"unknown key {name!r}{did_you_mean(name, list(by_name))}; the README's run-config "
+        "tables list every key"
         for name in raw
         if name not in by_name
     ]
     values: dict[str, Scalar] = {}
     for name, key in by_name.items():
+        value = raw.get(name, key.default)
         try:
-            values[name] = key.validate(raw.get(name, key.default))
+            values[name] = key.validate(value)
         except ConfigError as err:
-            errors.append(str(err))
+            hint = (
+                did_you_mean(value, key.choices) if key.choices and isinstance(value, str) else ""
+            )
+            errors.append(f"{err}{hint}")
     if errors:
-        raise ConfigError("invalid run config:\n  " + "\n  ".join(errors))
+        raise ConfigError("invalid run config: " + "; ".join(errors))
+    return values
+
+
+#: one ``key=value`` of a command line; a value is quoted text or runs to the next blank.
+_PAIR = re.compile(r"""([^\s=]+)=('[^']*'|"[^"]*"|\S+)""")
+#: a value a shell user means as text although it is not quoted (``strategy=fedbat``).
+_BARE_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_.+-]*")
+
+
+def parse_overrides(text: str) -> dict[str, Scalar]:
+    """``key=value`` pairs of a command line (``flwr run --run-config`` syntax: TOML values)
+    as a dict; an unquoted word is taken as text, so ``strategy=fedbat`` means
+    ``strategy='fedbat'``. Anything else that is not a value fails with one line."""
+    values: dict[str, Scalar] = {}
+    position = 0
+    for match in _PAIR.finditer(text):
+        stray = text[position : match.start()].strip()
+        if stray:
+            raise ConfigError(f"run config: expected key=value, got {stray!r}")
+        position = match.end()
+        key, literal = match.groups()
+        try:
+            value = tomllib.loads(f"v = {literal}")["v"]
+        except tomllib.TOMLDecodeError:
+            if not _BARE_WORD.fullmatch(literal):
+                raise ConfigError(
+                    f"run config: {key}={literal} is not a value (a number, true/false, or "
+                    f"text in quotes: {key}='{literal}')"
+                ) from None
+            value = literal
+        if not isinstance(value, bool | int | float | str):
+            raise ConfigError(f"run config: {key} must be a single value, got {literal}")
+        values[key] = value
+    stray = text[position:].strip()
+    if stray:
+        raise ConfigError(f"run config: expected key=value, got {stray!r}")
     return values

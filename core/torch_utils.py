@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import torch
@@ -18,6 +19,33 @@ def select_device(preference: str) -> torch.device:
     if preference not in ("cpu", "cuda"):
         raise ValueError(f"device must be one of 'auto', 'cpu', 'cuda', got {preference!r}")
     return torch.device(preference)
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, e.g. a container's share)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def auto_thread_count(requested: int, given_cpus: float | None) -> int:
+    """The thread count a process should run torch at: ``requested`` when > 0 (the run pins it),
+    else the CPUs the run gives this process (``given_cpus``, at least 1), else 1.
+
+    One thread is the default for a process the run gives no CPUs explicitly (the server, the
+    in-process runner): it shares the cores with client workers and other jobs, and an OpenMP
+    team larger than the cores it gets spins at every barrier. Measured on 2 cores (digits,
+    10 clients, 10 rounds, in one process): 2 threads 6.0 s and 1 thread 6.7 s on a quiet
+    machine, but 91 s against 11.4 s beside a 2-process CPU load (``benchmarks/threads_load.py``).
+    """
+    if requested < 0:
+        raise ValueError(f"threads must be >= 0 (0 = auto), got {requested}")
+    if requested:
+        return requested
+    if given_cpus is None or not given_cpus >= 1:
+        return 1
+    return int(given_cpus)
 
 
 def apply_thread_count(threads: int) -> int:

@@ -10,6 +10,7 @@ process and reused (``fl_app.worker_cache``; ``COMMFL_WORKER_CACHE=0`` turns tha
 
 from __future__ import annotations
 
+import sys
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from flwr.common.logger import log
 from clients.attacks import AttackingClient, attacking_partitions
 from core.config import ConfigError
 from core.node_state import NodeStateError, NodeStateStore
-from core.torch_utils import apply_thread_count, select_device
+from core.torch_utils import apply_thread_count, auto_thread_count, available_cpus, select_device
 from fl_app.data import DATASETS, load_partition, partition_arguments
 from fl_app.methods import METHODS, load_config
 from fl_app.models import build_model
@@ -48,7 +49,7 @@ def client_fn(context: Context) -> Client:
         lambda: load_partition(cfg.dataset, partition_id, num_partitions, **partition_args),
     )
     device = select_device(cfg.device)
-    apply_thread_count(cfg.torch_threads)
+    apply_thread_count(auto_thread_count(cfg.torch_threads, given_cpus(context)))
     # The method and its settings are in the key: LBI-FL converts its model's layers in place.
     model_key = (
         "model",
@@ -91,6 +92,24 @@ def client_fn(context: Context) -> Client:
     if store is not None:
         served = PersistedStateClient(served, context, store)
     return served.to_client()
+
+
+def given_cpus(context: Context) -> float | None:
+    """The CPUs the run gives this client: its Ray actor's (``client-resources-num-cpus``) in a
+    simulation, the node config's ``num-cpus`` where the SuperNode (or the in-process runner)
+    sets it, else the machine's (a SuperNode of a deployment owns its machine)."""
+    ray = sys.modules.get("ray")  # only a Ray worker has imported it
+    if ray is not None and ray.is_initialized():
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        if cpus:
+            return float(cpus)
+    value = context.node_config.get("num-cpus")
+    if value is not None:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"node config num-cpus must be a number, got {value!r}") from None
+    return float(available_cpus())
 
 
 def node_state_store(context: Context, strategy: str, partition_id: int) -> NodeStateStore | None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import math
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -57,7 +58,7 @@ from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from core.config import RunConfig
 from core.registry import Registry
-from core.seeding import derive_seed
+from core.seeding import derive_seed, numpy_rng
 
 # Partitions are materialised once per process; per-call progress bars only clutter run logs.
 datasets.disable_progress_bars()
@@ -300,6 +301,8 @@ class Split:
     self_balancing: bool = False
     #: share of the training split carved off for validation before partitioning (0 = none).
     validation_fraction: float = 0.0
+    #: share of each partition a client trains on (a seeded subset, for quick ablations; 1 = all).
+    data_fraction: float = 1.0
 
     def partitioner(self, label_column: str) -> Partitioner:
         return make_partitioner(
@@ -323,6 +326,24 @@ def check_validation_fraction(fraction: float) -> float:
             f"validation_fraction must be in [0, {MAX_VALIDATION_FRACTION:g}), got {fraction}"
         )
     return fraction
+
+
+def check_data_fraction(fraction: float) -> float:
+    """``fraction`` as a float in (0, 1], else ``ValueError``."""
+    fraction = float(fraction)
+    if not 0.0 < fraction <= 1.0:  # also rejects NaN
+        raise ValueError(f"data_fraction must be in (0, 1], got {fraction}")
+    return fraction
+
+
+def subset_rows(num_rows: int, fraction: float, seed: int, partition_id: int) -> np.ndarray:
+    """Sorted rows of a partition's seeded subset: ``ceil(fraction * num_rows)`` of them (all at
+    1.0), drawn by the run seed and the partition id, so a run and its server agree on sizes."""
+    if fraction >= 1.0:
+        return np.arange(num_rows)
+    keep = min(num_rows, math.ceil(fraction * num_rows))
+    rng = numpy_rng(seed, partition_id, 0xDA7A)
+    return np.sort(rng.choice(num_rows, size=keep, replace=False))
 
 
 def validation_indices(
@@ -672,6 +693,8 @@ def _partition_arrays(
         ds = _local_partitioner(dataset, source, folder, split).load_partition(partition_id)
     else:
         ds = _federated_dataset(dataset, data_files, split).load_partition(partition_id, "train")
+    if split.data_fraction < 1.0:
+        ds = ds.select(subset_rows(ds.num_rows, split.data_fraction, split.seed, partition_id))
     return _to_arrays(ds, spec)
 
 
@@ -685,6 +708,7 @@ def _make_split(
     min_partition_size: int,
     self_balancing: bool,
     validation_fraction: float = 0.0,
+    data_fraction: float = 1.0,
 ) -> Split:
     """The validated ``Split`` of a run (``load_partition`` documents the arguments)."""
     if num_partitions < 1:
@@ -709,6 +733,7 @@ def _make_split(
         int(min_partition_size),
         bool(self_balancing),
         check_validation_fraction(validation_fraction),
+        check_data_fraction(data_fraction),
     )
 
 
@@ -725,6 +750,7 @@ def load_partition(
     min_partition_size: int = 0,
     self_balancing: bool = False,
     validation_fraction: float = 0.0,
+    data_fraction: float = 1.0,
 ) -> TensorDataset:
     """One client's training data: normalised float32 ``(N, C, H, W)`` images, int64 labels.
 
@@ -732,7 +758,8 @@ def load_partition(
     ``min_partition_size`` and ``self_balancing`` apply to the Dirichlet split
     (``make_partitioner``). ``validation_fraction`` > 0 partitions the training split less the
     validation share that ``load_validation_set`` returns (the run must pass the same value to
-    both, or clients train on the server's validation samples).
+    both, or clients train on the server's validation samples). ``data_fraction`` < 1 keeps a
+    seeded subset of the partition (``subset_rows``): ablations sized for small machines.
     """
     spec = DATASETS.get(dataset)
     _check_data_files(spec, data_files)
@@ -746,6 +773,7 @@ def load_partition(
         min_partition_size,
         self_balancing,
         validation_fraction,
+        data_fraction,
     )
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition_id must be in 0..{num_partitions - 1}, got {partition_id}")
@@ -766,6 +794,7 @@ def partition_arguments(cfg: RunConfig) -> dict[str, Any]:
         "min_partition_size": cfg.dirichlet_min_size,
         "self_balancing": cfg.dirichlet_self_balancing,
         "validation_fraction": cfg.validation_fraction,  # clients never train on validation
+        "data_fraction": cfg.client_data_fraction,
     }
 
 
@@ -781,6 +810,7 @@ def partition_sizes(
     min_partition_size: int = 0,
     self_balancing: bool = False,
     validation_fraction: float = 0.0,
+    data_fraction: float = 1.0,
 ) -> list[int] | None:
     """Every partition's size (arguments as ``load_partition``), without decoding an image.
 
@@ -803,9 +833,13 @@ def partition_sizes(
         min_partition_size,
         self_balancing,
         validation_fraction,
+        data_fraction,
     )
     part = _local_partitioner(dataset, source, folder, split)
-    return [part.load_partition(i).num_rows for i in range(num_partitions)]
+    return [
+        len(subset_rows(part.load_partition(i).num_rows, split.data_fraction, seed, i))
+        for i in range(num_partitions)
+    ]
 
 
 @functools.lru_cache(maxsize=4)

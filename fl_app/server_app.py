@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 
 from flwr.common import Context
@@ -12,6 +12,7 @@ from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 
 from core.config import ConfigError, RunConfig
 from core.results import ResultsWriter
+from core.run_identity import check_results_folder
 from core.settings import Settings
 from fl_app.data import (
     DATASETS,
@@ -20,9 +21,10 @@ from fl_app.data import (
     partition_arguments,
     partition_sizes,
 )
-from fl_app.methods import METHODS, load_config
+from fl_app.methods import METHODS, all_config_keys, load_config
 from fl_app.models import build_model
 from strategies.base import CommunicationStrategy
+from strategies.checkpointing import check_resume_config
 
 
 def build_strategy(cfg: RunConfig, settings: Settings | None = None) -> CommunicationStrategy:
@@ -51,6 +53,7 @@ def build_strategy(cfg: RunConfig, settings: Settings | None = None) -> Communic
         if cfg.validation_fraction > 0
         else None
     )
+    check_start(cfg)
     results = ResultsWriter(cfg.run_dir(), extra_columns=tuple(method.strategy.round_columns))
     log(INFO, "results of this run go to %s", results.run_dir)
     sizes = partial(partition_sizes, cfg.dataset, **partition_arguments(cfg))
@@ -65,6 +68,41 @@ def build_strategy(cfg: RunConfig, settings: Settings | None = None) -> Communic
     )
 
 
+def check_start(cfg: RunConfig) -> None:
+    """Refuse, with one line (``ConfigError``), a run that would clobber another run's results
+    or change the run it resumes; nothing is written before these pass."""
+    defaults = {key.name: key.default for key in all_config_keys()}
+    run_dir = cfg.run_dir()
+    check_results_folder(
+        run_dir, cfg.as_dict(), defaults=defaults, resuming_here=resumes_into(cfg, run_dir)
+    )
+    path = resume_path(cfg)
+    if path is not None:
+        try:
+            check_resume_config(path, cfg, defaults)
+        except (OSError, ValueError, KeyError) as err:
+            if isinstance(err, ConfigError):
+                raise
+            raise ConfigError(f"resume-from {path}: cannot read its checkpoint: {err}") from None
+
+
+def resume_path(cfg: RunConfig) -> Path | None:
+    """``resume-from`` as an absolute path (relative: to the working directory), or None."""
+    if not cfg.resume_from:
+        return None
+    path = Path(cfg.resume_from).expanduser()
+    return path if path.is_absolute() else Path.cwd() / path
+
+
+def resumes_into(cfg: RunConfig, run_dir: Path) -> bool:
+    """Whether the run resumes from the checkpoint in its own results folder."""
+    path = resume_path(cfg)
+    if path is None:
+        return False
+    folder = path if path.is_dir() or path.suffix != ".npz" else path.parent
+    return folder.resolve() == run_dir.resolve()
+
+
 def build_server(
     cfg: RunConfig, settings: Settings | None = None
 ) -> tuple[CommunicationStrategy, int]:
@@ -73,23 +111,23 @@ def build_server(
     A resumed strategy numbers its rounds from the checkpoint's round + 1 (Flower restarts at 1).
     """
     strategy = build_strategy(cfg, settings)
-    done = 0
-    if resume := cfg.resume_from:
-        path = Path(resume).expanduser()
-        done = strategy.restore(path if path.is_absolute() else Path.cwd() / path)
-    remaining = cfg.num_server_rounds - done
-    if remaining < 1:
-        raise ConfigError(
-            f"resume-from {resume!r} already holds {done} rounds; raise num-server-rounds "
-            f"(now {cfg.num_server_rounds}) to continue"
-        )
-    return strategy, remaining
+    path = resume_path(cfg)
+    done = strategy.restore(path) if path is not None else 0
+    return strategy, cfg.num_server_rounds - done
 
 
 def server_fn(context: Context) -> ServerAppComponents:
-    """Fail fast on a bad config, then hand Flower the strategy and the number of rounds."""
-    cfg, settings = load_config(context.run_config)
-    strategy, rounds = build_server(cfg, settings)
+    """Fail fast on a bad config, then hand Flower the strategy and the number of rounds.
+
+    A refused config is logged as one line before Flower prints its traceback, so the reason
+    is the first thing a user of plain ``flwr run`` reads (the run then ends
+    ``finished:failed``: ``flwr ls``)."""
+    try:
+        cfg, settings = load_config(context.run_config)
+        strategy, rounds = build_server(cfg, settings)
+    except ConfigError as err:
+        log(ERROR, "run refused: %s", err)
+        raise
     # A client that misses the timeout becomes a failure of that round, not a hang.
     # With a link profile round-timeout is a modelled deadline (core.link), not Flower's wait.
     timeout = (cfg.round_timeout or None) if cfg.link_profile == "none" else None

@@ -58,13 +58,19 @@ from torch.utils.data import TensorDataset
 from compression.downlink_codec import UQMessage
 from compression.layout import concat_flat, split_flat
 from contracts.downlink import Downlink
-from contracts.messages import PARTITION_ID, ROUND, TRAIN_LOSS, TRAIN_SECONDS
+from contracts.messages import PARTITION_ID, ROUND, TORCH_THREADS, TRAIN_LOSS, TRAIN_SECONDS
 from core.config import RunConfig
 from core.plots import PLOT_NAME, plot_run
 from core.results import ResultsWriter
+from core.run_identity import check_federation_size
 from core.seeding import derive_seed, numpy_rng
 from core.settings import ConfigError, NoSettings, Settings
-from core.torch_utils import apply_thread_count, evaluate_model, select_device
+from core.torch_utils import (
+    apply_thread_count,
+    auto_thread_count,
+    evaluate_model,
+    select_device,
+)
 from core.wire_state import count_wire_scalars, get_wire_state, set_wire_state, wire_keys
 from strategies.accounting import RoundTraffic, parameters_nbytes
 from strategies.aggregation import (
@@ -191,7 +197,11 @@ class CommunicationStrategy(Strategy):
         self.cfg = cfg
         self.settings = settings if settings is not None else NoSettings()
         self.device = select_device(cfg.device)
-        self.torch_threads = apply_thread_count(cfg.torch_threads)
+        self.torch_threads = apply_thread_count(
+            auto_thread_count(cfg.server_torch_threads or cfg.torch_threads, None)
+        )
+        #: the thread counts the clients reported (fit metric ``torch-threads``).
+        self.client_threads: set[int] = set()
         torch.manual_seed(derive_seed(cfg.seed, INIT_SALT))  # the initial model: seed only
         self.model = model_fn()
         self.global_state: list[np.ndarray] = get_wire_state(self.model)
@@ -371,6 +381,11 @@ class CommunicationStrategy(Strategy):
 
     # ----------------------------------------------------------------- Flower Strategy API
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        if self.results is not None:
+            # Before round 0 is written: a folder of another federation size stays as it was.
+            check_federation_size(
+                self.results.run_dir, self.cfg.as_dict(), client_manager.num_available()
+            )
         return ndarrays_to_parameters(self.global_state)
 
     def configure_fit(
@@ -544,6 +559,13 @@ class CommunicationStrategy(Strategy):
             value = metrics.get(name)
             if value is not None and not _finite_non_negative(value):
                 raise PayloadError(f"metrics[{name!r}] must be a finite number >= 0, got {value!r}")
+        threads = metrics.get(TORCH_THREADS)
+        if threads is not None and not (
+            isinstance(threads, int) and not isinstance(threads, bool) and 1 <= threads <= 4096
+        ):
+            raise PayloadError(
+                f"metrics[{TORCH_THREADS!r}] must be an int in 1..4096, got {threads!r}"
+            )
         try:
             arrays = parameters_to_ndarrays(fit_res.parameters)
         except Exception as err:  # np.load raises several types on garbage
@@ -565,6 +587,8 @@ class CommunicationStrategy(Strategy):
         if any(a.size and float(np.abs(a).max()) > MAX_MAGNITUDE for a in decoded):
             raise PayloadError(f"{self.uplink_name}: decodes to values beyond {MAX_MAGNITUDE:g}")
         self.partitions.setdefault(cid, partition)
+        if threads is not None:
+            self.client_threads.add(threads)
         return update
 
     def _drop_implausible(
@@ -687,7 +711,12 @@ class CommunicationStrategy(Strategy):
         """The ``summary.json`` content for the rounds recorded so far."""
         return {
             **summary(
-                self.cfg, self.progress, self.num_scalars, str(self.device), self.torch_threads
+                self.cfg,
+                self.progress,
+                self.num_scalars,
+                str(self.device),
+                self.torch_threads,
+                self.client_threads,
             ),
             **self.summary_fields(),
         }
@@ -773,9 +802,15 @@ class CommunicationStrategy(Strategy):
             method_meta,
         )
 
+    def key_defaults(self) -> dict[str, Any]:
+        """Defaults of the common keys and this method's: what a key missing from an older
+        run's stored config stood for."""
+        keys = (*RunConfig.config_keys(), *type(self.settings).config_keys())
+        return {key.name: key.default for key in keys}
+
     def restore(self, path: Path) -> int:
         """Load a checkpoint; returns the number of rounds already done (the round offset)."""
-        restored = load_run(path, self.cfg, self.global_state)
+        restored = load_run(path, self.cfg, self.global_state, self.key_defaults())
         self.global_state = restored.global_state
         self.load_method_state(restored.method_arrays, restored.method_meta)
         self.progress = restored.progress

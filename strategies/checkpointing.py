@@ -8,6 +8,7 @@ method's scalars. Restoring checks that the checkpoint belongs to this strategy 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import numpy as np
 
 from core.checkpoint import load_checkpoint, save_checkpoint
 from core.config import RunConfig
+from core.run_identity import check_resume, stored_summary
 from strategies.reporting import RunProgress
 
 
@@ -46,14 +48,42 @@ def save_run(
         "strategy": cfg.strategy,
         "model": cfg.model,
         "round": server_round,
+        # the whole run config: a resume is compared with it key by key (core.run_identity)
+        "config": cfg.as_dict(),
         **progress.to_meta(),
         "method": method_meta,
     }
     return save_checkpoint(run_dir, arrays, meta)
 
 
-def load_run(path: Path, cfg: RunConfig, like: list[np.ndarray]) -> RestoredRun:
-    """Read a checkpoint written by ``save_run`` for this run's strategy and model."""
+def stored_config(path: Path, meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The run config a checkpoint was written with: its own copy, or (a checkpoint written
+    before checkpoints held it) the ``summary.json`` of its folder; None when neither has it."""
+    stored = meta.get("config")
+    if not isinstance(stored, dict):
+        summary = stored_summary(path if path.is_dir() else path.parent)
+        stored = summary.get("config") if summary else None
+    return stored if isinstance(stored, dict) else None
+
+
+def check_resume_config(path: Path, cfg: RunConfig, defaults: Mapping[str, Any]) -> None:
+    """Refuse a resume from ``path`` that would change the run (before anything starts)."""
+    _, meta = load_checkpoint(path)
+    check_resume(
+        stored_config(path, meta),
+        cfg.as_dict(),
+        defaults=defaults,
+        source=path,
+        rounds_done=int(meta.get("round", 0)),
+    )
+
+
+def load_run(
+    path: Path, cfg: RunConfig, like: list[np.ndarray], defaults: Mapping[str, Any]
+) -> RestoredRun:
+    """Read a checkpoint written by ``save_run`` for this run's strategy and model, refusing a
+    run config that differs from the stored one (``core.run_identity.check_resume``; keys the
+    stored config lacks count as their ``defaults``)."""
     arrays, meta = load_checkpoint(path)
     for key in ("strategy", "model"):
         if meta.get(key) != cfg[key]:
@@ -61,6 +91,13 @@ def load_run(path: Path, cfg: RunConfig, like: list[np.ndarray]) -> RestoredRun:
                 f"checkpoint {path} was written by {key} {meta.get(key)!r}, "
                 f"this run has {key} {cfg[key]!r}"
             )
+    check_resume(
+        stored_config(path, meta),
+        cfg.as_dict(),
+        defaults=defaults,
+        source=path,
+        rounds_done=int(meta["round"]),
+    )
     state = [arrays[f"global/{i}"] for i in range(len(like))]
     for index, (got, want) in enumerate(zip(state, like, strict=True)):
         if got.shape != want.shape:

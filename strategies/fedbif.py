@@ -140,8 +140,14 @@ class FedBiFStrategy(CommunicationStrategy):
         (dequantized), as a delta against the global model."""
         message = self.up.decode(reply.arrays)
         integers = self.recover_integers(server_round, message.codes)
-        steps = self.quantization(server_round).steps.astype(np.float64)
-        weights = integers * np.repeat(steps, self.split.quantized_sizes)
+        sent = self.quantization(server_round)
+        steps = np.repeat(sent.steps.astype(np.float64), self.split.quantized_sizes)
+        weights = integers * steps
+        if self.settings.server_model == "float":
+            # Only the client's change against the quantized weights it was sent moves the
+            # server's float model; the downlink's rounding error is not made permanent.
+            received = self.layout.to_signed(torch.from_numpy(sent.words)).numpy() * steps
+            weights = gather_flat(self.global_state, self.q_index, "float64") + (weights - received)
         state = [array.copy() for array in self.global_state]
         place_flat(state, self.q_index, weights, self.split.quantized_shapes)
         place_flat(state, self.e_index, message.extras, self.split.extra_shapes)

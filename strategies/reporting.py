@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO
 from typing import Any
@@ -124,10 +124,18 @@ def round_row(
 
 
 def summary(
-    cfg: RunConfig, progress: RunProgress, num_scalars: int, device: str, torch_threads: int
+    cfg: RunConfig,
+    progress: RunProgress,
+    num_scalars: int,
+    device: str,
+    server_threads: int,
+    client_threads: Iterable[int] = (),
 ) -> dict[str, Any]:
-    """The ``summary.json`` content for the rounds recorded so far (``torch_threads``: the
-    server's CPU thread count, which a CPU run's exact numbers depend on)."""
+    """The ``summary.json`` content for the rounds recorded so far. A CPU run's exact numbers
+    depend on its thread counts: ``torch_threads`` is the clients' (as they reported it; the
+    largest where they differ, all of them in ``client_torch_threads``; the configured value
+    before any client answered), ``server_torch_threads`` the server's."""
+    seen = sorted(set(client_threads))
     totals = progress.traffic.totals()
     history = progress.history
     last = history[-1] if history else {}
@@ -174,7 +182,9 @@ def summary(
         **target_fields(cfg, history),
         "wall_seconds": progress.wall_seconds(),
         "device": device,
-        "torch_threads": torch_threads,
+        "torch_threads": seen[-1] if seen else cfg.torch_threads,
+        "client_torch_threads": seen,
+        "server_torch_threads": server_threads,
         "config": cfg.as_dict(),
     }
 

@@ -81,7 +81,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, strategy):
 
 def test_resuming_with_another_strategy_is_refused(tmp_path):
     run_inprocess(config(tmp_path, "a", **{"num-server-rounds": 1}), num_clients=3)
-    with pytest.raises(ValueError, match="written by strategy 'fedavg'"):
+    with pytest.raises(ConfigError, match=r"strategy: 'fedavg' \(stored\) vs 'fedbat' \(now\)"):
         run_inprocess(
             config(tmp_path, "b", strategy="fedbat", **{"resume-from": str(tmp_path / "a")}), 3
         )

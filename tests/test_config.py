@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -112,8 +113,24 @@ def test_run_dir_is_absolute_and_named_from_config(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     cfg, _ = load_config({"results-dir": "out", "seed": 7})
-    assert cfg.run_dir() == tmp_path / "out" / "fedbif-digits-digits-cnn-bn-dirichlet-seed7"
+    folder = cfg.run_dir()
+    assert folder.parent == tmp_path / "out"
+    assert re.fullmatch(r"fedbif-digits-digits-cnn-bn-dirichlet-seed7-[0-9a-f]{8}", folder.name)
     assert parse(results_dir="out", run_name="mine").run_dir() == tmp_path / "out" / "mine"
+
+
+def test_default_run_names_differ_with_any_setting_but_where_results_go():
+    """A 2-round run must not land in the folder of a 20-round run of the same method."""
+    from fl_app.methods import load_config
+
+    def name(**raw):
+        return load_config(raw)[0].results_name
+
+    base = name(**{"num-server-rounds": 20})
+    assert name(**{"num-server-rounds": 2}) != base
+    assert name(**{"num-server-rounds": 20, "entropy": "ans"}) != base
+    assert name(**{"num-server-rounds": 20, "results-dir": "/elsewhere"}) == base
+    assert name(**{"num-server-rounds": 20, "overwrite": True}) == base
 
 
 def test_bad_strategy_lists_every_method():
@@ -171,5 +188,5 @@ def test_auto_model_is_the_datasets_usual_model(dataset, model):
 
     cfg, _ = load_config({"dataset": dataset})
     assert cfg.model == model and cfg["model"] == model
-    assert cfg.results_name == f"fedbif-{dataset}-{model}-dirichlet-seed42"
+    assert cfg.results_name.startswith(f"fedbif-{dataset}-{model}-dirichlet-seed42-")
     assert load_config({"dataset": dataset, "model": "lenet5"})[0].model == "lenet5"

@@ -609,3 +609,22 @@ def test_clients_of_a_run_do_not_train_on_its_validation_split() -> None:
         client = client_fn(context)
         train_set = client.numpy_client.train_set  # type: ignore[attr-defined]
         assert not set(_rows(train_set)) & val_rows
+
+
+def test_data_fraction_keeps_a_seeded_subset_of_each_partition() -> None:
+    """client-data-fraction: ceil(f * n) rows of the partition, the same for the same seed,
+    different for another, and the server's partition sizes agree with what clients load."""
+    args = dict(partitioner="dirichlet", alpha=0.5, labels_per_client=2, seed=3)
+    full = data.load_partition("digits", 1, 4, **args)
+    part = data.load_partition("digits", 1, 4, **args, data_fraction=0.25)
+    n = len(full)
+    assert len(part) == int(np.ceil(0.25 * n))
+    rows = data.subset_rows(n, 0.25, 3, 1)
+    torch.testing.assert_close(part.tensors[0], full.tensors[0][torch.from_numpy(rows)])
+    assert np.array_equal(rows, data.subset_rows(n, 0.25, 3, 1))
+    assert not np.array_equal(rows, data.subset_rows(n, 0.25, 4, 1))
+    sizes = data.partition_sizes("digits", 4, **args, data_fraction=0.25)
+    assert sizes[1] == len(part)
+    assert len(data.subset_rows(n, 1.0, 3, 1)) == n
+    with pytest.raises(ValueError, match="data_fraction"):
+        data.load_partition("digits", 1, 4, **args, data_fraction=0.0)

@@ -33,34 +33,46 @@ def test_flwr_run_two_rounds_three_clients(tmp_path):
     assert not superlink_pids(home)  # the SuperLink it started (and only that one) is gone
 
 
-def test_flwr_run_reports_a_failed_server_app(tmp_path):
-    # A valid config whose ServerApp fails at start: the checkpoint to resume from is missing.
+def test_flwr_run_reports_a_failed_server_app(tmp_path, monkeypatch):
+    """A config the launcher would refuse, submitted as plain ``flwr run`` submits it: the
+    ServerApp refuses it at start, its one-line reason comes before Flower's traceback, and
+    the launcher reports the run failed."""
+    import tools.launch
+
+    monkeypatch.setattr(tools.launch, "validate_run_config", lambda run_config: run_config)
     code, status, _ = launch(
-        run_config=f"num-server-rounds=1 resume-from='{tmp_path / 'missing'}' "
-        f"results-dir='{tmp_path}'",
+        run_config=f"num-server-rounds=1 strategy='fedbatt' results-dir='{tmp_path}'",
         num_supernodes=2,
         flwr_home=tmp_path / "flwr-home",
         log_path=tmp_path / "run.log",
     )
     assert code != 0
     assert status.startswith("finished:failed")
-    assert "no checkpoint at" in (tmp_path / "run.log").read_text()
+    log = (tmp_path / "run.log").read_text()
+    refused = log.index("run refused: invalid run config: strategy must be one of")
+    assert "did you mean 'fedbat'" in log[refused:].splitlines()[0]
+    assert "Traceback" not in log[:refused]
 
 
 @pytest.mark.parametrize(
     ("run_config", "message"),
     [
         ("num-server-rounds=1 batch-size=0", "batch-size must be int >= 1, got 0"),
-        ("num-server-roundz=3", "unknown key 'num-server-roundz'; valid keys: "),
+        ("num-server-roundz=3", "unknown key 'num-server-roundz' (did you mean"),
+        ("learning-rate=fast", "learning-rate must be float > 0, got 'fast'"),
+        ("strategy=fedbatt", "got 'fedbatt' (did you mean 'fedbat'"),
+        ("seed=1 extra", "expected key=value, got 'extra'"),
         ("strategy='fedbat' fedbat-alpha-min=0.5", "must be below fedbat-alpha-max"),
     ],
 )
 def test_a_config_the_app_refuses_is_not_submitted(tmp_path, run_config, message):
-    """Flower would only say "Invalid run configuration" for an unknown key; the launcher
-    names it, with the valid keys, before any SuperLink starts."""
+    """Flower would only say "Invalid run configuration" for an unknown key (and print a
+    traceback for an unquoted word); the launcher says what is wrong in one line, with "did you
+    mean", before any SuperLink starts."""
     code, status, results_dir = launch(run_config=run_config, flwr_home=tmp_path / "home")
     assert code == 2 and results_dir is None
     assert status.startswith("not started: ") and message in status
+    assert "\n" not in status
     assert not (tmp_path / "home").exists()
 
 

@@ -22,9 +22,9 @@ from tools.experiment import (
     run_config_default,
     run_experiment,
     table_rows,
-    toml_value,
     write_report,
 )
+from tools.launch import toml_value
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 

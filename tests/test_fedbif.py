@@ -116,6 +116,94 @@ def test_eq6_aggregation_equals_recover_then_average(tmp_path):
     )
 
 
+def test_float_server_model_adds_the_clients_mean_change_to_the_float_model(tmp_path):
+    """fedbif-server-model=float: global' = global + alpha * mean_k(theta_k - theta_sent) on the
+    quantized weights, so the downlink's rounding error never enters the server's model (with
+    ``quantized``, Eq. 6, the mean of the clients' integers replaces it)."""
+    strategy = strategy_for(tmp_path, **{"fedbif-server-model": "float"})
+    proxies = [p for p, _ in strategy.configure_fit(1, Parameters([], ""), manager_with(3))]
+    sent = strategy.quantization(1)
+    before = np.concatenate([strategy.global_state[i].reshape(-1) for i in strategy.q_index])
+    rng = np.random.default_rng(1)
+    d, e = strategy.split.num_quantized, strategy.split.num_extras
+    uploads = [rng.integers(0, 2, d, dtype=np.uint8) for _ in range(3)]
+    extras = np.ones(e, np.float16)
+    results = [
+        (proxy, fit_res(strategy_encode(strategy, codes, extras), partition_id=k))
+        for k, (proxy, codes) in enumerate(zip(proxies, uploads, strict=True))
+    ]
+    strategy.aggregate_fit(1, results, [])
+    got = np.concatenate([strategy.global_state[i].reshape(-1) for i in strategy.q_index])
+    alpha = np.repeat(sent.steps.astype(np.float64), strategy.split.quantized_sizes)
+    received = strategy.layout.to_signed(torch.from_numpy(sent.words)).numpy().astype(np.float64)
+    changes = [strategy.recover_integers(1, codes) - received for codes in uploads]
+    want = before + alpha * np.mean(changes, axis=0)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    # a client that changed no bit leaves the float model exactly where it was
+    strategy2 = strategy_for(tmp_path / "b", **{"fedbif-server-model": "float"})
+    ((proxy, _),) = strategy2.configure_fit(1, Parameters([], ""), manager_with(1))
+    sent2 = strategy2.quantization(1)
+    unchanged = fedbif_codes_of(sent2.words, sent2.positions)
+    before2 = [a.copy() for a in strategy2.global_state]
+    strategy2.aggregate_fit(
+        1, [(proxy, fit_res(strategy_encode(strategy2, unchanged, extras)))], []
+    )
+    for index in strategy2.q_index:
+        np.testing.assert_allclose(strategy2.global_state[index], before2[index], atol=1e-6)
+
+
+def fedbif_codes_of(words, positions):
+    """The activated bits of ``words`` as an uplink sends them (what a client that flipped
+    nothing returns)."""
+    return gather_codes(words, positions)
+
+
+@pytest.mark.parametrize(("ste", "power"), [("identity", 0), ("place", -1), ("chain", None)])
+def test_ste_modes_scale_the_virtual_bit_gradient(tmp_path, ste, power):
+    """identity: dL/dv = dL/dw; place: dL/dw / 2^p (a bit's push must match its place value);
+    chain: dL/dw * alpha * 2^p. Checked on every activated position of a 2-bit window."""
+    overrides = {"fedbif-active-bits": 2, "fedbif-ste": ste}
+    strategy, ins = downlink_for(tmp_path, **overrides)
+    context = make_contexts({**BASE, "results-dir": str(tmp_path), **overrides}, 2)[0]
+    client = make_client(context)
+    client.load_downlink(parameters_to_ndarrays(ins.parameters), ins.config)
+    weights = client.current_weights()
+    for weight in weights.values():
+        weight.retain_grad()
+    images, labels = client.train_set.tensors
+    logits = torch.func.functional_call(client.model, weights, (images[:16],), strict=False)
+    torch.nn.functional.cross_entropy(logits, labels[:16]).backward()
+    for key, virtual, step in zip(client.q_keys, client.virtual, client.steps, strict=True):
+        for row, position in enumerate(client.positions):
+            if power is None:
+                factor = step * 2.0**position
+            else:
+                factor = 2.0 ** (power * position)
+            torch.testing.assert_close(
+                virtual.grad[row], weights[key].grad * factor, rtol=1e-5, atol=1e-12
+            )
+
+
+@pytest.mark.parametrize("scale", [0.1, 10.0])
+def test_init_scale_multiplies_fresh_magnitudes(tmp_path, scale):
+    """Fresh virtual bits are |N(0, 2/fan_in)| draws times fedbif-init-scale (same seed, same
+    draws): the magnitudes scale exactly, the signs still follow the received bits."""
+    _, ins = downlink_for(tmp_path)
+    arrays = parameters_to_ndarrays(ins.parameters)
+    magnitudes = []
+    for value in (1.0, scale):
+        context = make_contexts(
+            {**BASE, "results-dir": str(tmp_path), "fedbif-init-scale": value}, 2
+        )[0]
+        client = make_client(context)
+        client.load_downlink(arrays, ins.config)
+        magnitudes.append([v.detach().abs() for v in client.virtual])
+    for base, scaled in zip(*magnitudes, strict=True):
+        # the floor keeps sign(v) meaningful; compare where neither draw hit it
+        free = (base > 1e-3) & (scaled > 1e-3)
+        torch.testing.assert_close(scaled[free], base[free] * scale, rtol=1e-5, atol=0)
+
+
 def strategy_encode(strategy, codes, extras):
     return strategy.up.encode(UplinkMessage(codes, extras))
 

@@ -169,6 +169,7 @@ def test_the_fedbat_dirichlet_split_of_100_clients():
     assert sum(sizes) == 60_000 and min(sizes) >= 10
 
 
+@pytest.mark.e2e
 def test_flwr_run_two_rounds_on_fmnist(tmp_path):
     """dataset=fmnist end to end through flwr run: the real files where installed, else the
     fixture through data-files; 100 partitions, 3 sampled per round, the authors' CNN4."""

@@ -81,8 +81,36 @@ def test_the_closing_summary_reports_measured_ratios():
     assert "95.00%" in table and "4.000" in table and "64.000" in table
 
 
-@pytest.mark.parametrize("bad", ["strategy='nope'", "num-server-rounds=-1"])
-def test_a_bad_run_config_fails_before_anything_runs(bad, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [
+        ("strategy='nope'", "strategy"),
+        ("strategy=fedbatt", "did you mean 'fedbat'"),  # unquoted, misspelt
+        ("num-server-rounds=-1", "num-server-rounds must be int >= 1"),
+        ("learning-rate=fast", "learning-rate must be float > 0, got 'fast'"),
+        ("learnin-rate=0.1", "did you mean 'learning-rate'"),
+        ("seed=[1,2]", "seed must be a single value"),
+    ],
+)
+def test_a_bad_run_config_fails_in_one_line_before_anything_runs(bad, named, tmp_path, capsys):
     code = main_job.main(["--run-config", bad, "--results-dir", str(tmp_path)])
-    assert code == 2 and "not started" in capsys.readouterr().out
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert code == 2 and "Traceback" not in text
+    [line] = [line for line in text.splitlines() if "not started" in line]
+    assert named in line
     assert not list(tmp_path.iterdir())
+
+
+def test_make_help_is_the_default_target_and_names_the_two_commands():
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    root = main_job.PROJECT_ROOT
+    done = subprocess.run(["make", "-s"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    assert "make run" in done.stdout and "make test" in done.stdout and "make check" in done.stdout
+    dry = subprocess.run(["make", "-n"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert "pip install" not in dry.stdout  # a bare make installs nothing

@@ -68,8 +68,9 @@ import numpy as np
 
 from core.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from core.link import PROFILES
-from core.plots import pyplot, save_figure
+from core.plots import log_axis, plot_file_name, pyplot, round_axis, save_figure
 from core.results import read_rounds
+from tools.launch import toml_overrides
 from tools.link_report import link_runs, plot_time, time_rows, time_table
 
 #: ``[tune] metric`` -> the ``summary.json`` field it chooses by (higher is better).
@@ -277,15 +278,6 @@ def point_name(config: Mapping[str, Any], fixed: Mapping[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9=._-]+", "-", text)
 
 
-def toml_value(value: Any) -> str:
-    """A run-config value as TOML for ``--run-config``."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    return repr(value)
-
-
 def is_finished(run_dir: Path) -> bool:
     summary = run_dir / "summary.json"
     return summary.is_file() and bool(json.loads(summary.read_text()).get("completed"))
@@ -298,11 +290,11 @@ def flwr_runner(experiment: Experiment) -> Runner:
     """Run a point with ``flwr run`` on a local simulation; raise if the run did not complete."""
     from tools.launch import launch
 
-    federation = " ".join(f"{k}={toml_value(v)}" for k, v in experiment.federation.items())
+    federation = toml_overrides(experiment.federation)
 
     def run(point: Point, folder: Path) -> None:
         overrides = {**point.config, "results-dir": str(folder), "run-name": point.name}
-        run_config = " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
+        run_config = toml_overrides(overrides)
         code, status, _ = launch(
             run_config, federation_config=federation, log_path=folder / f"{point.name}.log"
         )
@@ -374,6 +366,19 @@ def resumable(point: Point, run_dir: Path, echo: Callable[[str], None]) -> Point
     return Point(point.name, {**point.config, "resume-from": str(checkpoint)})
 
 
+def check_points(points: Sequence[Point]) -> None:
+    """Validate every point's run config before the first one runs: a typo in the file fails
+    in a second with the point and the key named (``ConfigError``), not hours into a grid."""
+    from core.config import ConfigError
+    from fl_app.methods import load_config
+
+    for point in points:
+        try:
+            load_config(dict(point.config))
+        except ConfigError as err:
+            raise ConfigError(f"point {point.name}: {err}") from None
+
+
 def run_experiment(
     experiment: Experiment,
     runner: Runner | None = None,
@@ -389,6 +394,7 @@ def run_experiment(
     experiment.folder.mkdir(parents=True, exist_ok=True)
     points = select_points(experiment.points(), where)
     todo = [p for p in points if not is_finished(experiment.folder / p.name)]
+    check_points(todo)
     echo(
         f"{experiment.name}: {len(points)} points, {len(points) - len(todo)} done, "
         f"{len(todo)} to run"
@@ -821,11 +827,11 @@ def plot_group(runs: list[RunResult], title: str, path: Path) -> None:
         by_round.fill_between(rounds, low, high, color=line.get_color(), alpha=0.2)
         by_bytes.plot(curve.uplink_mb, mean, label=method, color=line.get_color())
         by_bytes.fill_between(curve.uplink_mb, low, high, color=line.get_color(), alpha=0.2)
-    by_round.set(xlabel="round", ylabel="test accuracy (%)", title="accuracy by round")
-    by_bytes.set(
+    round_axis(by_round, xlabel="round", ylabel="test accuracy (%)", title="accuracy by round")
+    log_axis(
+        by_bytes,
         xlabel="cumulative uplink (MB, all clients)",
         ylabel="test accuracy (%)",
-        xscale="symlog",
         title="accuracy by uplink traffic",
     )
     by_round.legend(fontsize=8)
@@ -843,10 +849,10 @@ def plot_group_total(runs: list[RunResult], title: str, path: Path) -> None:
         acc = curve.accuracy
         (line,) = axis.plot(curve.total_mb, acc.mean(0), label=method)
         axis.fill_between(curve.total_mb, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.2)
-    axis.set(
+    log_axis(
+        axis,
         xlabel="cumulative uplink + downlink (MB, all clients)",
         ylabel="test accuracy (%)",
-        xscale="symlog",
         title="accuracy by total traffic",
     )
     axis.legend(fontsize=8)
@@ -919,7 +925,7 @@ def write_report(experiment: Experiment) -> Path:
         writer.writerow(["group", *next(iter(tables.values()))[0].keys()])
         for group, rows in sorted(tables.items()):
             label = ", ".join(group)
-            slug = re.sub(r"[^A-Za-z0-9=._-]+", "-", "_".join(group))
+            slug = plot_file_name(group)
             runs = [r for r in selected if r.group == group]
             plot_group(runs, label, experiment.folder / f"{slug}.png")
             plot_group_total(runs, label, experiment.folder / f"{slug}-total.png")
@@ -975,18 +981,23 @@ def main(argv: list[str] | None = None) -> int:
         help="run or list only the points whose run config has KEY=VALUE (repeatable)",
     )
     args = parser.parse_args(argv)
-    experiment = load_experiment(args.experiment)
     try:
+        experiment = load_experiment(args.experiment)
         selected = select_points(experiment.points(), args.where)
-    except ValueError as err:
+    except (OSError, ValueError) as err:  # tomllib's and ConfigError are ValueErrors
         parser.error(str(err))
     if args.command == "list":
         for point in selected:
             print(point.name)
         return 0
     if args.command == "run":
+        from core.settings import ConfigError
+
         try:
             run_experiment(experiment, RUNNERS[args.runner](experiment), where=args.where)
+        except ConfigError as err:  # a bad key or value, a clobber or a resume refused
+            print(f"experiment not run: {err}", file=sys.stderr)
+            return 2
         except RuntimeError as err:
             print(f"experiment stopped: {err}", file=sys.stderr)
             return 1

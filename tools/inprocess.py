@@ -77,7 +77,9 @@ def make_contexts(run_config: Mapping[str, Any], num_clients: int) -> list[Conte
         Context(
             run_id=0,
             node_id=index + 1,
-            node_config={"partition-id": index, "num-partitions": num_clients},
+            # Clients train one at a time here, but the process shares the machine with
+            # whatever else runs: one thread each (core.torch_utils.auto_thread_count says why).
+            node_config={"partition-id": index, "num-partitions": num_clients, "num-cpus": 1},
             state=RecordDict(),
             run_config=dict(run_config),
         )

@@ -28,9 +28,11 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from flwr.common.config import parse_config_args
+from core.settings import parse_overrides
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RUN_ID_PATTERN = re.compile(r"run (?:ID )?(\d{3,})", re.IGNORECASE)
@@ -88,12 +90,32 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def validate_run_config(run_config: str) -> None:
-    """Check ``--run-config`` overrides against the app's schema before anything starts;
-    ``ConfigError`` names every bad key and lists the valid ones."""
-    from fl_app.methods import load_config
+def toml_value(value: Any) -> str:
+    """A run-config value as TOML for ``flwr run --run-config``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    return repr(value)
 
-    load_config(parse_config_args([run_config]) if run_config.strip() else {})
+
+def toml_overrides(values: Mapping[str, Any]) -> str:
+    """``key=value`` pairs as ``flwr run --run-config`` reads them."""
+    return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
+
+
+def validate_run_config(run_config: str) -> str:
+    """Check ``--run-config`` overrides before anything starts: the app's schema, the results
+    folder (never another run's) and a resume (never a changed run); ``ConfigError`` says what
+    is wrong in one line. Returns the overrides as ``flwr run`` reads them (an unquoted word,
+    ``strategy=fedbat``, becomes quoted text)."""
+    from fl_app.methods import load_config
+    from fl_app.server_app import check_start
+
+    overrides = parse_overrides(run_config)
+    cfg, _ = load_config(overrides)
+    check_start(cfg)
+    return toml_overrides(overrides)
 
 
 def superlink_pids(flwr_home: Path | None = None, launch_id: str | None = None) -> set[int]:
@@ -178,7 +200,7 @@ def launch(
     from core.config import ConfigError
 
     try:
-        validate_run_config(run_config)
+        run_config = validate_run_config(run_config)
     except ConfigError as err:
         return 2, f"not started: {err}", None
     launch_id = uuid.uuid4().hex[:12]

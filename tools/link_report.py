@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from core.link import PROFILES, ClientRound, client_link, round_time, seconds_to_target
-from core.plots import pyplot, save_figure
+from core.plots import log_axis, pyplot, save_figure
 
 
 @dataclass(frozen=True)
@@ -200,10 +200,10 @@ def plot_time(runs: list[LinkRun], profiles: list[str], title: str, path: Path) 
             accuracy = np.mean([r.accuracy[:length] for r in method_runs], axis=0) * 100
             seconds = np.mean([r.seconds[profile][:length] for r in method_runs], axis=0)
             axis.plot(seconds / 60, accuracy, label=method)
-        axis.set(
+        log_axis(
+            axis,
             xlabel="modelled time (min)",
             ylabel="test accuracy (%)",
-            xscale="symlog",
             title=f"{profile} ({PROFILES[profile].up_mbps:g}/{PROFILES[profile].down_mbps:g} "
             f"Mbit/s up/down)",
         )

@@ -22,10 +22,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flwr.common.config import parse_config_args
-
 from core.plots import PLOT_NAME, plot_comparison
 from core.results import read_rounds
+from core.run_identity import identity_config
+from core.settings import parse_overrides
 from tools.launch import PROJECT_ROOT, launch
 
 BASELINE = "fedavg"
@@ -51,13 +51,13 @@ def effective_config(run_config: str) -> dict[str, Any]:
     """Every run-config value the run will use (defaults filled in, ``model=auto`` resolved)."""
     from fl_app.methods import load_config
 
-    cfg, _ = load_config(parse_config_args([run_config]) if run_config.strip() else {})
+    cfg, _ = load_config(parse_overrides(run_config))
     return cfg.as_dict()
 
 
 def baseline_key(config: Mapping[str, Any], num_clients: int, version: str) -> str:
     """Cache key of the FedAvg run that matches ``config`` (where results go is not part of it)."""
-    relevant = {k: v for k, v in config.items() if k not in ("results-dir", "run-name")}
+    relevant = identity_config(config)
     blob = json.dumps({"config": relevant, "clients": num_clients, "code": version}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
