@@ -21,6 +21,7 @@ from flwr.common import Context, FitIns, Parameters, RecordDict, Scalar, paramet
 from flwr.server.client_manager import SimpleClientManager
 from torch.utils.data import TensorDataset
 
+from compression import entropy
 from fl_app.methods import METHODS, load_config
 from fl_app.models import build_model
 from tools.inprocess import InProcessClientProxy
@@ -55,6 +56,9 @@ class RoundMeasure:
     uplink_tensors: list[bytes] = field(default_factory=list)
     fit_config: dict[str, Scalar] = field(default_factory=dict)
     fit_cpu_seconds: float = 0.0
+    #: every entropy-coded stream of the downlink / uplink (``compression.entropy.recording``).
+    downlink_streams: list[entropy.StreamRecord] = field(default_factory=list)
+    uplink_streams: list[entropy.StreamRecord] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,19 @@ def one_round(
     method: str, model_name: str, samples: int = 128, batch: int = 32, **overrides: Any
 ) -> RoundMeasure:
     """Run round 1 of ``method`` with one client; ``overrides`` are run-config keys."""
+    return run_rounds(method, model_name, 1, samples, batch, **overrides)[0]
+
+
+def run_rounds(
+    method: str,
+    model_name: str,
+    rounds: int,
+    samples: int = 128,
+    batch: int = 32,
+    **overrides: Any,
+) -> list[RoundMeasure]:
+    """Rounds 1..``rounds`` of ``method`` with one client that keeps its node state (so round 2
+    on is coded against what it holds, where reference coding is on); one measure per round."""
     channels, size = INPUT_SHAPES[model_name]
     raw = {
         "strategy": method,
@@ -123,34 +140,47 @@ def one_round(
 
     manager = SimpleClientManager()
     manager.register(InProcessClientProxy("1", context, client_fn))
-    ((proxy, ins),) = strategy.configure_fit(1, Parameters([], ""), manager)
-    started, cpu_started = time.perf_counter(), time.process_time()
-    res = proxy.fit(FitIns(ins.parameters, ins.config), timeout=None, group_id=1)
-    fit_seconds = time.perf_counter() - started
-    fit_cpu_seconds = time.process_time() - cpu_started
-    strategy.aggregate_fit(1, [(proxy, res)], [])
-    row = strategy.round_row(1, 0.0, 0.0)
-    state_bytes = sum(
-        record.count_bytes() for record in context.state.values() if hasattr(record, "count_bytes")
-    )
-    return RoundMeasure(
-        method,
-        model_name,
-        strategy.num_scalars,
-        row["uplink_bytes"],
-        row["downlink_bytes"],
-        row["uplink_bpp"],
-        row["downlink_bpp"],
-        fit_seconds,
-        -(-samples // batch),
-        parameters_to_ndarrays(ins.parameters),
-        parameters_to_ndarrays(res.parameters),
-        state_bytes,
-        list(ins.parameters.tensors),
-        list(res.parameters.tensors),
-        dict(ins.config),
-        fit_cpu_seconds,
-    )
+    measures = []
+    for server_round in range(1, rounds + 1):
+        with entropy.recording() as downlink_streams:
+            ((proxy, ins),) = strategy.configure_fit(server_round, Parameters([], ""), manager)
+        started, cpu_started = time.perf_counter(), time.process_time()
+        with entropy.recording() as uplink_streams:
+            res = proxy.fit(
+                FitIns(ins.parameters, ins.config), timeout=None, group_id=server_round
+            )
+        fit_seconds = time.perf_counter() - started
+        fit_cpu_seconds = time.process_time() - cpu_started
+        strategy.aggregate_fit(server_round, [(proxy, res)], [])
+        row = strategy.round_row(server_round, 0.0, 0.0)
+        state_bytes = sum(
+            record.count_bytes()
+            for record in context.state.values()
+            if hasattr(record, "count_bytes")
+        )
+        measures.append(
+            RoundMeasure(
+                method,
+                model_name,
+                strategy.num_scalars,
+                row["uplink_bytes"],
+                row["downlink_bytes"],
+                row["uplink_bpp"],
+                row["downlink_bpp"],
+                fit_seconds,
+                -(-samples // batch),
+                parameters_to_ndarrays(ins.parameters),
+                parameters_to_ndarrays(res.parameters),
+                state_bytes,
+                list(ins.parameters.tensors),
+                list(res.parameters.tensors),
+                dict(ins.config),
+                fit_cpu_seconds,
+                downlink_streams,
+                uplink_streams,
+            )
+        )
+    return measures
 
 
 def write_json(path: Path, payload: Any, indent: int = 2) -> None:

@@ -36,8 +36,9 @@ from torch import nn
 
 from clients.base import TrainingClient, held_basis, keep_basis
 from compression.bits import bit_planes, step_ste
-from compression.fedbif_codec import UplinkMessage
+from compression.fedbif_codec import UplinkMessage, gather_codes
 from compression.layout import concat_flat, split_flat
+from compression.reference import Basis
 from contracts import fedbif
 from contracts.fedbif import FedBiFSettings
 from contracts.messages import ROUND
@@ -74,8 +75,12 @@ class FedBiFClient(TrainingClient):
         self.down = fedbif.downlink_codec(
             self.settings, self.model, self.cfg.entropy, self.cfg.downlink_reference
         )
-        self.up = fedbif.uplink_codec(self.settings, self.model, self.cfg.entropy)
+        self.up = fedbif.uplink_codec(
+            self.settings, self.model, self.cfg.entropy, self.cfg.uplink_reference
+        )
         self.positions: tuple[int, ...] = ()
+        #: the words received this round and its number (the uplink's reference basis).
+        self.received: tuple[int, np.ndarray] | None = None
         self.steps: list[float] = []
         self.frozen_planes: list[torch.Tensor] = []  # (m, *shape) float 0/1 per quantized tensor
         self.virtual: list[nn.Parameter] = []  # (s, *shape) per quantized tensor
@@ -89,9 +94,10 @@ class FedBiFClient(TrainingClient):
             held = held_basis(self.context, WORDS_KEY, self.layout.bits, self.split.num_quantized)
         message = self.down.decode_with(arrays, held)
         words, extras = message.words, message.extras
+        server_round = int(config.get(ROUND, 0))
         if self.down.reference:
-            server_round = int(config.get(ROUND, 0))
             keep_basis(self.context, WORDS_KEY, words, self.layout.bits, server_round)
+        self.received = (server_round, words)
         self.positions = fedbif.mask_to_positions(
             int(config.get(fedbif.ACTIVE_MASK, 0)), self.layout.bits
         )
@@ -215,7 +221,13 @@ class FedBiFClient(TrainingClient):
         extras = concat_flat(
             [state[k].detach().cpu().numpy() for k in self.e_keys], self.settings.extras_dtype
         )
-        return self.up.encode(UplinkMessage(self.activated_codes(), extras))
+        basis = None
+        if self.up.reference:
+            if self.received is None or self.received[0] < 1:
+                raise ValueError("uplink-reference=received needs the round of the message")
+            server_round, words = self.received
+            basis = Basis(server_round, gather_codes(words, self.positions))
+        return self.up.encode(UplinkMessage(self.activated_codes(), extras, basis))
 
     def poison(self, received: NDArrays, factor: float) -> None:
         """Extras as the base class; a negative factor also inverts every trained bit (the

@@ -87,7 +87,9 @@ class LBIClient(TrainingClient):
         keys = wire_keys(self.model)
         self.q_keys = [keys[i] for i in self.q_index]
         self.e_keys = [keys[i] for i in self.e_index]
-        self.codec = lbi.weight_codec(self.settings, self.model, self.cfg.entropy)
+        self.codec = lbi.weight_codec(
+            self.settings, self.model, self.cfg.entropy, self.cfg.uplink_reference
+        )
         convert_to_lowbit(
             self.model,
             self.settings.layers,

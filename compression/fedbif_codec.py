@@ -18,6 +18,10 @@ Uplink, client -> server (2 arrays, ``FedBiFUplinkCodec``):
     0. uint8  ``pack_codes(codes, s)``: per quantized scalar, its s activated bits as one s-bit
        code (bit j = the j-th activated position, ascending), ceil(d * s / 8) bytes;
     1. float16 or float32 (e,): the client's trained extras.
+With uplink reference coding (``reference=True``, run key ``uplink-reference=received``) a
+header comes first (3 arrays): int64 (2,) ``[round, CRC-32 of the basis codes]``, the basis being
+the activated bits of the words the client received that round (which the server sent, so holds);
+array 0 then holds ``(codes - basis) mod 2^s``: for s = 1 the bits local training flipped.
 """
 
 from __future__ import annotations
@@ -46,10 +50,12 @@ class DownlinkMessage:
 
 @dataclass(frozen=True)
 class UplinkMessage:
-    """s-bit activated-bit codes (d,) uint8 and the client's extras (e,)."""
+    """s-bit activated-bit codes (d,) uint8 and the client's extras (e,); ``basis``: the
+    activated bits of the received words, which the codes are sent against (None: full codes)."""
 
     codes: np.ndarray
     extras: np.ndarray
+    basis: reference.Basis | None = None
 
 
 @dataclass(frozen=True)
@@ -122,27 +128,51 @@ class FedBiFUplinkCodec(Codec[UplinkMessage]):
     active_bits: int
     extras_dtype: str = "float16"
     entropy: str = "none"
+    #: a header array first, and codes sent against the activated bits the client received.
+    reference: bool = False
     name = "FedBiF uplink"
-    num_arrays = 2
+
+    @property
+    def num_arrays(self) -> int:  # type: ignore[override]
+        return 3 if self.reference else 2
 
     def encode(self, message: UplinkMessage) -> list[np.ndarray]:
-        return [
-            entropy.pack(message.codes, self.active_bits, self.entropy),
+        symbols = message.codes
+        if message.basis is not None:
+            if not self.reference:
+                raise ValueError("a basis needs a codec built with reference=True")
+            symbols = reference.difference(message.codes, message.basis.codes, self.active_bits)
+        arrays = [
+            entropy.pack(symbols, self.active_bits, self.entropy),
             np.asarray(message.extras).astype(self.extras_dtype, copy=False),
         ]
+        return [reference.header(message.basis), *arrays] if self.reference else arrays
 
-    def _decode(self, arrays: list[np.ndarray]) -> UplinkMessage:
+    def decode_with(
+        self, arrays: Sequence[np.ndarray], held: reference.Basis | None
+    ) -> UplinkMessage:
+        """``decode`` for a server holding ``held`` (the activated bits it sent the client this
+        round), which a reference-coded upload must name in its header."""
+        basis_round, crc, arrays = reference.take_header(
+            arrays, self.num_arrays, self.name, self.reference
+        )
         packed, extras = arrays
-        codes = entropy.unpack(packed, self.active_bits, self.split.num_quantized, self.entropy)
+        symbols = entropy.unpack(packed, self.active_bits, self.split.num_quantized, self.entropy)
+        codes = reference.resolve(symbols, basis_round, crc, held, self.active_bits)
         extras = checked_floats(extras, (self.split.num_extras,), "extras", (self.extras_dtype,))
         return UplinkMessage(codes, extras)
 
+    def _decode(self, arrays: list[np.ndarray]) -> UplinkMessage:
+        return self.decode_with(arrays, None)
+
     def payload_nbytes(self, message: UplinkMessage | None = None) -> int:
-        """Bytes of the arrays; with ``entropy=ans`` the codes' size is ``message``'s own."""
-        if self.entropy == "ans" and message is not None:
+        """Bytes of the arrays; with ``entropy=ans`` or a basis the size is ``message``'s own."""
+        if message is not None and (self.entropy == "ans" or message.basis is not None):
             return sum(a.nbytes for a in self.encode(message))
+        header = reference.HEADER_BYTES if self.reference else 0
         return (
-            packed_size(self.split.num_quantized, self.active_bits)
+            header
+            + packed_size(self.split.num_quantized, self.active_bits)
             + self.split.num_extras * np.dtype(self.extras_dtype).itemsize
         )
 

@@ -37,7 +37,7 @@ class FedBATSettings(Settings):
     alpha_min: float = setting(5e-4, "lower clamp of the step size", min=0.0, min_inclusive=False)
     alpha_max: float = setting(5e-2, "upper clamp of the step size", min=0.0, min_inclusive=False)
     lr: float = setting(
-        0.05, "learning rate of the updates and step sizes", min=0.0, min_inclusive=False
+        0.02, "learning rate of the updates and step sizes", min=0.0, min_inclusive=False
     )
     extras_dtype: str = setting(
         "float16", "dtype of biases/BatchNorm on the uplink", choices=EXTRAS_DTYPES

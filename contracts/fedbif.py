@@ -45,7 +45,7 @@ class FedBiFSettings(Settings):
     extras_dtype: str = setting(
         "float16", "dtype of biases/BatchNorm on the wire", choices=EXTRAS_DTYPES
     )
-    lr: float = setting(0.1, "learning rate of the virtual bits", min=0.0, min_inclusive=False)
+    lr: float = setting(0.05, "learning rate of the virtual bits", min=0.0, min_inclusive=False)
     init_scale: float = setting(
         1.0,
         "factor on the Kaiming std of fresh virtual-bit magnitudes (drawn as abs(N(0, 2/fan_in))); "
@@ -154,9 +154,13 @@ def downlink_codec(
 
 
 def uplink_codec(
-    settings: FedBiFSettings, model: nn.Module, entropy: str = "none"
+    settings: FedBiFSettings, model: nn.Module, entropy: str = "none", reference: str = "none"
 ) -> FedBiFUplinkCodec:
-    """The s-bit uplink of ``model``."""
+    """The s-bit uplink of ``model``; ``reference`` is the run's ``uplink-reference`` key."""
     return FedBiFUplinkCodec(
-        quantized_split(model)[2], settings.active_bits, settings.extras_dtype, entropy
+        quantized_split(model)[2],
+        settings.active_bits,
+        settings.extras_dtype,
+        entropy,
+        reference=reference == "received",
     )

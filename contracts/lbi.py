@@ -97,8 +97,8 @@ class LBISettings(Settings):
     )
     uplink_reference: bool = setting(
         False,
-        "upload the weight codes as their difference from the codes received this round "
-        "(lossless; pays with entropy=ans; the server holds what it sent)",
+        "alias of uplink-reference=received for LBI-FL (kept for older configs): upload the "
+        "weight codes as their difference from the codes received this round",
     )
     agent_file: str = setting("", "agent JSON ('' = the shipped clients/lbi_agent.json)")
     int8_kernels: str = setting(
@@ -142,13 +142,14 @@ class LBISettings(Settings):
 
 
 def weight_codec(
-    settings: LBISettings, model: nn.Module, entropy: str = "none"
+    settings: LBISettings, model: nn.Module, entropy: str = "none", uplink_reference: str = "none"
 ) -> lbi_codec.LBIWeightCodec:
-    """The k_w-bit message of ``model`` (both directions); ``entropy``: the run's key."""
+    """The k_w-bit message of ``model`` (both directions); ``entropy`` and ``uplink_reference``
+    are the run's keys (``lbi-uplink-reference=true``, the older key, means ``received``)."""
     return lbi_codec.LBIWeightCodec(
         quantized_split(model)[2],
         settings.extras_dtype,
         per_channel=settings.weight_scale == "channel",
         entropy=entropy,
-        reference=settings.uplink_reference,
+        reference=settings.uplink_reference or uplink_reference == "received",
     )

@@ -40,6 +40,16 @@ ATTACKS = (
     "crash",
     "stall",
 )
+#: the value of a wire key that lets the method's capabilities decide (``fl_app.methods``).
+AUTO = "auto"
+#: What a key stands for in a run config written before the key existed, where that is not its
+#: default: such a run ran without the stage the key now turns on (resume and the harness's
+#: labels read old configs through it).
+LEGACY_VALUES: dict[str, Scalar] = {
+    "entropy": "none",
+    "downlink-reference": "none",
+    "uplink-reference": "none",
+}
 #: a run name is one path component: no separator, never "." or "..".
 _PLAIN_NAME = re.compile(r"(?!\.\.?$)[A-Za-z0-9._=,+-]+")
 
@@ -83,7 +93,12 @@ class RunConfig(Settings):
     min_available_clients: int = setting(2, "clients to wait for before a round", min=1)
     local_epochs: int = setting(2, "local epochs per round", min=1)
     batch_size: int = setting(32, "local mini-batch size", min=1)
-    learning_rate: float = setting(0.05, "client SGD learning rate", min=0.0, min_inclusive=False)
+    learning_rate: float = setting(
+        0.02,
+        "client SGD learning rate (default chosen on validation: experiments/digits-tuned.toml)",
+        min=0.0,
+        min_inclusive=False,
+    )
     momentum: float = setting(0.9, "client SGD momentum", min=0.0, max=1.0)
     weight_decay: float = setting(0.0, "client SGD weight decay", min=0.0)
     seed: int = setting(
@@ -215,17 +230,33 @@ class RunConfig(Settings):
         choices=("nearest", "stochastic"),
     )
     entropy: str = setting(
-        "none",
-        "lossless entropy stage for packed codes (downlink=uq codes; FedBiF, FedPAQ, QSGD and "
-        "DAdaQuant messages): none, or ans (adaptive ANS, model sent)",
-        choices=ENTROPY_MODES,
+        AUTO,
+        "lossless entropy stage for packed codes (downlink=uq codes; FedBiF, FedPAQ, QSGD, "
+        "DAdaQuant, clipped UQ and LBI-FL messages): none, ans (adaptive ANS, model sent), or "
+        "auto: ans wherever the method has codes it applies to, else none",
+        choices=(*ENTROPY_MODES, AUTO),
     )
     downlink_reference: str = setting(
-        "none",
+        AUTO,
         "last: code the downlink's codes as their difference from the codes the client kept "
         "from its last accepted round (lossless; needs entropy=ans; FedBiF's words and "
-        "downlink=uq codes)",
-        choices=("none", "last"),
+        "downlink=uq codes); auto: last wherever it applies, else none",
+        choices=("none", "last", AUTO),
+    )
+    reference_memory_mb: float = setting(
+        256.0,
+        "most MB of codes the server keeps for downlink-reference=last; past it the oldest "
+        "rounds go and their holders get full codes (the model is the same, only bytes "
+        "change); 0 = no limit",
+        min=0.0,
+    )
+    uplink_reference: str = setting(
+        AUTO,
+        "received: code the uplink's codes as their difference from the codes the client "
+        "received that round (lossless; needs entropy=ans; FedBiF's activated bits, LBI-FL's "
+        "weight codes; lbi-uplink-reference=true is the same for LBI-FL); auto: received "
+        "wherever it applies, else none",
+        choices=("none", "received", AUTO),
     )
     checkpoint: bool = setting(True, "write checkpoint.npz to the run folder every round")
     resume_from: str = setting("", "a run folder (or its checkpoint.npz) to continue from")

@@ -131,13 +131,19 @@ def load_config(raw: dict) -> tuple[RunConfig, Settings]:
     """Validate a raw run config and build the chosen method's settings, once.
 
     Every bad value (single keys and cross-key constraints) fails here with ``ConfigError``.
-    ``model = "auto"`` becomes the dataset's usual model, so results and checkpoints name it.
+    ``model = "auto"`` becomes the dataset's usual model, and the ``auto`` wire keys what the
+    method's codecs support (``CommunicationStrategy.resolve_wire``), so results, checkpoints and
+    resumes name what ran.
     """
     cfg = parse_run_config(raw, all_config_keys())
     if cfg.model == AUTO_MODEL:
         model = DATASETS.get(cfg.dataset).default_model
         cfg = dataclasses.replace(cfg, model=model, values={**cfg.values, "model": model})
     method = METHODS.get(cfg.strategy)
+    wire = method.strategy.resolve_wire(cfg)
+    if wire:  # "auto" wire keys become what they stand for, so results and resumes name them
+        fields = {key.replace("-", "_"): value for key, value in wire.items()}
+        cfg = dataclasses.replace(cfg, **fields, values={**cfg.values, **wire})
     settings = method.settings.from_values(cfg.values)
     method.strategy.check_downlink(cfg, settings)
     return cfg, settings

@@ -10,7 +10,7 @@ from flwr.common import Context
 from flwr.common.logger import log
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 
-from core.config import ConfigError, RunConfig
+from core.config import LEGACY_VALUES, ConfigError, RunConfig
 from core.results import ResultsWriter
 from core.run_identity import check_results_folder
 from core.settings import Settings
@@ -71,7 +71,7 @@ def build_strategy(cfg: RunConfig, settings: Settings | None = None) -> Communic
 def check_start(cfg: RunConfig) -> None:
     """Refuse, with one line (``ConfigError``), a run that would clobber another run's results
     or change the run it resumes; nothing is written before these pass."""
-    defaults = {key.name: key.default for key in all_config_keys()}
+    defaults = {**{key.name: key.default for key in all_config_keys()}, **LEGACY_VALUES}
     run_dir = cfg.run_dir()
     check_results_folder(
         run_dir, cfg.as_dict(), defaults=defaults, resuming_here=resumes_into(cfg, run_dir)

@@ -59,7 +59,7 @@ from compression.downlink_codec import UQMessage
 from compression.layout import concat_flat, split_flat
 from contracts.downlink import Downlink
 from contracts.messages import PARTITION_ID, ROUND, TORCH_THREADS, TRAIN_LOSS, TRAIN_SECONDS
-from core.config import RunConfig
+from core.config import AUTO, LEGACY_VALUES, RunConfig
 from core.plots import PLOT_NAME, plot_run
 from core.results import ResultsWriter
 from core.run_identity import check_federation_size
@@ -153,6 +153,28 @@ class CommunicationStrategy(Strategy):
     #: True where the method's downlink codes can be sent against the client's last codes
     #: (``downlink-reference=last``; FedBiF's words).
     reference_codes: ClassVar[bool] = False
+    #: True where the method's uplink codes can be sent against the codes the client received
+    #: that round (``uplink-reference=received``; FedBiF's activated bits, LBI-FL's weights).
+    uplink_reference_codes: ClassVar[bool] = False
+
+    @classmethod
+    def resolve_wire(cls, cfg: RunConfig) -> dict[str, str]:
+        """What ``auto`` stands for in this method's lossless wire keys (``entropy``,
+        ``downlink-reference``, ``uplink-reference``): each stage wherever the method has codes
+        it applies to. Measured, they change no model bit and cost under 3% of a local epoch
+        (``benchmarks/README.md``, "The wire at its limit"). Keys set explicitly stay as set."""
+        resolved: dict[str, str] = {}
+        entropy = cfg.entropy
+        if entropy == AUTO:
+            entropy = "ans" if cls.entropy_codes or cfg.downlink == "uq" else "none"
+            resolved["entropy"] = entropy
+        if cfg.downlink_reference == AUTO:
+            applies = cls.reference_codes or (cls.generic_downlink and cfg.downlink == "uq")
+            resolved["downlink-reference"] = "last" if applies and entropy == "ans" else "none"
+        if cfg.uplink_reference == AUTO:
+            applies = cls.uplink_reference_codes and entropy == "ans"
+            resolved["uplink-reference"] = "received" if applies else "none"
+        return resolved
 
     @classmethod
     def check_downlink(cls, cfg: RunConfig, settings: Settings) -> None:
@@ -180,6 +202,18 @@ class CommunicationStrategy(Strategy):
                 raise ConfigError(
                     f"downlink-reference={cfg.downlink_reference!r} saves bits only through the "
                     "entropy stage; set entropy='ans' (or downlink-reference='none')"
+                )
+        if cfg.uplink_reference != "none":
+            if not cls.uplink_reference_codes:
+                raise ConfigError(
+                    f"uplink-reference={cfg.uplink_reference!r}: strategy {cfg.strategy!r} "
+                    "uploads no codes that can be sent against the codes it received (fedbif "
+                    "and lbi-fl do); use uplink-reference='none'"
+                )
+            if cfg.entropy != "ans":
+                raise ConfigError(
+                    f"uplink-reference={cfg.uplink_reference!r} saves bits only through the "
+                    "entropy stage; set entropy='ans' (or uplink-reference='none')"
                 )
 
     def __init__(
@@ -216,7 +250,7 @@ class CommunicationStrategy(Strategy):
         self.round_memo = RoundMemo()
         self.downlink = Downlink.from_config(cfg)
         #: ``downlink-reference=last``: which round's codes each client holds.
-        self.references = ReferenceBook()
+        self.references = ReferenceBook(int(self.cfg.reference_memory_mb * 1e6))
         #: what this round's deltas are relative to (set while a round is aggregated).
         self._delta_base: list[np.ndarray] | None = None
         self._round_started = self.progress.started
@@ -378,6 +412,11 @@ class CommunicationStrategy(Strategy):
         if unknown:
             raise KeyError(f"undeclared round columns {sorted(unknown)}")
         self.round_metrics.setdefault(server_round, {}).update(values)
+
+    def count_metric(self, server_round: int, name: str) -> None:
+        """Add one to method column ``name`` of a round (e.g. ``full_downlinks``)."""
+        count = self.round_metrics.get(server_round, {}).get(name, 0)
+        self.record_metrics(server_round, **{name: int(count) + 1})
 
     # ----------------------------------------------------------------- Flower Strategy API
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
@@ -806,7 +845,7 @@ class CommunicationStrategy(Strategy):
         """Defaults of the common keys and this method's: what a key missing from an older
         run's stored config stood for."""
         keys = (*RunConfig.config_keys(), *type(self.settings).config_keys())
-        return {key.name: key.default for key in keys}
+        return {**{key.name: key.default for key in keys}, **LEGACY_VALUES}
 
     def restore(self, path: Path) -> int:
         """Load a checkpoint; returns the number of rounds already done (the round offset)."""

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from flwr.common import Scalar
 
-from compression.fedbif_codec import DownlinkMessage, spread_codes
+from compression.fedbif_codec import DownlinkMessage, gather_codes, spread_codes
 from compression.primitives import max_abs_step, quantize
+from compression.reference import Basis
 from contracts import fedbif
 from contracts.fedbif import FedBiFSettings
 from core.seeding import torch_generator
@@ -59,9 +60,11 @@ class FedBiFStrategy(CommunicationStrategy):
     generic_downlink = False  # the paper's own compressed downlink
     entropy_codes = True  # its words (down) and codes (up) honour entropy=ans
     reference_codes = True  # downlink-reference=last codes the words against a client's last
+    uplink_reference_codes = True  # uplink-reference=received: codes against the received bits
 
     uplink_name = "FedBiF uplink"
-    round_columns = {"sparsity": float("nan"), "active_bits": 0.0}
+    #: ``full_downlinks``: clients sent whole words (first contact, or no basis held).
+    round_columns = {"sparsity": float("nan"), "active_bits": 0.0, "full_downlinks": 0}
     settings: FedBiFSettings
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -71,9 +74,11 @@ class FedBiFStrategy(CommunicationStrategy):
         self.down = fedbif.downlink_codec(
             self.settings, self.model, self.cfg.entropy, self.cfg.downlink_reference
         )
-        self.up = fedbif.uplink_codec(self.settings, self.model, self.cfg.entropy)
+        self.up = fedbif.uplink_codec(
+            self.settings, self.model, self.cfg.entropy, self.cfg.uplink_reference
+        )
         #: reference coding: which round's words each client holds.
-        self.references = ReferenceBook()
+        self.references = ReferenceBook(int(self.cfg.reference_memory_mb * 1e6))
 
     # --------------------------------------------------------------- per-round quantization
     def quantization(self, server_round: int) -> RoundQuantization:
@@ -117,6 +122,7 @@ class FedBiFStrategy(CommunicationStrategy):
         sent = self.quantization(server_round)
         basis = self.references.basis_for(cid) if self.down.reference else None
         if basis is None:
+            self.count_metric(server_round, "full_downlinks")
             return sent.downlink
         return self.round_memo.get(
             server_round,
@@ -138,9 +144,12 @@ class FedBiFStrategy(CommunicationStrategy):
     def decode_update(self, server_round: int, reply: ClientReply) -> ClientUpdate:
         """The client's model rebuilt from its activated bits over the frozen bits it was sent
         (dequantized), as a delta against the global model."""
-        message = self.up.decode(reply.arrays)
-        integers = self.recover_integers(server_round, message.codes)
         sent = self.quantization(server_round)
+        held = None
+        if self.up.reference:
+            held = Basis(server_round, gather_codes(sent.words, sent.positions))
+        message = self.up.decode_with(reply.arrays, held)
+        integers = self.recover_integers(server_round, message.codes)
         steps = np.repeat(sent.steps.astype(np.float64), self.split.quantized_sizes)
         weights = integers * steps
         if self.settings.server_model == "float":

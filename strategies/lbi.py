@@ -61,6 +61,7 @@ class LBIStrategy(CommunicationStrategy):
 
     generic_downlink = False  # the paper's own compressed downlink
     entropy_codes = True
+    uplink_reference_codes = True  # weight codes against the codes it sent the client
 
     uplink_name = "LBI-FL uplink"
     round_columns = {
@@ -75,7 +76,9 @@ class LBIStrategy(CommunicationStrategy):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.q_index, self.e_index, self.split = quantized_split(self.model)
-        self.codec = lbi.weight_codec(self.settings, self.model, self.cfg.entropy)
+        self.codec = lbi.weight_codec(
+            self.settings, self.model, self.cfg.entropy, self.cfg.uplink_reference
+        )
         self.float_codec = FloatStateCodec([a.shape for a in self.global_state])
         self.initial_bits = self.settings.initial_widths.weight
         self.client_bits: dict[str, int] = {}  # cid -> weight width of its next downlink

@@ -80,8 +80,7 @@ class SignSGDStrategy(CommunicationStrategy):
         if self._sign_ready(server_round, cid):
             assert self.vote_message is not None
             return self.vote_message
-        full = self.round_metrics.get(server_round, {}).get("full_downlinks", 0)
-        self.record_metrics(server_round, full_downlinks=int(full) + 1)
+        self.count_metric(server_round, "full_downlinks")
         return self.global_state
 
     def fit_config(self, server_round: int, cid: str) -> dict[str, Scalar]:

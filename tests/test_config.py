@@ -128,7 +128,8 @@ def test_default_run_names_differ_with_any_setting_but_where_results_go():
 
     base = name(**{"num-server-rounds": 20})
     assert name(**{"num-server-rounds": 2}) != base
-    assert name(**{"num-server-rounds": 20, "entropy": "ans"}) != base
+    assert name(**{"num-server-rounds": 20, "entropy": "none"}) != base
+    assert name(**{"num-server-rounds": 20, "entropy": "ans"}) == base  # what auto resolves to
     assert name(**{"num-server-rounds": 20, "results-dir": "/elsewhere"}) == base
     assert name(**{"num-server-rounds": 20, "overwrite": True}) == base
 

@@ -140,7 +140,13 @@ def test_clients_that_return_what_they_received_leave_the_global_model(tmp_path,
     model: clients that send back exactly what they received change nothing (a change measured
     against the float model would move it by the downlink's rounding error every round, and
     replacing the model by the decoded copy would erase every change below half a step)."""
-    base = {"strategy": strategy, "device": "cpu", "downlink": "uq", "downlink-bits": 3}
+    base = {
+        "strategy": strategy,
+        "device": "cpu",
+        "downlink": "uq",
+        "downlink-bits": 3,
+        "entropy": "none",
+    }
     server = build_test_strategy(base, tmp_path, **{"min-available-clients": 1})
     instructions = server.configure_fit(1, Parameters([], ""), manager_with(3))
     message = parameters_to_ndarrays(instructions[0][1].parameters)
@@ -167,7 +173,13 @@ def client_for(strategy: str, tmp_path, partition: int):  # noqa: ANN001, ANN201
 
     from fl_app.client_app import client_fn
 
-    run_config = {"strategy": strategy, "device": "cpu", "downlink": "uq", "downlink-bits": 3}
+    run_config = {
+        "strategy": strategy,
+        "device": "cpu",
+        "downlink": "uq",
+        "downlink-bits": 3,
+        "entropy": "none",
+    }
     context = Context(
         run_id=1,
         node_id=partition,
@@ -188,6 +200,7 @@ def test_a_uq_downlink_run_learns_and_entropy_coding_is_lossless(tmp_path):
         "downlink": "uq",
         "downlink-bits": 4,
         "checkpoint": False,
+        "entropy": "none",
     }
     plain = run_inprocess({**config, "results-dir": str(tmp_path / "plain")}, 4)
     coded = run_inprocess({**config, "results-dir": str(tmp_path / "ans"), "entropy": "ans"}, 4)
@@ -217,7 +230,7 @@ def test_entropy_coding_inside_a_methods_codec_is_lossless(tmp_path, strategy):
         "partitioner": "iid",
         "checkpoint": False,
     }
-    plain = run_inprocess({**config, "results-dir": str(tmp_path / "plain")}, 3)
+    plain = run_inprocess({**config, "results-dir": str(tmp_path / "plain"), "entropy": "none"}, 3)
     coded = run_inprocess({**config, "results-dir": str(tmp_path / "ans"), "entropy": "ans"}, 3)
     for a, b in zip(plain.history, coded.history, strict=True):
         for key in ("accuracy", "loss", "train_loss"):

@@ -260,6 +260,7 @@ def test_an_lbi_client_round_through_integer_products_matches_fake_quant(
         "batch-size": 64,
         "partitioner": "iid",
         "min-available-clients": 1,
+        "entropy": "none",  # the plain codec below reads the uploads
     }
     strategy = build_test_strategy(base, tmp_path)
     ((_, ins),) = strategy.configure_fit(1, Parameters([], ""), manager_with(1))

@@ -24,6 +24,8 @@ BASE = {
     "min-available-clients": 1,
     "local-epochs": 1,
     "partitioner": "iid",
+    # the raw wire formats; the lossless stages (default auto) have tests of their own
+    "entropy": "none",
 }
 
 

@@ -37,7 +37,15 @@ def test_the_fedavg_comparison_runs_once_per_config_and_code_version(tmp_path, m
     assert summary["strategy"] == "fedavg" and summary["completed"]
     # Same setting: FedAvg's config equals the method's apart from the strategy.
     differing = {k for k, v in summary["config"].items() if config.get(k) != v}
-    assert differing <= {"strategy", "results-dir", "run-name", "checkpoint"}
+    assert differing <= {
+        "strategy",
+        "results-dir",
+        "run-name",
+        "checkpoint",
+        "entropy",  # the lossless stages: resolved per method (FedAvg sends no codes)
+        "downlink-reference",
+        "uplink-reference",
+    }
     again, cached = main_job.run_baseline(config, 3, cache)
     assert cached and again == first
     other_seed, cached = main_job.run_baseline({**config, "seed": 7}, 3, cache)

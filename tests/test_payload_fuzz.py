@@ -63,9 +63,10 @@ def set_value(value: float) -> Callable[[np.ndarray], np.ndarray]:
 def same_size_other_dtype(array: np.ndarray) -> np.ndarray:
     other = {
         1: np.int8 if array.dtype != np.int8 else np.uint8,
-        2: np.int16,
-        4: np.int32,
-        8: np.int64,
+        2: np.int16 if array.dtype != np.int16 else np.float16,
+        4: np.int32 if array.dtype != np.int32 else np.float32,
+        # a reference header is int64 already: view it as float64
+        8: np.int64 if array.dtype != np.int64 else np.float64,
     }[array.dtype.itemsize]
     return array.view(other)
 

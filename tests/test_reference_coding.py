@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 
 from compression import reference
-from compression.fedbif_codec import DownlinkMessage, FedBiFDownlinkCodec
+from compression.fedbif_codec import (
+    DownlinkMessage,
+    FedBiFDownlinkCodec,
+    FedBiFUplinkCodec,
+    UplinkMessage,
+)
 from compression.layout import SplitLayout
 from core.settings import ConfigError
 from tests.helpers import npy_bytes
@@ -98,7 +103,7 @@ def test_fedbif_downlink_against_a_basis_is_exact_smaller_and_counted():
     ("raw", "reason"),
     [
         ({"strategy": "fedavg", "downlink-reference": "last"}, "has no downlink codes"),
-        ({"strategy": "fedbif", "downlink-reference": "last"}, "entropy='ans'"),
+        ({"strategy": "fedbif", "downlink-reference": "last", "entropy": "none"}, "entropy='ans'"),
         ({"strategy": "fedbif", "downlink-reference": "first", "entropy": "ans"}, "none"),
     ],
 )
@@ -117,6 +122,9 @@ def _run(tmp_path, name: str, strategy: str = "fedbif", **overrides) -> object: 
         "local-epochs": 1,
         "partitioner": "iid",
         "entropy": "ans",
+        # every stage off unless a test turns it on (their default, auto, turns them on)
+        "downlink-reference": "none",
+        "uplink-reference": "none",
         "checkpoint": False,
         "results-dir": str(tmp_path / name),
         **overrides,
@@ -226,3 +234,141 @@ def test_an_lbi_upload_against_other_codes_is_refused():
     np.testing.assert_array_equal(codec.decode_with(arrays, basis).codes, sent)
     with pytest.raises(ValueError, match="holds round 2"):
         codec.decode_with(arrays, reference.Basis(2, basis.codes))
+
+
+# ------------------------------------------------------------------------- uplink-reference
+def _fedbif_uplink_codec(active_bits: int, **kwargs) -> FedBiFUplinkCodec:
+    split = SplitLayout(quantized_shapes=((6, 5), (7,)), extra_shapes=((3,),))
+    return FedBiFUplinkCodec(split, active_bits, "float16", "ans", reference=True, **kwargs)
+
+
+@pytest.mark.parametrize("active_bits", range(1, 9))
+def test_fedbif_uplink_against_the_received_bits_round_trips_at_every_width(active_bits):
+    rng = np.random.default_rng(active_bits)
+    codec = _fedbif_uplink_codec(active_bits)
+    d = codec.split.num_quantized
+    received = rng.integers(0, 1 << active_bits, d).astype(np.uint8)
+    codes = received.copy()
+    flipped = rng.random(d) < 0.2
+    codes[flipped] = rng.integers(0, 1 << active_bits, int(flipped.sum())).astype(np.uint8)
+    basis = reference.Basis(5, received)
+    extras = rng.standard_normal(3).astype(np.float16)
+    arrays = codec.encode(UplinkMessage(codes, extras, basis))
+    assert len(arrays) == 3 and tuple(reference.read_header(arrays[0])) == (5, basis.digest)
+    got = codec.decode_with(arrays, basis)
+    np.testing.assert_array_equal(got.codes, codes)
+    np.testing.assert_array_equal(got.extras, extras)
+    # without a basis the same codec sends full codes under round 0
+    full = codec.encode(UplinkMessage(codes, extras))
+    np.testing.assert_array_equal(codec.decode_with(full, basis).codes, codes)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda arrays, basis: (arrays, reference.Basis(4, basis.codes)), "holds round 4"),
+        (
+            lambda arrays, basis: (arrays, reference.Basis(5, basis.codes ^ np.uint8(1))),
+            "CRC",
+        ),
+        (lambda arrays, basis: (arrays, None), "holds none"),
+        (lambda arrays, basis: (arrays[1:], basis), "has 3 arrays"),
+        (lambda arrays, basis: ([arrays[0], arrays[1][:-3], arrays[2]], basis), "ANS|entropy"),
+        (
+            lambda arrays, basis: ([np.array([5, 1, 2], np.int64), *arrays[1:]], basis),
+            "reference header",
+        ),
+    ],
+    ids=["wrong-round", "wrong-basis", "no-basis", "missing-header", "truncated", "bad-header"],
+)
+def test_hostile_uplink_references_are_refused(mutate, match):
+    rng = np.random.default_rng(9)
+    codec = _fedbif_uplink_codec(1)
+    d = codec.split.num_quantized
+    received = rng.integers(0, 2, d).astype(np.uint8)
+    basis = reference.Basis(5, received)
+    arrays = codec.encode(UplinkMessage(received ^ np.uint8(1), np.zeros(3, np.float16), basis))
+    arrays, held = mutate(list(arrays), basis)
+    with pytest.raises(ValueError, match=match):
+        codec.decode_with(arrays, held)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [{}, {"fraction-fit": 0.5, "min-available-clients": 4}, {"fedbif-active-bits": 2}],
+    ids=["full", "partial", "two-bits"],
+)
+def test_fedbif_runs_with_uplink_reference_are_bit_identical_and_send_less(tmp_path, setting):
+    """The server holds the bits it sent, so every upload is coded against them; the global
+    model, accuracy and everything but the uplink bytes stay exactly as without it."""
+    plain = _run(tmp_path, "plain", **setting)
+    coded = _run(tmp_path, "coded", **setting, **{"uplink-reference": "received"})
+    for a, b in zip(plain.global_state, coded.global_state, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(plain.history, coded.history, strict=True):
+        for key in ("accuracy", "loss", "downlink_bytes", "rejected", "failures"):
+            assert a[key] == pytest.approx(b[key], rel=0, abs=0, nan_ok=True), key
+    assert sum(h["rejected"] for h in coded.history) == 0
+    assert sum(h["uplink_bytes"] for h in coded.history) < 0.8 * sum(
+        h["uplink_bytes"] for h in plain.history
+    )
+
+
+def test_lbi_uplink_reference_key_and_its_old_alias_send_the_same_bytes(tmp_path):
+    setting = {"lbi-mode": "ui4", "num-server-rounds": 2}
+    new = _run(tmp_path, "new", "lbi-fl", **setting, **{"uplink-reference": "received"})
+    old = _run(tmp_path, "old", "lbi-fl", **setting, **{"lbi-uplink-reference": True})
+    assert [h["uplink_bytes"] for h in new.history] == [h["uplink_bytes"] for h in old.history]
+    for a, b in zip(new.global_state, old.global_state, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        (
+            {
+                "strategy": "fedavg",
+                "uplink-reference": "received",
+                "entropy": "ans",
+                "downlink": "uq",
+            },
+            "uploads no codes",
+        ),
+        (
+            {"strategy": "fedbif", "uplink-reference": "received", "entropy": "none"},
+            "entropy='ans'",
+        ),
+    ],
+)
+def test_uplink_reference_where_it_cannot_apply_is_refused_at_start(raw, match):
+    from core.config import ConfigError
+    from fl_app.methods import load_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(raw)
+
+
+@pytest.mark.parametrize("strategy", ["fedbif", "fedavg"])
+def test_a_memory_cap_on_reference_codes_changes_bytes_never_the_model(tmp_path, strategy):
+    """Partial participation keeps several rounds' codes; a cap below one round's codes drops
+    them, the clients that held them are sent full codes, and the model stays bit for bit."""
+    setting = {
+        "fraction-fit": 0.5,
+        "min-available-clients": 4,
+        "downlink-reference": "last",
+        "num-server-rounds": 5,
+    }
+    if strategy == "fedavg":
+        setting["downlink"] = "uq"
+    free = _run(tmp_path, "free", strategy, **setting)
+    capped = _run(tmp_path, "capped", strategy, **setting, **{"reference-memory-mb": 1e-6})
+    for a, b in zip(free.global_state, capped.global_state, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(free.history, capped.history, strict=True):
+        assert a["accuracy"] == b["accuracy"] and a["uplink_bytes"] == b["uplink_bytes"]
+    assert capped.references.dropped_rounds > 0 and free.references.dropped_rounds == 0
+    assert capped.references.nbytes <= 1 and free.references.nbytes > 0
+    assert sum(h["downlink_bytes"] for h in capped.history) > sum(
+        h["downlink_bytes"] for h in free.history
+    )

@@ -74,7 +74,7 @@ def test_resume_with_the_same_config_and_more_rounds_continues(tmp_path):
 def test_resume_of_a_checkpoint_without_its_config_reads_the_summary_beside_it(tmp_path):
     """A checkpoint written before checkpoints held the run config: the summary.json of its
     folder stands in, so a changed key is still refused."""
-    run_inprocess(config(tmp_path, "old", entropy="ans"), num_clients=3)
+    run_inprocess(config(tmp_path, "old", entropy="none"), num_clients=3)
     folder = tmp_path / "old"
     arrays, meta = load_checkpoint(folder)
     del meta["config"]
@@ -89,7 +89,7 @@ def test_resume_of_a_checkpoint_without_its_config_reads_the_summary_beside_it(t
             config(
                 tmp_path,
                 "old",
-                entropy="ans",
+                entropy="none",
                 **{"num-server-rounds": 3, "resume-from": str(folder)},
             ),
             3,

@@ -45,7 +45,7 @@ def test_round_columns_are_declared_and_filled(tmp_path):
 
 
 def test_any_method_error_becomes_a_rejection_naming_the_uplink(tmp_path):
-    base = {"strategy": "fedbif", "device": "cpu", "min-available-clients": 1}
+    base = {"strategy": "fedbif", "device": "cpu", "min-available-clients": 1, "entropy": "none"}
     strategy = build_test_strategy(base, tmp_path)
     strategy.configure_fit(1, Parameters([], ""), manager_with(1))
     with pytest.raises(PayloadError, match=r"^FedBiF uplink: FedBiF uplink has 2 arrays, got 1"):

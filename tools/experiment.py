@@ -511,7 +511,7 @@ def label_runs(
     ``setting`` instead: the report picks one setting per row, it does not compare them. Nor
     does tuning make a key look varying for the runs that do not tune it.
     """
-    from core.config import RunConfig
+    from core.config import LEGACY_VALUES, RunConfig
     from fl_app.methods import METHODS
 
     tune = tune or {}
@@ -522,8 +522,10 @@ def label_runs(
     common_defaults = {key.name: key.default for key in RunConfig.config_keys()}
     common = set(common_defaults)
     keys = set().union(*(r.config for r in results)) - _NOT_LABELS
-    # A key some runs lack was added to the app after them, with the old behaviour as its
-    # default: those runs ran at the default (a resumed grid mixes runs of two code versions).
+    # A key some runs lack was added to the app after them: those runs ran at the old behaviour,
+    # its default or, where the default now turns a stage on, LEGACY_VALUES (a resumed grid mixes
+    # runs of two code versions).
+    common_defaults.update(LEGACY_VALUES)
     for result in results:
         strategy = str(result.config.get("strategy"))
         defaults = dict(common_defaults)

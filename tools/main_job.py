@@ -29,6 +29,9 @@ from core.settings import parse_overrides
 from tools.launch import PROJECT_ROOT, launch
 
 BASELINE = "fedavg"
+#: wire keys whose ``auto`` a method resolves for itself (``CommunicationStrategy.resolve_wire``).
+WIRE_KEYS = ("entropy", "downlink-reference", "uplink-reference")
+AUTO = "auto"
 #: what the code version hashes: every package's Python sources, the app's config and the agent.
 SOURCE_PACKAGES = ("compression", "core", "contracts", "clients", "strategies", "fl_app", "tools")
 EXTRA_SOURCES = ("pyproject.toml", "clients/lbi_agent.json")
@@ -64,7 +67,14 @@ def baseline_key(config: Mapping[str, Any], num_clients: int, version: str) -> s
 
 def run_baseline(config: Mapping[str, Any], num_clients: int, cache: Path) -> tuple[Path, bool]:
     """FedAvg on ``config``'s setting: (its results folder, whether it came from the cache)."""
-    fedavg = {**config, "strategy": BASELINE, "checkpoint": False, "resume-from": ""}
+    fedavg = {
+        **config,
+        "strategy": BASELINE,
+        "checkpoint": False,
+        "resume-from": "",
+        # the method's lossless stages were resolved for it; FedAvg's are resolved for FedAvg
+        **dict.fromkeys(WIRE_KEYS, AUTO),
+    }
     key = baseline_key(fedavg, num_clients, code_version())
     run_dir = cache / f"{BASELINE}-{key}"
     if _completed(run_dir):
@@ -157,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + comparison_table(rows))
     if len(rows) == 2:
         print(savings_line(rows[0][1], rows[1][1]))
-        picture = args.results_dir.resolve() / COMPARISON_PLOT
+        picture = (
+            run_dir / COMPARISON_PLOT
+        )  # in the run's own folder: another run never replaces it
         plot_comparison(
             {
                 summary["strategy"]: read_rounds(run_dir / "rounds.csv"),
