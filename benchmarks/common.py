@@ -146,9 +146,7 @@ def run_rounds(
             ((proxy, ins),) = strategy.configure_fit(server_round, Parameters([], ""), manager)
         started, cpu_started = time.perf_counter(), time.process_time()
         with entropy.recording() as uplink_streams:
-            res = proxy.fit(
-                FitIns(ins.parameters, ins.config), timeout=None, group_id=server_round
-            )
+            res = proxy.fit(FitIns(ins.parameters, ins.config), timeout=None, group_id=server_round)
         fit_seconds = time.perf_counter() - started
         fit_cpu_seconds = time.process_time() - cpu_started
         strategy.aggregate_fit(server_round, [(proxy, res)], [])
