@@ -50,7 +50,8 @@ def log_axis(axis: Any, **labels: str) -> None:
     5 per decade written as plain numbers (0.5, 2, 100); a point at 0 (round 0) is left out."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    axis.set(xscale="log", **labels)
+    axis.set_xscale("log", nonpositive="mask")  # no segment from 0 MB at minus infinity
+    axis.set(**labels)
     axis.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axis.xaxis.set_minor_formatter(NullFormatter())
