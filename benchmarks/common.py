@@ -30,6 +30,7 @@ INPUT_SHAPES = {
     "digits-cnn": (1, 8),
     "digits-cnn-bn": (1, 8),
     "cnn4": (3, 32),
+    "cnn4-fedbat": (1, 28),
     "resnet18": (3, 32),
     "resnet10": (3, 32),
     "vgg11-light": (3, 32),

@@ -648,3 +648,22 @@ def test_run_config_default_reads_the_app_schema_and_names_an_unknown_key():
     assert run_config_default("strategy") == schema["strategy"]
     with pytest.raises(KeyError, match="num-server-round'"):
         run_config_default("num-server-round")
+
+
+def test_a_misspelt_key_in_a_grid_fails_in_one_line_before_any_point_runs(tmp_path, capsys):
+    """The harness validates every point first: the point, the key and "did you mean" on one
+    line, exit 2, no traceback, nothing run."""
+    from tools.experiment import main
+
+    path = tmp_path / "grid.toml"
+    path.write_text(
+        'name = "typo"\noutput = "out"\nseeds = [1]\n[fixed]\nnum-server-rounds = 1\n'
+        'learnin-rate = 0.1\n[grid]\nstrategy = ["fedavg", "fedbif"]\n'
+    )
+    code = main(["run", str(path), "--runner", "inprocess"])
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert code == 2 and "Traceback" not in text
+    [line] = [line for line in text.splitlines() if "experiment not run" in line]
+    assert "point strategy=fedavg_seed=1" in line and "did you mean 'learning-rate'" in line
+    assert not list((tmp_path / "out" / "typo").glob("*/summary.json"))
