@@ -76,17 +76,13 @@ class FedBiFDownlinkCodec(Codec[DownlinkMessage]):
         return 4 if self.reference else 3
 
     def encode(self, message: DownlinkMessage) -> list[np.ndarray]:
-        symbols = message.words
-        if message.basis is not None:
-            if not self.reference:
-                raise ValueError("a basis needs a codec built with reference=True")
-            symbols = reference.difference(message.words, message.basis.codes, self.bits)
+        symbols = reference.symbols_against(message.words, message.basis, self.bits, self.reference)
         arrays = [
             entropy.pack(symbols, self.bits, self.entropy),
             np.asarray(message.steps, dtype=np.float32),
             np.asarray(message.extras).astype(self.extras_dtype, copy=False),
         ]
-        return [reference.header(message.basis), *arrays] if self.reference else arrays
+        return reference.framed(arrays, message.basis, self.reference)
 
     def decode_with(
         self, arrays: Sequence[np.ndarray], held: reference.Basis | None
@@ -137,16 +133,14 @@ class FedBiFUplinkCodec(Codec[UplinkMessage]):
         return 3 if self.reference else 2
 
     def encode(self, message: UplinkMessage) -> list[np.ndarray]:
-        symbols = message.codes
-        if message.basis is not None:
-            if not self.reference:
-                raise ValueError("a basis needs a codec built with reference=True")
-            symbols = reference.difference(message.codes, message.basis.codes, self.active_bits)
+        symbols = reference.symbols_against(
+            message.codes, message.basis, self.active_bits, self.reference
+        )
         arrays = [
             entropy.pack(symbols, self.active_bits, self.entropy),
             np.asarray(message.extras).astype(self.extras_dtype, copy=False),
         ]
-        return [reference.header(message.basis), *arrays] if self.reference else arrays
+        return reference.framed(arrays, message.basis, self.reference)
 
     def decode_with(
         self, arrays: Sequence[np.ndarray], held: reference.Basis | None

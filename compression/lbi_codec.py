@@ -135,17 +135,15 @@ class LBIWeightCodec(Codec[WeightMessage]):
             num_scales(split, self.per_channel),
         ):
             raise ValueError("codes/scales do not match the layout")
-        symbols = unsigned_codes(message.codes, bits)
-        if message.basis is not None:
-            if not self.reference:
-                raise ValueError("a basis needs a codec built with reference=True")
-            symbols = reference.difference(symbols, message.basis.codes, bits)
+        symbols = reference.symbols_against(
+            unsigned_codes(message.codes, bits), message.basis, bits, self.reference
+        )
         side = np.concatenate(
             [np.asarray([bits], dtype=np.float32), message.scales.astype(np.float32)]
         )
         extras = np.asarray(message.extras).astype(self.extras_dtype, copy=False)
         arrays = [entropy.pack(symbols, bits, self.entropy), side, extras]
-        return [reference.header(message.basis), *arrays] if self.reference else arrays
+        return reference.framed(arrays, message.basis, self.reference)
 
     def _decode(self, arrays: list[np.ndarray]) -> WeightMessage:
         return self.decode_with(arrays, None)

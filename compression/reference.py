@@ -71,6 +71,23 @@ def restore(diff: np.ndarray, basis: np.ndarray, bits: int) -> np.ndarray:
     return (basis + diff) & _mask(bits)
 
 
+def symbols_against(
+    codes: np.ndarray, basis: Basis | None, bits: int, with_header: bool
+) -> np.ndarray:
+    """What a message codes: ``codes`` themselves, or their difference from ``basis``, which
+    only a codec that sends the header (``with_header``) may use."""
+    if basis is None:
+        return codes
+    if not with_header:
+        raise ValueError("a basis needs a codec built with reference=True")
+    return difference(codes, basis.codes, bits)
+
+
+def framed(arrays: list[np.ndarray], basis: Basis | None, with_header: bool) -> list[np.ndarray]:
+    """``arrays`` with the header naming ``basis`` first when the codec sends headers."""
+    return [header(basis), *arrays] if with_header else arrays
+
+
 def header(basis: Basis | None) -> np.ndarray:
     """The header array of a message coded against ``basis`` (None: full codes)."""
     if basis is None:

@@ -164,17 +164,9 @@ def fedbif_codes_of(words, positions):
 def test_ste_modes_scale_the_virtual_bit_gradient(tmp_path, ste, power):
     """identity: dL/dv = dL/dw; place: dL/dw / 2^p (a bit's push must match its place value);
     chain: dL/dw * alpha * 2^p. Checked on every activated position of a 2-bit window."""
-    overrides = {"fedbif-active-bits": 2, "fedbif-ste": ste}
-    strategy, ins = downlink_for(tmp_path, **overrides)
-    context = make_contexts({**BASE, "results-dir": str(tmp_path), **overrides}, 2)[0]
-    client = make_client(context)
-    client.load_downlink(parameters_to_ndarrays(ins.parameters), ins.config)
-    weights = client.current_weights()
-    for weight in weights.values():
-        weight.retain_grad()
-    images, labels = client.train_set.tensors
-    logits = torch.func.functional_call(client.model, weights, (images[:16],), strict=False)
-    torch.nn.functional.cross_entropy(logits, labels[:16]).backward()
+    client, weights = backward_through_weights(
+        tmp_path, **{"fedbif-active-bits": 2, "fedbif-ste": ste}
+    )
     for key, virtual, step in zip(client.q_keys, client.virtual, client.steps, strict=True):
         for row, position in enumerate(client.positions):
             if power is None:
@@ -248,9 +240,11 @@ def make_client(context) -> FedBiFClient:
     return client_fn(context).numpy_client  # type: ignore[attr-defined]
 
 
-def test_virtual_bits_get_the_weight_gradient_and_frozen_bits_none(tmp_path):
-    strategy, ins = downlink_for(tmp_path)
-    context = make_contexts({**BASE, "results-dir": str(tmp_path)}, 2)[0]
+def backward_through_weights(tmp_path, **overrides):
+    """A client that received round 1 and ran one backward pass through its rebuilt weights
+    (their gradients kept): (client, weights)."""
+    _, ins = downlink_for(tmp_path, **overrides)
+    context = make_contexts({**BASE, "results-dir": str(tmp_path), **overrides}, 2)[0]
     client = make_client(context)
     client.load_downlink(parameters_to_ndarrays(ins.parameters), ins.config)
     weights = client.current_weights()
@@ -259,6 +253,11 @@ def test_virtual_bits_get_the_weight_gradient_and_frozen_bits_none(tmp_path):
     images, labels = client.train_set.tensors
     logits = torch.func.functional_call(client.model, weights, (images[:16],), strict=False)
     torch.nn.functional.cross_entropy(logits, labels[:16]).backward()
+    return client, weights
+
+
+def test_virtual_bits_get_the_weight_gradient_and_frozen_bits_none(tmp_path):
+    client, weights = backward_through_weights(tmp_path)
     for key, virtual, planes in zip(
         client.q_keys, client.virtual, client.frozen_planes, strict=True
     ):

@@ -37,15 +37,12 @@ def test_negative_key_is_refused():
         load_config({"torch-threads": -2})
 
 
-def test_pinned_run_trains_and_reports_at_the_pinned_count(tmp_path, restore_threads):
-    """With ``torch-threads=1`` every client fit runs at 1 thread, even where its process was at
-    2 when the message came (reset here, after the server had pinned it), and ``summary.json``
-    records the count."""
-    torch.set_num_threads(2)
-    seen: list[int] = []
+def thread_recorder(seen: list[int]):
+    """A client_fn whose fits append the thread count they train at to ``seen``; every message
+    starts at 2 threads, as a fresh worker process would."""
 
     def recording(context: Context):
-        torch.set_num_threads(2)  # as a fresh worker process would be
+        torch.set_num_threads(2)
         client = client_fn(context)
         original_fit = client.fit
 
@@ -55,6 +52,17 @@ def test_pinned_run_trains_and_reports_at_the_pinned_count(tmp_path, restore_thr
 
         client.fit = fit
         return client
+
+    return recording
+
+
+def test_pinned_run_trains_and_reports_at_the_pinned_count(tmp_path, restore_threads):
+    """With ``torch-threads=1`` every client fit runs at 1 thread, even where its process was at
+    2 when the message came (reset here, after the server had pinned it), and ``summary.json``
+    records the count."""
+    torch.set_num_threads(2)
+    seen: list[int] = []
+    recording = thread_recorder(seen)
 
     run_config = {
         "strategy": "fedavg",
@@ -123,18 +131,7 @@ def test_default_in_process_run_trains_at_one_thread_and_records_both_counts(
     though the process was at 2 threads; summary.json records both."""
     torch.set_num_threads(2)
     seen: list[int] = []
-
-    def recording(context: Context):
-        torch.set_num_threads(2)
-        client = client_fn(context)
-        original_fit = client.fit
-
-        def fit(ins):
-            seen.append(torch.get_num_threads())
-            return original_fit(ins)
-
-        client.fit = fit
-        return client
+    recording = thread_recorder(seen)
 
     run_config = {
         "strategy": "fedavg",
