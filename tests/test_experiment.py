@@ -667,3 +667,18 @@ def test_a_misspelt_key_in_a_grid_fails_in_one_line_before_any_point_runs(tmp_pa
     [line] = [line for line in text.splitlines() if "experiment not run" in line]
     assert "point strategy=fedavg_seed=1" in line and "did you mean 'learning-rate'" in line
     assert not list((tmp_path / "out" / "typo").glob("*/summary.json"))
+
+
+def test_wire_keys_each_method_resolves_for_itself_label_no_row():
+    """entropy / downlink-reference / uplink-reference differ from method to method once
+    ``auto`` is resolved; they label rows only where one strategy's runs differ in them."""
+    from tools.experiment import RunResult, label_runs
+
+    lbi = RunResult({"strategy": "lbi-fl", "seed": 1, "entropy": "ans"}, {}, [])
+    sign = RunResult({"strategy": "signsgd", "seed": 1, "entropy": "none"}, {}, [])
+    label_runs([lbi, sign])
+    assert (lbi.label, sign.label) == ("lbi-fl", "signsgd")
+    on = RunResult({"strategy": "fedpaq", "seed": 1, "entropy": "ans"}, {}, [])
+    off = RunResult({"strategy": "fedpaq", "seed": 1, "entropy": "none"}, {}, [])
+    label_runs([on, off, sign])
+    assert (on.label, off.label) == ("fedpaq entropy=ans", "fedpaq entropy=none")

@@ -541,6 +541,7 @@ def label_runs(
         for k in keys
         if len({json.dumps(r.config[k]) for r in results if k in r.config and k not in tuned(r)})
         > 1
+        and (k not in PER_METHOD_KEYS or _varies_within_a_strategy(results, k))
     )
     for result in results:
         strategy = str(result.config["strategy"])
@@ -554,6 +555,20 @@ def label_runs(
         shown += [k for k in varying if k in common and k not in hidden and k in result.config]
         result.label = " ".join([strategy, *(f"{k}={result.config.get(k)}" for k in shown)])
         result.setting = tuple((k, result.config.get(k)) for k in hidden)
+
+
+#: keys whose ``auto`` each method resolves for itself (``CommunicationStrategy.resolve_wire``):
+#: they differ from method to method in every multi-method grid, so they label a row only where
+#: they differ between runs of one strategy.
+PER_METHOD_KEYS = frozenset({"entropy", "downlink-reference", "uplink-reference"})
+
+
+def _varies_within_a_strategy(results: Sequence[RunResult], key: str) -> bool:
+    values: dict[str, set[str]] = defaultdict(set)
+    for result in results:
+        if key in result.config:
+            values[str(result.config.get("strategy"))].add(json.dumps(result.config[key]))
+    return any(len(seen) > 1 for seen in values.values())
 
 
 def collect(folder: Path, tune: Mapping[str, Mapping[str, Any]] | None = None) -> list[RunResult]:
