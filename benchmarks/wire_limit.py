@@ -121,7 +121,7 @@ def run_recorded(config: dict[str, Any], clients: int) -> dict[str, list[StreamR
 
     down: list[StreamRecord] = []
     up: list[StreamRecord] = []
-    sent_digests: set[int] = set()
+    sent_digests: list[int] = []  # one per array sent: a message sent to many counts many times
     configure_fit = CommunicationStrategy.configure_fit
     downlink_parameters = CommunicationStrategy.downlink_parameters
     fit = InProcessClientProxy.fit
@@ -136,7 +136,7 @@ def run_recorded(config: dict[str, Any], clients: int) -> dict[str, list[StreamR
         parameters = downlink_parameters(self, *args, **kwargs)
         for array in parameters_to_ndarrays(parameters):
             if array.dtype == np.uint8:
-                sent_digests.add(zlib.crc32(array.tobytes()))
+                sent_digests.append(zlib.crc32(array.tobytes()))
         return parameters
 
     def recorded_fit(self, *args, **kwargs):  # noqa: ANN001, ANN202
@@ -154,7 +154,8 @@ def run_recorded(config: dict[str, Any], clients: int) -> dict[str, list[StreamR
         CommunicationStrategy.configure_fit = configure_fit  # type: ignore[method-assign]
         CommunicationStrategy.downlink_parameters = downlink_parameters  # type: ignore[method-assign]
         InProcessClientProxy.fit = fit  # type: ignore[method-assign]
-    return {"down": [s for s in down if s.digest in sent_digests], "up": up}
+    coded = {s.digest: s for s in down}
+    return {"down": [coded[d] for d in sent_digests if d in coded], "up": up}
 
 
 def measure_experiment(path: Path) -> list[dict[str, Any]]:

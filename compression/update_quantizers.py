@@ -155,6 +155,7 @@ def quantize_qsgd(
     qsgd_bits(levels)
     x = torch.from_numpy(np.asarray(flat, dtype=np.float32).reshape(-1))
     count = x.numel()
+    bucket = min(bucket, max(count, 1))  # a bucket past the vector's end is the whole vector
     buckets = -(-count // bucket)
     padded = torch.zeros(buckets * bucket, dtype=torch.float32)
     padded[:count] = x
@@ -173,7 +174,7 @@ def dequantize_qsgd(message: QSGDMessage, levels: int, bucket: int) -> np.ndarra
     count = message.signs.size
     sign = message.signs.astype(np.float32) * 2.0 - 1.0
     mags = message.magnitudes.astype(np.float32)
-    per_scalar = np.repeat(message.norms, bucket)[:count]
+    per_scalar = np.repeat(message.norms, min(bucket, max(count, 1)))[:count]
     return (sign * mags * (per_scalar / np.float32(levels))).astype(np.float32)
 
 

@@ -31,6 +31,14 @@ class ClippedUQSettings(Settings):
     granularity: str = setting("layer", "one clip per layer or per channel", choices=GRANULARITIES)
     qat: bool = setting(False, "quantization-aware local training (STE)")
     aggregation: str = setting("inverse-sqe", "per-layer client weights", choices=AGGREGATIONS)
+    weight_cap: float = setting(
+        10.0,
+        "inverse-sqe: no client's weight in a layer above this many times the layer's lower "
+        "median weight (a client reporting error 0 cannot take the layer); 0 = the paper's "
+        "weights, unbounded",
+        min=0.0,
+        max=1e6,
+    )
     downlink_bits: int = setting(
         0, "bits of the quantized downlink (0 = fp32)", choices=(0, 2, 3, 4, 8)
     )

@@ -25,7 +25,9 @@ class FedBATSettings(Settings):
     """``fedbat-*`` keys."""
 
     prefix = "fedbat"
-    rho: float = setting(6.0, "rho: pace of the step size a0*exp(rho*a_e) (0: a fixed a0)", min=0.0)
+    rho: float = setting(
+        6.0, "rho: pace of the step size a0*exp(rho*a_e) (0: a fixed a0)", min=0.0, max=100.0
+    )
     warmup: float = setting(
         0.5, "phi: share of local steps trained in full precision", min=0.0, max=1.0
     )
@@ -34,10 +36,14 @@ class FedBATSettings(Settings):
         "warm-up steps floor(phi*T) as the authors' code, or ceil(phi*T)",
         choices=WARMUP_ROUNDINGS,
     )
-    alpha_min: float = setting(5e-4, "lower clamp of the step size", min=0.0, min_inclusive=False)
-    alpha_max: float = setting(5e-2, "upper clamp of the step size", min=0.0, min_inclusive=False)
+    alpha_min: float = setting(
+        5e-4, "lower clamp of the step size", min=0.0, min_inclusive=False, max=10.0
+    )
+    alpha_max: float = setting(
+        5e-2, "upper clamp of the step size", min=0.0, min_inclusive=False, max=10.0
+    )
     lr: float = setting(
-        0.02, "learning rate of the updates and step sizes", min=0.0, min_inclusive=False
+        0.02, "learning rate of the updates and step sizes", min=0.0, min_inclusive=False, max=100.0
     )
     extras_dtype: str = setting(
         "float16", "dtype of biases/BatchNorm on the uplink", choices=EXTRAS_DTYPES

@@ -45,7 +45,9 @@ class FedBiFSettings(Settings):
     extras_dtype: str = setting(
         "float16", "dtype of biases/BatchNorm on the wire", choices=EXTRAS_DTYPES
     )
-    lr: float = setting(0.05, "learning rate of the virtual bits", min=0.0, min_inclusive=False)
+    lr: float = setting(
+        0.05, "learning rate of the virtual bits", min=0.0, min_inclusive=False, max=100.0
+    )
     init_scale: float = setting(
         1.0,
         "factor on the Kaiming std of fresh virtual-bit magnitudes (drawn as abs(N(0, 2/fan_in))); "

@@ -75,11 +75,11 @@ class LBISettings(Settings):
         "lbi-mode=fixed: weight,activation,gradient widths, each 4, 6 or 8 (an ablation: which "
         "tensor's width matters)",
     )
-    start: int = setting(10, "first round the policy may change widths", min=1)
-    interval: int = setting(5, "rounds between two decisions of a client", min=1)
+    start: int = setting(10, "first round the policy may change widths", min=1, max=100_000)
+    interval: int = setting(5, "rounds between two decisions of a client", min=1, max=100_000)
     layers: str = setting("conv-linear", "layers trained in low bit", choices=LAYER_CHOICES)
     scale_interval: int = setting(
-        100, "training steps between weight/activation scale updates", min=1
+        100, "training steps between weight/activation scale updates", min=1, max=100_000
     )
     scale_widening: str = setting(
         "none",

@@ -30,7 +30,7 @@ class SignSGDSettings(Settings):
 
     prefix = "signsgd"
     server_lr: float = setting(
-        0.002, "server step size applied to the voted sign", min=0.0, min_inclusive=False
+        0.002, "server step size applied to the voted sign", min=0.0, min_inclusive=False, max=100.0
     )
 
 

@@ -35,7 +35,7 @@ class QSGDSettings(Settings):
 
     prefix = "qsgd"
     levels: int = setting(15, "s: magnitude levels of QSGD", min=1, max=255)
-    bucket_size: int = setting(512, "scalars sharing one L2 norm (QSGD)", min=1)
+    bucket_size: int = setting(512, "scalars sharing one L2 norm (QSGD)", min=1, max=2**31 - 1)
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,9 @@ class FedDQSettings(Settings):
     """``feddq-*`` keys."""
 
     prefix = "feddq"
-    step: float = setting(0.005, "fixed quantization step (FedDQ)", min=0.0, min_inclusive=False)
+    step: float = setting(
+        0.005, "fixed quantization step (FedDQ)", min=0.0, min_inclusive=False, max=100.0
+    )
 
 
 @dataclass(frozen=True)
@@ -54,5 +56,5 @@ class DAdaQuantSettings(Settings):
     initial_levels: int = setting(
         1, "q at round 1 (levels per side)", min=1, max=MAX_SYMMETRIC_LEVELS
     )
-    patience: int = setting(2, "rounds without loss improvement that double q", min=1)
+    patience: int = setting(2, "rounds without loss improvement that double q", min=1, max=1_000)
     ema: float = setting(0.5, "weight of the past in the loss moving average", min=0.0, max=0.99)

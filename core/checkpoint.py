@@ -3,31 +3,30 @@
 The file holds named arrays (the global model as ``global/<i>``, method state as ``method/<name>``)
 and one JSON document (round, results so far, method scalars) stored as a uint8 array, so a single
 ``os.replace`` swaps everything at once: a kill mid-write leaves the previous round's checkpoint.
+
+``core.files.atomic_file`` writes it (mode 0600, never through a planted symbolic link).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from core.files import atomic_file
 
 CHECKPOINT_NAME = "checkpoint.npz"
 _META = "__meta__"
 
 
 def save_checkpoint(run_dir: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
-    """Write arrays + JSON-able ``meta`` to ``run_dir/checkpoint.npz`` atomically."""
+    """Write arrays + JSON-able ``meta`` to ``run_dir/checkpoint.npz`` atomically (mode 0600)."""
     path = run_dir / CHECKPOINT_NAME
-    tmp = run_dir / (CHECKPOINT_NAME + ".tmp")
     encoded = np.frombuffer(json.dumps(meta, allow_nan=True).encode(), dtype=np.uint8)
-    with tmp.open("wb") as handle:
+    with atomic_file(path) as handle:
         np.savez(handle, **arrays, **{_META: encoded})
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
     return path
 
 

@@ -62,10 +62,12 @@ class RunConfig(Settings):
     dataset: str = setting("digits", "dataset name")
     model: str = setting("auto", "model name; auto: the dataset's usual model")
     partitioner: str = setting("dirichlet", "how data is split")
-    dirichlet_alpha: float = setting(0.5, "Dirichlet concentration", min=0.0, min_inclusive=False)
-    labels_per_client: int = setting(2, "classes per client (label-count)", min=1)
+    dirichlet_alpha: float = setting(
+        0.5, "Dirichlet concentration", min=0.0, min_inclusive=False, max=1e6
+    )
+    labels_per_client: int = setting(2, "classes per client (label-count)", min=1, max=10_000)
     dirichlet_min_size: int = setting(
-        0, "Dirichlet: redraw until every client has this many samples", min=0
+        0, "Dirichlet: redraw until every client has this many samples", min=0, max=1_000_000
     )
     dirichlet_self_balancing: bool = setting(
         False, "Dirichlet: no more samples of a class for clients above the mean size"
@@ -86,21 +88,24 @@ class RunConfig(Settings):
         max=1.0,
         min_inclusive=False,
     )
-    num_server_rounds: int = setting(20, "federated rounds", min=1)
+    num_server_rounds: int = setting(20, "federated rounds", min=1, max=100_000)
     fraction_fit: float = setting(
         1.0, "share of clients sampled per round", min=0.0, max=1.0, min_inclusive=False
     )
-    min_available_clients: int = setting(2, "clients to wait for before a round", min=1)
-    local_epochs: int = setting(2, "local epochs per round", min=1)
-    batch_size: int = setting(32, "local mini-batch size", min=1)
+    min_available_clients: int = setting(
+        2, "clients to wait for before a round", min=1, max=100_000
+    )
+    local_epochs: int = setting(2, "local epochs per round", min=1, max=1_000)
+    batch_size: int = setting(32, "local mini-batch size", min=1, max=1_000_000)
     learning_rate: float = setting(
         0.02,
         "client SGD learning rate (default chosen on validation: experiments/digits-tuned.toml)",
         min=0.0,
         min_inclusive=False,
+        max=100.0,
     )
     momentum: float = setting(0.9, "client SGD momentum", min=0.0, max=1.0)
-    weight_decay: float = setting(0.0, "client SGD weight decay", min=0.0)
+    weight_decay: float = setting(0.0, "client SGD weight decay", min=0.0, max=10.0)
     seed: int = setting(
         42, "seed for data split, init, sampling and training", min=0, max=2**63 - 1
     )
@@ -137,8 +142,11 @@ class RunConfig(Settings):
         "seconds to wait for clients per round (modelled seconds with a link-profile); "
         "0 = no limit",
         min=0.0,
+        max=604_800.0,
     )
-    min_fit_results: int = setting(1, "fewer valid client updates skip the round", min=1)
+    min_fit_results: int = setting(
+        1, "fewer valid client updates skip the round", min=1, max=100_000
+    )
     link_profile: str = setting(
         "none",
         "modelled client links (core.link): round times on these links in rounds.csv; with a "
@@ -146,14 +154,16 @@ class RunConfig(Settings):
         choices=PROFILE_CHOICES,
     )
     link_up_mbps: float = setting(
-        1.0, "link-profile=custom: median uplink Mbit/s", min=0.0, min_inclusive=False
+        1.0, "link-profile=custom: median uplink Mbit/s", min=0.0, min_inclusive=False, max=1e6
     )
     link_down_mbps: float = setting(
-        10.0, "link-profile=custom: median downlink Mbit/s", min=0.0, min_inclusive=False
+        10.0, "link-profile=custom: median downlink Mbit/s", min=0.0, min_inclusive=False, max=1e6
     )
-    link_rtt_ms: float = setting(50.0, "link-profile=custom: round-trip time in ms", min=0.0)
+    link_rtt_ms: float = setting(
+        50.0, "link-profile=custom: round-trip time in ms", min=0.0, max=60_000.0
+    )
     link_spread: float = setting(
-        0.5, "link-profile=custom: sigma of the clients' log-normal rate factor", min=0.0
+        0.5, "link-profile=custom: sigma of the clients' log-normal rate factor", min=0.0, max=3.0
     )
     link_wire_up: float = setting(
         1.0,
@@ -161,18 +171,21 @@ class RunConfig(Settings):
         "Flower's own messages; benchmarks.link_validation measures it); 1 = the app's bytes",
         min=0.0,
         min_inclusive=False,
+        max=100.0,
     )
     link_wire_down: float = setting(
         1.0,
         "with a link-profile: bytes on the downlink per app byte (as link-wire-up)",
         min=0.0,
         min_inclusive=False,
+        max=100.0,
     )
     link_overhead_s: float = setting(
         0.0,
         "with a link-profile: seconds per client round the deployment adds beyond transfer and "
         "training (message handling, ClientApp start; measured unshaped); 0 = the link alone",
         min=0.0,
+        max=3_600.0,
     )
     target_accuracy: float = setting(
         0.0,
@@ -192,25 +205,32 @@ class RunConfig(Settings):
         3.0,
         "an update longer than this times the round's median norm is scaled down (0: off)",
         min=0.0,
+        max=1e6,
     )
     update_norm_reject: float = setting(
         100.0,
         "an update longer than this times the round's lower median norm is rejected (0: off)",
         min=0.0,
+        max=1e9,
     )
     max_examples: int = setting(
         0,
         "cap on a client's claimed example count (0: its partition's size where the server can "
         "compute it, else 10x the round's median claim)",
         min=0,
+        max=2**31 - 1,
     )
     attack: str = setting("none", "simulated attack by some clients (evaluation)", choices=ATTACKS)
     attack_fraction: float = setting(
         0.1, "share of the partitions that attack, chosen by seed", min=0.0, max=1.0
     )
-    attack_scale: float = setting(10.0, "factor of scaled-update attacks", min=0.0)
+    attack_scale: float = setting(10.0, "factor of scaled-update attacks", min=0.0, max=1e6)
     attack_stall_seconds: float = setting(
-        30.0, "how long a stall attack sleeps before answering", min=0.0
+        30.0,
+        "how long a stall attack sleeps before answering (with round-timeout the stalled client "
+        "becomes a failure; without, it holds the round this long, an hour at most)",
+        min=0.0,
+        max=3_600.0,
     )
     downlink: str = setting(
         "method",
@@ -249,6 +269,7 @@ class RunConfig(Settings):
         "rounds go and their holders get full codes (the model is the same, only bytes "
         "change); 0 = no limit",
         min=0.0,
+        max=1e6,
     )
     uplink_reference: str = setting(
         AUTO,

@@ -40,6 +40,8 @@ ROUND_COLUMNS: tuple[str, ...] = (
     "link_seconds_total",
     # replies dropped by a modelled deadline (``round-timeout`` with a link profile).
     "late",
+    # 1 when trimmed-mean or median had too few updates to trim (the log says why).
+    "aggregation_degraded",
 )
 
 

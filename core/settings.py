@@ -51,14 +51,18 @@ class ConfigKey:
         """Human-readable range, used in error messages and the README."""
         if self.choices is not None:
             return "one of " + ", ".join(repr(c) for c in self.choices)
-        low = "" if self.min is None else ("[" if self.min_inclusive else "(") + f"{self.min:g}"
-        high = "" if self.max is None else f"{self.max:g}]"
+
+        def number(value: float) -> str:
+            return str(int(value)) if self.type is int else f"{value:g}"
+
+        low = "" if self.min is None else ("[" if self.min_inclusive else "(") + number(self.min)
+        high = "" if self.max is None else f"{number(self.max)}]"
         if low and high:
             return f"{self.type.__name__} in {low}, {high}"
         if low:
-            return f"{self.type.__name__} {'>=' if self.min_inclusive else '>'} {self.min:g}"
+            return f"{self.type.__name__} {'>=' if self.min_inclusive else '>'} {number(self.min)}"
         if high:
-            return f"{self.type.__name__} <= {self.max:g}"
+            return f"{self.type.__name__} <= {number(self.max)}"
         return self.type.__name__
 
     def validate(self, value: Any) -> Scalar:

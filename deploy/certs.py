@@ -22,6 +22,12 @@ invalidate every certificate already handed out, a new node key would invalidate
 registration); the server certificate is issued again from the CA, since clients trust the CA
 and not the certificate. ``--force`` re-creates everything.
 
+Private keys are born with mode 0600 (``core.files.atomic_file``: a 0600 temporary file in
+the same folder, then renamed; both tools write into a private temporary folder first), so no key
+is ever readable by others, and no write goes through a symlink planted at a key's path. A kept
+key that group or others may read is refused (``KeyPermissionError``): it may have leaked, and
+reusing it silently would hide that.
+
     python -m deploy.certs certs/ --host superlink.example.org --host 10.0.0.5 --nodes 3
 """
 
@@ -33,11 +39,15 @@ import ipaddress
 import os
 import secrets
 import shutil
+import stat
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from core.files import atomic_file
 
 #: Names every server certificate carries: the SuperLink's own machine must always reach it.
 LOCAL_NAMES: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
@@ -50,6 +60,10 @@ BACKENDS = ("auto", "cli", "python")
 
 class CertificateError(RuntimeError):
     """Making a key or certificate failed (the message carries the tool's own output)."""
+
+
+class KeyPermissionError(CertificateError):
+    """An existing private key that group or others may access: refused, not reused."""
 
 
 @dataclass(frozen=True)
@@ -128,9 +142,20 @@ def _run(command: Sequence[str]) -> None:
         )
 
 
-def _private(path: Path) -> None:
-    """Private keys readable by their owner only (ssh-keygen refuses looser keys elsewhere)."""
-    path.chmod(0o600)
+def _write(path: Path, data: bytes, private: bool) -> None:
+    """Every output goes through here: private keys 0600 from birth, certificates 0644."""
+    with atomic_file(path, 0o600 if private else 0o644) as handle:
+        handle.write(data)
+
+
+def check_private(path: Path) -> None:
+    """Refuse a private key whose mode grants group/other anything (ssh-keygen does the same)."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise KeyPermissionError(
+            f"{path}: private key has mode {mode:04o}, readable beyond its owner; "
+            f"run chmod 600 {path} if it did not leak, else re-create it with --force"
+        )
 
 
 # ----------------------------------------------------------------------------- openssl backend
@@ -161,9 +186,13 @@ def _openssl_config(tmp: Path, cn: str, names: Sequence[str] = ("localhost",)) -
     return path
 
 
-def _cli_ca(cert: Path, key: Path, days: int) -> None:
+# The tools write into a TemporaryDirectory (mode 0700, ours), never to the destination: openssl
+# keeps the mode of a file already at -keyout and follows a symlink there, ssh-keygen asks before
+# overwriting. The bytes then go through ``_write``, as the Python backend's do.
+def _cli_ca(days: int) -> tuple[bytes, bytes]:
     with tempfile.TemporaryDirectory() as tmp:
         config = _openssl_config(Path(tmp), "commfl deployment CA")
+        key, cert = Path(tmp) / CA_KEY, Path(tmp) / CA_CERT
         _run(
             [
                 "openssl", "req", "-x509", "-config", str(config), "-extensions", "ca_ext",
@@ -171,14 +200,15 @@ def _cli_ca(cert: Path, key: Path, days: int) -> None:
                 "-keyout", str(key), "-out", str(cert), "-days", str(days), "-sha384",
             ]
         )  # fmt: skip
+        return cert.read_bytes(), key.read_bytes()
 
 
 def _cli_server(
-    cert: Path, key: Path, ca_cert: Path, ca_key: Path, names: Sequence[str], days: int
-) -> None:
+    ca_cert: Path, ca_key: Path, names: Sequence[str], days: int
+) -> tuple[bytes, bytes]:
     with tempfile.TemporaryDirectory() as tmp:
         config = _openssl_config(Path(tmp), names[0], names)
-        csr = Path(tmp) / "server.csr"
+        key, csr, cert = Path(tmp) / SERVER_KEY, Path(tmp) / "server.csr", Path(tmp) / SERVER_CERT
         _run(
             [
                 "openssl", "req", "-new", "-config", str(config),
@@ -194,23 +224,28 @@ def _cli_server(
                 "-extensions", "server_ext", "-out", str(cert),
             ]
         )  # fmt: skip
+        return cert.read_bytes(), key.read_bytes()
 
 
-def _cli_node_key(private: Path, name: str) -> None:
-    _run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", name, "-f", str(private)])
+def _cli_node_key(name: str) -> tuple[bytes, bytes]:
+    with tempfile.TemporaryDirectory() as tmp:
+        private = Path(tmp) / "key"
+        _run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", name,
+              "-f", str(private)])  # fmt: skip
+        return private.read_bytes(), private.with_name("key.pub").read_bytes()
 
 
 # ----------------------------------------------------------------------------- python backend
-def _py_write_key(path: Path, key: object) -> None:
+def _py_pem(key: object, certificate: object) -> tuple[bytes, bytes]:
+    """(certificate, PKCS#8 private key) as PEM, as openssl writes them."""
     from cryptography.hazmat.primitives import serialization
 
-    path.write_bytes(
-        key.private_bytes(  # type: ignore[attr-defined]
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+    key_pem = key.private_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
     )
+    return certificate.public_bytes(serialization.Encoding.PEM), key_pem  # type: ignore[attr-defined]
 
 
 def _py_certificate(
@@ -271,21 +306,17 @@ def _py_certificate(
     return builder.sign(signing_key, hashes.SHA384())  # type: ignore[arg-type]
 
 
-def _py_ca(cert: Path, key: Path, days: int) -> None:
-    from cryptography.hazmat.primitives import serialization
+def _py_ca(days: int) -> tuple[bytes, bytes]:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     private = ec.generate_private_key(ec.SECP384R1())
-    _py_write_key(key, private)
     certificate = _py_certificate(
         "commfl deployment CA", private.public_key(), None, private, days, None
     )
-    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))  # type: ignore[attr-defined]
+    return _py_pem(private, certificate)
 
 
-def _py_server(
-    cert: Path, key: Path, ca_cert: Path, ca_key: Path, names: Sequence[str], days: int
-) -> None:
+def _py_server(ca_cert: Path, ca_key: Path, names: Sequence[str], days: int) -> tuple[bytes, bytes]:
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -293,29 +324,26 @@ def _py_server(
     ca = x509.load_pem_x509_certificate(ca_cert.read_bytes())
     signing_key = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
     private = ec.generate_private_key(ec.SECP384R1())
-    _py_write_key(key, private)
     certificate = _py_certificate(
         names[0], private.public_key(), ca.subject, signing_key, days, names
     )
-    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))  # type: ignore[attr-defined]
+    return _py_pem(private, certificate)
 
 
-def _py_node_key(private: Path, name: str) -> None:
+def _py_node_key(name: str) -> tuple[bytes, bytes]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
     key = ec.generate_private_key(ec.SECP384R1())
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        )
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
     )
     public = key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
-    private.with_name(private.name + ".pub").write_bytes(public + f" {name}\n".encode())
+    return private, public + f" {name}\n".encode()
 
 
 # ----------------------------------------------------------------------------- public API
@@ -323,8 +351,9 @@ def make_ca(directory: Path, days: int = DEFAULT_DAYS, backend: str = "auto") ->
     """Create ``ca.crt`` / ``ca.key`` in ``directory``; returns their paths."""
     directory.mkdir(parents=True, exist_ok=True)
     cert, key = directory / CA_CERT, directory / CA_KEY
-    (_cli_ca if resolve_backend(backend) == "cli" else _py_ca)(cert, key, days)
-    _private(key)
+    cert_pem, key_pem = (_cli_ca if resolve_backend(backend) == "cli" else _py_ca)(days)
+    _write(key, key_pem, private=True)
+    _write(cert, cert_pem, private=False)
     return cert, key
 
 
@@ -337,15 +366,18 @@ def make_server_certificate(
     """Issue ``server.pem`` / ``server.key`` from the CA in ``directory``.
 
     The certificate's SANs are ``LOCAL_NAMES`` plus ``hosts`` (names and IPs clients dial).
+    A CA key that group or others may read is refused (``KeyPermissionError``).
     """
     ca_cert, ca_key = directory / CA_CERT, directory / CA_KEY
     if not (ca_cert.exists() and ca_key.exists()):
         raise CertificateError(f"no CA in {directory}: run make_ca first")
+    check_private(ca_key)
     names = subject_names(hosts)
     cert, key = directory / SERVER_CERT, directory / SERVER_KEY
     issue = _cli_server if resolve_backend(backend) == "cli" else _py_server
-    issue(cert, key, ca_cert, ca_key, names, days)
-    _private(key)
+    cert_pem, key_pem = issue(ca_cert, ca_key, names, days)
+    _write(key, key_pem, private=True)
+    _write(cert, cert_pem, private=False)
     return cert, key
 
 
@@ -356,10 +388,11 @@ def make_node_key(directory: Path, name: str, backend: str = "auto") -> NodeKey:
     directory.mkdir(parents=True, exist_ok=True)
     private = directory / name
     public = directory / f"{name}.pub"
-    for path in (private, public):
-        path.unlink(missing_ok=True)  # ssh-keygen would ask before overwriting
-    (_cli_node_key if resolve_backend(backend) == "cli" else _py_node_key)(private, name)
-    _private(private)
+    private_key, public_key = (
+        _cli_node_key if resolve_backend(backend) == "cli" else _py_node_key
+    )(name)
+    _write(private, private_key, private=True)
+    _write(public, public_key, private=False)
     return NodeKey(name, private.resolve(), public.resolve())
 
 
@@ -376,7 +409,10 @@ def make_all(
     backend: str = "auto",
     force: bool = False,
 ) -> KeyMaterial:
-    """CA (kept if present unless ``force``), a fresh server certificate, node keys (kept)."""
+    """CA (kept if present unless ``force``), a fresh server certificate, node keys (kept).
+
+    A kept private key that group or others may read is refused (``KeyPermissionError``).
+    """
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
@@ -391,6 +427,7 @@ def make_all(
         if force or not (private.exists() and public.exists()):
             nodes.append(make_node_key(directory, name, backend))
         else:
+            check_private(private)
             nodes.append(NodeKey(name, private, public))
     return KeyMaterial(
         directory, ca_cert, ca_key, server_cert, server_key, subject_names(hosts), tuple(nodes)
@@ -427,14 +464,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
     parser.add_argument("--force", action="store_true", help="re-create the CA and node keys")
     args = parser.parse_args(argv)
-    material = make_all(
-        args.directory,
-        hosts=args.host,
-        node_names=[*node_key_names(args.nodes), *args.node_name],
-        days=args.days,
-        backend=args.backend,
-        force=args.force,
-    )
+    try:
+        material = make_all(
+            args.directory,
+            hosts=args.host,
+            node_names=[*node_key_names(args.nodes), *args.node_name],
+            days=args.days,
+            backend=args.backend,
+            force=args.force,
+        )
+    except (CertificateError, OSError) as err:  # an operator's problem, not a traceback
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
     print(f"CA certificate (give to every SuperNode and CLI user): {material.ca_cert}")
     print(f"CA key (keep offline):                          {material.ca_key}")
     print(f"SuperLink certificate / key:                    {material.server_cert} / "

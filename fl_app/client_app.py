@@ -114,11 +114,14 @@ def given_cpus(context: Context) -> float | None:
 
 def node_state_store(context: Context, strategy: str, partition_id: int) -> NodeStateStore | None:
     """The node's state file when its node config names a ``state-dir``; a node whose state is
-    empty (first message, or a restarted SuperNode) gets the saved state back."""
+    empty (first message, or a restarted SuperNode) gets the saved state back. A ``state-dir``
+    that cannot be written is a ``ConfigError`` here, before any training whose reply the
+    failing save after ``fit`` would lose."""
     directory = context.node_config.get("state-dir")
     if not directory:
         return None
     store = NodeStateStore(Path(str(directory)), int(context.run_id), strategy, partition_id)
+    store.check_writable()
     if len(context.state) == 0:
         try:
             saved = store.load()

@@ -428,14 +428,19 @@ def source_of(spec: DatasetSpec, data_files: str) -> tuple[str, str]:
 
 def _read_idx(path: Path, reader: Callable[[str], torch.Tensor]) -> np.ndarray:
     """One IDX file through torchvision's reader (it takes plain files: a ``.gz`` is expanded
-    into a temporary folder first)."""
-    if path.suffix != ".gz":
-        return reader(str(path)).numpy()
-    with tempfile.TemporaryDirectory() as folder:
-        plain = Path(folder) / path.stem
-        with gzip.open(path, "rb") as source, plain.open("wb") as target:
-            shutil.copyfileobj(source, target)
-        return reader(str(plain)).numpy()
+    into a temporary folder first); a file that is not IDX fails with one line naming it
+    (torchvision's reader only asserts)."""
+    try:
+        if path.suffix != ".gz":
+            return reader(str(path)).numpy()
+        with tempfile.TemporaryDirectory() as folder:
+            plain = Path(folder) / path.stem
+            with gzip.open(path, "rb") as source, plain.open("wb") as target:
+                shutil.copyfileobj(source, target)
+            return reader(str(plain)).numpy()
+    except (AssertionError, OSError, EOFError, RuntimeError, ValueError) as err:
+        reason = str(err) or type(err).__name__
+        raise ValueError(f"{path} is not a readable IDX file ({reason})") from None
 
 
 def read_idx_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:

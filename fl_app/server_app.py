@@ -42,17 +42,21 @@ def build_strategy(cfg: RunConfig, settings: Settings | None = None) -> Communic
         image_size=spec.image_size,
     )
     model_fn()  # an unsupported model/dataset pair fails here, before any client runs
-    test_set = load_test_set(cfg.dataset, data_files=cfg.data_files)
-    validation_set = (
-        load_validation_set(
-            cfg.dataset,
-            fraction=cfg.validation_fraction,
-            seed=cfg.seed,
-            data_files=cfg.data_files,
+    try:
+        test_set = load_test_set(cfg.dataset, data_files=cfg.data_files)
+        validation_set = (
+            load_validation_set(
+                cfg.dataset,
+                fraction=cfg.validation_fraction,
+                seed=cfg.seed,
+                data_files=cfg.data_files,
+            )
+            if cfg.validation_fraction > 0
+            else None
         )
-        if cfg.validation_fraction > 0
-        else None
-    )
+    except ValueError as err:  # the files a user pointed at: one line, naming them
+        where = f"data-files={cfg.data_files!r}" if cfg.data_files else f"dataset={cfg.dataset!r}"
+        raise ConfigError(f"{where}: {err}") from None
     check_start(cfg)
     results = ResultsWriter(cfg.run_dir(), extra_columns=tuple(method.strategy.round_columns))
     log(INFO, "results of this run go to %s", results.run_dir)

@@ -31,6 +31,9 @@ class RoundTraffic:
     #: client updates whose norm was bounded, and whether the aggregate was refused.
     clipped: int = 0
     aggregate_refused: int = 0
+    #: 1 when the robust rule (trimmed-mean, median) could not do what it says with the
+    #: round's number of updates (``strategies.aggregation.robust_shortfall``).
+    aggregation_degraded: int = 0
     #: the round's length on the run's modelled links (``core.link``), and the clients its
     #: deadline dropped; 0 without a link profile.
     link_seconds: float = 0.0
@@ -59,7 +62,16 @@ class TrafficLedger(dict[int, RoundTraffic]):
 
     @classmethod
     def from_json(cls, data: dict[str, dict[str, Any]]) -> TrafficLedger:
-        return cls({int(r): RoundTraffic(**t) for r, t in data.items()})
+        """The ledger a checkpoint holds; a counter it lacks (an older checkpoint) is 0 and a
+        name it does not know is refused."""
+        known = {f.name for f in dataclasses.fields(RoundTraffic)}
+        ledger = cls()
+        for r, t in data.items():
+            unknown = set(t) - known
+            if unknown:
+                raise ValueError(f"traffic of round {r} has unknown fields {sorted(unknown)}")
+            ledger[int(r)] = RoundTraffic(**t)
+        return ledger
 
 
 def parameters_nbytes(parameters: Parameters) -> int:

@@ -160,7 +160,7 @@ def combine(
 
     ``weights`` are (K,) per client or (K, S) per client and segment, ``segments`` the sizes of
     the S consecutive segments of a delta (their weights summing to 1 over clients); the
-    trimmed mean drops ``floor(trim_fraction * K)`` values at each end of every coordinate.
+    trimmed mean drops ``trim_count(trim_fraction, K)`` values at each end of every coordinate.
     """
     if rule == "mean":
         weights = np.asarray(weights, dtype=np.float64)
@@ -176,12 +176,30 @@ def combine(
     if rule == "median":
         return np.median(stacked, axis=0)
     if rule == "trimmed-mean":
-        cut = int(np.floor(trim_fraction * len(deltas)))
+        cut = trim_count(trim_fraction, len(deltas))
         if cut == 0:
             return stacked.mean(axis=0)
         ordered = np.sort(stacked, axis=0)
         return ordered[cut : len(deltas) - cut].mean(axis=0)
     raise ValueError(f"unknown aggregation rule {rule!r}")
+
+
+def trim_count(trim_fraction: float, count: int) -> int:
+    """Values the trimmed mean drops at each end of a coordinate: ``floor(fraction x count)``,
+    at least one from 3 updates on (a default trim of 0.1 would otherwise trim nothing below
+    10 updates), and never so many that nothing is left."""
+    if trim_fraction <= 0 or count < 3:
+        return 0
+    return min(max(1, int(np.floor(trim_fraction * count))), (count - 1) // 2)
+
+
+def robust_shortfall(rule: str, trim_fraction: float, count: int) -> str | None:
+    """Why ``rule`` does not protect anything with ``count`` updates (None where it does)."""
+    if rule == "trimmed-mean" and trim_fraction > 0 and trim_count(trim_fraction, count) == 0:
+        return f"trimmed-mean needs 3 updates to trim one at each end, got {count}: plain mean"
+    if rule == "median" and count < 3:
+        return f"the median of {count} updates is their mean: one update moves it freely"
+    return None
 
 
 #: the largest magnitude an aggregated model may hold: beyond it the aggregate is refused.

@@ -28,6 +28,7 @@ Values computed once per round (a quantized downlink shared by all clients) go t
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
@@ -46,7 +47,6 @@ from flwr.common import (
     Parameters,
     Scalar,
     ndarrays_to_parameters,
-    parameters_to_ndarrays,
 )
 from flwr.common.logger import log
 from flwr.server.client_manager import ClientManager
@@ -81,7 +81,9 @@ from strategies.aggregation import (
     combine,
     example_shares,
     implausible,
+    lower_median,
     mean_metric,
+    robust_shortfall,
 )
 from strategies.checkpointing import load_run, save_run
 from strategies.link_timing import RoundClients, profile_of, transport_of
@@ -357,6 +359,16 @@ class CommunicationStrategy(Strategy):
         deltas, clipped = clip_norms(
             [u.delta for u in updates if u.delta is not None], self.cfg.update_norm_bound
         )
+        shortfall = robust_shortfall(self.cfg.aggregation, self.cfg.trim_fraction, len(deltas))
+        if shortfall is not None:
+            log(
+                WARNING,
+                "round %d: aggregation=%s: %s",
+                server_round,
+                self.cfg.aggregation,
+                shortfall,
+            )
+            self.progress.traffic.round(server_round).aggregation_degraded = 1
         if len(deltas) != len(updates):
             raise RuntimeError(f"{type(self).__name__} decoded an update without a delta")
         combined = combine(
@@ -605,8 +617,14 @@ class CommunicationStrategy(Strategy):
             raise PayloadError(
                 f"metrics[{TORCH_THREADS!r}] must be an int in 1..4096, got {threads!r}"
             )
+        tensors = fit_res.parameters.tensors
+        if len(tensors) > self.max_uplink_arrays:  # counted before anything is decoded
+            raise PayloadError(
+                f"{self.uplink_name}: {len(tensors)} arrays, more than any message of this run "
+                f"holds ({self.max_uplink_arrays})"
+            )
         try:
-            arrays = parameters_to_ndarrays(fit_res.parameters)
+            arrays = [exact_ndarray(tensor) for tensor in tensors]
         except Exception as err:  # np.load raises several types on garbage
             raise PayloadError(
                 f"{self.uplink_name}: undecodable tensor: {type(err).__name__}: {err}"
@@ -668,7 +686,9 @@ class CommunicationStrategy(Strategy):
 
     def _cap_examples(self, server_round: int, updates: list[ClientUpdate]) -> None:
         """Cap each claimed example count: ``max-examples``, else the claimed partition's size
-        where known, else 10 x the round's median claim; a capped claim is logged.
+        where known (a partition id the server does not know: the largest known size), else
+        10 x the round's lower median claim, which no minority of the round's clients can
+        raise; a capped claim is logged.
 
         Partition sizes are computed for as many partitions as nodes seen (simulation: one node
         per partition). A deployment with a node missing gets slightly wrong caps, which only
@@ -677,12 +697,13 @@ class CommunicationStrategy(Strategy):
         if not updates:
             return
         sizes = self._known_sizes()
-        median = float(np.median([u.num_examples for u in updates]))
+        median = lower_median([float(u.num_examples) for u in updates])
         for update in updates:
             if self.cfg.max_examples:
                 cap = self.cfg.max_examples
-            elif sizes is not None and update.partition_id < len(sizes):
-                cap = sizes[update.partition_id]
+            elif sizes:
+                known = update.partition_id < len(sizes)
+                cap = sizes[update.partition_id] if known else max(sizes)
             else:
                 cap = max(1, int(10 * median))
             if update.num_examples > cap:
@@ -841,24 +862,65 @@ class CommunicationStrategy(Strategy):
             method_meta,
         )
 
+    @property
+    def max_uplink_arrays(self) -> int:
+        """The most arrays an uplink of this run may hold: a full wire state (FedAvg's), plus a
+        few for headers and scales; more is refused before any array is decoded."""
+        return len(self.global_state) + 8
+
     def key_defaults(self) -> dict[str, Any]:
         """Defaults of the common keys and this method's: what a key missing from an older
         run's stored config stood for."""
         keys = (*RunConfig.config_keys(), *type(self.settings).config_keys())
         return {**{key.name: key.default for key in keys}, **LEGACY_VALUES}
 
+    def migrated_history(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A checkpoint's ``rounds.csv`` rows with every column of this version: one an older
+        version did not write is "not recorded" (its method default, else NaN)."""
+        columns = self.results.columns if self.results is not None else ()
+        migrated = []
+        for row in rows:
+            if not isinstance(row, dict) or "round" not in row:
+                raise ValueError("a recorded round is not a row of rounds.csv")
+            filled = {c: self.round_columns.get(c, math.nan) for c in columns if c not in row}
+            migrated.append({**row, **filled})
+        return migrated
+
     def restore(self, path: Path) -> int:
-        """Load a checkpoint; returns the number of rounds already done (the round offset)."""
-        restored = load_run(path, self.cfg, self.global_state, self.key_defaults())
+        """Load a checkpoint; returns the number of rounds already done (the round offset).
+
+        Everything is read and checked (model, progress, method state; rows of an older version
+        given the columns it lacked) before the results folder is touched: a refused checkpoint
+        leaves ``rounds.csv`` as it was, with one line saying why (``ConfigError``)."""
+        try:
+            restored = load_run(path, self.cfg, self.global_state, self.key_defaults())
+            self.load_method_state(restored.method_arrays, restored.method_meta)
+            history = self.migrated_history(restored.progress.history)
+        except ConfigError:
+            raise
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"resume-from {path}: {err}") from None
         self.global_state = restored.global_state
-        self.load_method_state(restored.method_arrays, restored.method_meta)
         self.progress = restored.progress
+        self.progress.history = history
         self.round_memo.clear()
         if self.results is not None:
             self.results.rewrite_rounds(self.progress.history)
             self.results.write_summary(self.summary())
         log(INFO, "resumed from %s after round %d", path, restored.round)
         return restored.round
+
+
+def exact_ndarray(tensor: bytes) -> np.ndarray:
+    """One serialized array (``.npy`` bytes, as Flower sends them), refused unless the bytes
+    hold exactly it: no pickled objects, nothing missing and nothing after the data (trailing
+    bytes would be counted as uplink and inflate a run's bpp)."""
+    buffer = io.BytesIO(tensor)
+    array = np.lib.format.read_array(buffer, allow_pickle=False)
+    extra = len(tensor) - buffer.tell()
+    if extra:
+        raise ValueError(f"{extra} bytes after the array's data")
+    return array
 
 
 def _finite_non_negative(value: object) -> bool:

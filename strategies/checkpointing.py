@@ -18,6 +18,7 @@ import numpy as np
 from core.checkpoint import load_checkpoint, save_checkpoint
 from core.config import RunConfig
 from core.run_identity import check_resume, stored_summary
+from strategies.aggregation import aggregate_problem
 from strategies.reporting import RunProgress
 
 
@@ -107,7 +108,12 @@ def load_run(
                 f"checkpoint {path} holds a non-finite or non-float32 global model (array "
                 f"{index}); refusing to resume from it"
             )
+    problem = aggregate_problem(state)  # the bound every aggregate meets
+    if problem is not None:
+        raise ValueError(f"checkpoint {path} holds no model this run could have made: {problem}")
     done = int(meta["round"])
+    if not 0 <= done <= len(meta.get("history", [])):
+        raise ValueError(f"checkpoint {path} claims round {done} with fewer rounds recorded")
     return RestoredRun(
         round=done,
         global_state=state,

@@ -41,6 +41,17 @@ from strategies.base import ClientReply, ClientUpdate, CommunicationStrategy
 DOWNLINK_SALT = 0xC0D
 
 
+def capped_weights(weights: np.ndarray, cap: float) -> np.ndarray:
+    """(clients, layers) weights with each above ``cap`` x its layer's lower median weight
+    lowered to it, columns renormalised to 1; ``cap`` 0: unchanged."""
+    if cap <= 0:
+        return weights
+    ordered = np.sort(weights, axis=0)
+    lower_median = ordered[(weights.shape[0] - 1) // 2]
+    bounded = np.minimum(weights, cap * lower_median[None, :])
+    return bounded / bounded.sum(axis=0, keepdims=True)
+
+
 class ClippedUQStrategy(CommunicationStrategy):
     """Server side of clipped uniform quantization; see the module docstring."""
 
@@ -115,13 +126,14 @@ class ClippedUQStrategy(CommunicationStrategy):
     def layer_weights(self, updates: list[ClientUpdate]) -> np.ndarray:
         """(clients, layers) aggregation weights of the quantized tensors; columns sum to 1.
 
-        Inverse SQE with each error floored at a tenth of the layer's median error, so a client
-        that reports (or truly has) no error takes at most ~10x a typical client's weight.
+        Inverse SQE (the paper's weights), each capped at ``cuq-weight-cap`` times the layer's
+        lower median weight: a client that reports (or truly has) no error gets at most that
+        many times the weight of the round's middle client, and with two clients the honest
+        one sets the bound (``capped_weights``).
         """
         if self.settings.aggregation == "inverse-sqe":
             errors = np.stack([u.arrays[0] for u in updates])
-            floor = 0.1 * np.median(errors, axis=0, keepdims=True)
-            return inverse_error_weights(np.maximum(errors, floor))
+            return capped_weights(inverse_error_weights(errors), self.settings.weight_cap)
         shares = np.asarray(example_shares(updates))
         return np.repeat(shares[:, None], self.up.layout.num_layers, axis=1)
 

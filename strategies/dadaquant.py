@@ -152,7 +152,12 @@ class DAdaQuantStrategy(DeltaStrategy):
         }
 
     def load_method_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        self.schedule.levels = int(meta["levels"])
+        levels = int(meta["levels"])
+        if not 1 <= levels <= self.schedule.max_levels:
+            raise ValueError(f"DAdaQuant levels {levels} outside 1..{self.schedule.max_levels}")
+        if int(meta["stale"]) < 0 or any(int(v) < 0 for v in meta["sizes_seen"].values()):
+            raise ValueError("DAdaQuant's patience counter and client sizes must be >= 0")
+        self.schedule.levels = levels
         self.schedule.average = meta["average"]
         self.schedule.best = float("inf") if meta["best"] is None else float(meta["best"])
         self.schedule.stale = int(meta["stale"])

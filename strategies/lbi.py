@@ -268,9 +268,17 @@ class LBIStrategy(CommunicationStrategy):
         }
 
     def load_method_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        self.client_bits = {str(k): int(v) for k, v in meta.get("client_bits", {}).items()}
-        self.total_bitops = float(meta.get("total_bitops", 0.0))
-        self.total_bitops_int8 = float(meta.get("total_bitops_int8", 0.0))
+        bits = {str(k): int(v) for k, v in meta.get("client_bits", {}).items()}
+        allowed = self.settings.reportable_widths(lbi.NEXT_WEIGHT_BITS)
+        if any(b not in allowed for b in bits.values()):
+            raise ValueError(
+                f"LBI-FL client widths {sorted(set(bits.values()))} not in {sorted(allowed)}"
+            )
+        totals = [float(meta.get(k, 0.0)) for k in ("total_bitops", "total_bitops_int8")]
+        if not all(np.isfinite(t) and t >= 0 for t in totals):
+            raise ValueError("LBI-FL's BitOPs totals must be finite and >= 0")
+        self.client_bits = bits
+        self.total_bitops, self.total_bitops_int8 = totals
 
 
 def _metric_bits(metrics: dict[str, Scalar], name: str) -> int:

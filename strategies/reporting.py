@@ -62,6 +62,8 @@ class RunProgress:
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any], completed_round: int) -> RunProgress:
         missing = {**dict.fromkeys(VALIDATION_COLUMNS, math.nan), **LINK_DEFAULTS}
+        if not all(isinstance(row, Mapping) and "round" in row for row in meta["history"]):
+            raise ValueError("a recorded round is not a row of rounds.csv")
         return cls(
             history=[{**missing, **row} for row in meta["history"]],
             traffic=TrafficLedger.from_json(meta["traffic"]),
@@ -112,6 +114,7 @@ def round_row(
         "seconds": seconds if server_round > 0 else 0.0,
         "clipped": traffic.clipped,
         "aggregate_refused": traffic.aggregate_refused,
+        "aggregation_degraded": traffic.aggregation_degraded,
         "total_bytes": traffic.uplink_bytes + traffic.downlink_bytes,
         "total_bpp": uplink_bpp + downlink_bpp,
         "val_accuracy": val_accuracy,
@@ -178,6 +181,8 @@ def summary(
         "rejected": totals.rejected,
         "clipped": totals.clipped,
         "aggregates_refused": totals.aggregate_refused,
+        # rounds where trimmed-mean or median could not trim with the updates it had
+        "aggregation_degraded_rounds": totals.aggregation_degraded,
         "late": totals.late,
         **target_fields(cfg, history),
         "wall_seconds": progress.wall_seconds(),

@@ -124,3 +124,62 @@ def test_round_with_too_few_results_is_skipped(tmp_path):
     initial = strategy.history[0]
     assert [row["clients"] for row in strategy.history[1:]] == [1, 1]
     assert strategy.history[-1]["accuracy"] == initial["accuracy"]  # model never changed
+
+
+def _tampered(tmp_path, name: str, strategy: str, change) -> tuple:  # noqa: ANN001
+    """A 2-round run whose checkpoint ``change(arrays, meta)`` edits; (folder, rounds.csv)."""
+    from core.checkpoint import save_checkpoint
+
+    run_inprocess(config(tmp_path, name, strategy=strategy, **{"num-server-rounds": 2}), 3)
+    folder = tmp_path / name
+    arrays, meta = load_checkpoint(folder)
+    change(arrays, meta)
+    save_checkpoint(folder, arrays, meta)
+    return folder, (folder / "rounds.csv").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("strategy", "change", "reason"),
+    [
+        ("fedavg", lambda a, m: a.__setitem__("global/0", a["global/0"] * 1e9), "1e+06"),
+        ("dadaquant", lambda a, m: m["method"].__setitem__("levels", 1000), "levels 1000"),
+        ("fedavg", lambda a, m: m.__setitem__("round", 7), "claims round 7"),
+        ("fedavg", lambda a, m: m["history"].append("not a row"), "not a row"),
+    ],
+    ids=["huge-model", "method-state-out-of-range", "round-beyond-history", "bad-history"],
+)
+def test_a_tampered_checkpoint_is_refused_before_rounds_csv_changes(
+    tmp_path, strategy, change, reason
+):
+    folder, before = _tampered(tmp_path, "t", strategy, change)
+    with pytest.raises(ConfigError) as err:
+        run_inprocess(
+            config(
+                tmp_path,
+                "t",
+                strategy=strategy,
+                **{"num-server-rounds": 10, "resume-from": str(folder)},
+            ),
+            3,
+        )
+    assert reason in str(err.value) and "\n" not in str(err.value)
+    assert (folder / "rounds.csv").read_bytes() == before
+
+
+def test_a_checkpoint_of_an_earlier_version_resumes_with_the_columns_it_lacked(tmp_path):
+    """Rows written before a column existed get it as "not recorded"; the resumed run writes
+    every column of this version and goes on."""
+
+    def older(arrays, meta):  # noqa: ANN001
+        for row in meta["history"]:
+            row.pop("aggregation_degraded")
+        for traffic in meta["traffic"].values():
+            traffic.pop("aggregation_degraded")
+
+    folder, _ = _tampered(tmp_path, "old", "fedavg", older)
+    run_inprocess(
+        config(tmp_path, "old", **{"num-server-rounds": 3, "resume-from": str(folder)}), 3
+    )
+    rows = read_rounds(folder / "rounds.csv")
+    assert [row["round"] for row in rows] == [0, 1, 2, 3]
+    assert np.isnan(rows[1]["aggregation_degraded"]) and rows[3]["aggregation_degraded"] == 0

@@ -57,9 +57,9 @@ def test_flwr_run_reports_a_failed_server_app(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("run_config", "message"),
     [
-        ("num-server-rounds=1 batch-size=0", "batch-size must be int >= 1, got 0"),
+        ("num-server-rounds=1 batch-size=0", "batch-size must be int in [1, 1000000], got 0"),
         ("num-server-roundz=3", "unknown key 'num-server-roundz' (did you mean"),
-        ("learning-rate=fast", "learning-rate must be float > 0, got 'fast'"),
+        ("learning-rate=fast", "learning-rate must be float in (0, 100], got 'fast'"),
         ("strategy=fedbatt", "got 'fedbatt' (did you mean 'fedbat'"),
         ("seed=1 extra", "expected key=value, got 'extra'"),
         ("strategy='fedbat' fedbat-alpha-min=0.5", "must be below fedbat-alpha-max"),

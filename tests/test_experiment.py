@@ -90,6 +90,7 @@ def fake_run(
                 "link_seconds": math.nan,
                 "link_seconds_total": math.nan,
                 "late": 0,
+                "aggregation_degraded": 0,
             }
         )
         if train_seconds is not None and index:  # clients.csv: two clients share the traffic

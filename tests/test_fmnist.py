@@ -193,3 +193,25 @@ def test_flwr_run_two_rounds_on_fmnist(tmp_path):
     summary = json.loads((results_dir / "summary.json").read_text())
     assert summary["model"] == "cnn4-fedbat" and summary["num_clients"] == 100
     assert summary["num_params"] == 390_880 + 2 * 480  # weights, BN affine and statistics
+
+
+def test_files_that_are_not_idx_fail_in_one_line_naming_the_file(tmp_path):
+    """data-files with the four IDX names but other content: one line naming the file and the
+    key, at start, instead of torchvision's bare assertion."""
+    from core.config import ConfigError
+    from fl_app.methods import load_config
+    from fl_app.server_app import build_strategy
+
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
+        (tmp_path / name).write_bytes(b"not an IDX file")
+    raw = {"dataset": "fmnist", "data-files": str(tmp_path), "results-dir": str(tmp_path / "r")}
+    with pytest.raises(ConfigError) as err:
+        build_strategy(load_config(raw)[0])
+    message = str(err.value)
+    assert "data-files=" in message and "is not a readable IDX file" in message
+    assert str(tmp_path) in message and "\n" not in message

@@ -219,3 +219,96 @@ def test_every_attack_kind_is_documented():
 
     assert all(f"``{kind}``" in attacks.__doc__ for kind in ATTACKS if kind != "none")
     assert INFLATED_EXAMPLES > 1000
+
+
+# --------------------------------------------------------------------------- bounds, second pass
+@pytest.mark.parametrize(
+    ("count", "fraction", "cut"),
+    [
+        (3, 0.1, 1),
+        (5, 0.1, 1),
+        (9, 0.1, 1),
+        (10, 0.1, 1),
+        (20, 0.1, 2),
+        (4, 0.49, 1),
+        (7, 0.49, 3),
+        (2, 0.1, 0),
+        (5, 0.0, 0),
+    ],
+)
+def test_the_trimmed_mean_trims_at_least_one_per_side_from_three_updates(count, fraction, cut):
+    from strategies.aggregation import trim_count
+
+    assert trim_count(fraction, count) == cut
+    rng = np.random.default_rng(count)
+    deltas = [rng.normal(size=4) for _ in range(count)]
+    deltas[0] = np.full(4, 1e5)  # one hostile update: gone wherever one is trimmed
+    got = combine(deltas, np.full(count, 1 / count), [4], "trimmed-mean", fraction)
+    ordered = np.sort(np.stack(deltas), 0)
+    np.testing.assert_allclose(got, ordered[cut : count - cut].mean(0))
+    assert (np.abs(got) < 1e4).all() == (cut > 0)
+
+
+@pytest.mark.parametrize(("rule", "clients"), [("trimmed-mean", 2), ("median", 2)])
+def test_a_robust_rule_that_cannot_protect_says_so(tmp_path, rule, clients, caplog):
+    strategy = run_inprocess(
+        {**BASE, "results-dir": str(tmp_path), "aggregation": rule, "num-server-rounds": 1},
+        num_clients=clients,
+    )
+    assert strategy.history[-1]["aggregation_degraded"] == 1
+    assert strategy.summary()["aggregation_degraded_rounds"] == 1
+    assert any(f"aggregation={rule}" in r.getMessage() for r in caplog.records)
+    three = run_inprocess(
+        {**BASE, "results-dir": str(tmp_path / "3"), "aggregation": rule, "num-server-rounds": 1},
+        num_clients=3,
+    )
+    assert three.summary()["aggregation_degraded_rounds"] == 0
+
+
+def _claims(strategy, claims: list[tuple[int, int]]):
+    """ClientUpdates claiming (partition id, examples), capped as the strategy caps them."""
+    from strategies.aggregation import ClientUpdate
+
+    updates = [
+        ClientUpdate(str(1000 + k), partition, examples, [], {})
+        for k, (partition, examples) in enumerate(claims)
+    ]
+    strategy._cap_examples(1, updates)
+    return [u.num_examples for u in updates]
+
+
+def test_an_unknown_partition_id_is_capped_at_the_largest_known_partition(tmp_path):
+    strategy = build_test_strategy({**BASE, "partitioner": "dirichlet"}, tmp_path)
+    strategy.progress.num_clients = 4
+    sizes = strategy._known_sizes()
+    assert sizes is not None and len(sizes) == 4
+    capped = _claims(strategy, [(0, 10**6), (1, sizes[1]), (99, 10**6)])
+    assert capped == [sizes[0], sizes[1], max(sizes)]
+
+
+def test_where_sizes_are_unknown_no_minority_sets_the_cap(tmp_path):
+    strategy = build_test_strategy(BASE, tmp_path)
+    strategy.partition_sizes = None  # e.g. hub or file data: the server cannot compute sizes
+    # Two clients: the hostile claim does not move the cap (the lower median is the honest one).
+    assert _claims(strategy, [(0, 100), (1, 10**9)]) == [100, 1000]
+    # Three clients, one hostile: capped at 10 x the lower median, an honest claim.
+    assert _claims(strategy, [(0, 100), (1, 120), (2, 10**9)]) == [100, 120, 1200]
+
+
+def test_a_zero_error_clipped_uq_client_is_bounded_relative_to_the_others(tmp_path):
+    """cuq-weight-cap: at most 10 x the lower median weight, whatever the reported error; 0
+    gives the paper's inverse-error weights."""
+    from compression.clipped_quant import inverse_error_weights
+    from strategies.cuq import capped_weights
+
+    errors = np.array([[0.0, 1.0], [1.0, 1.0]])  # client 0 claims zero error in layer 0
+    weights = capped_weights(inverse_error_weights(errors), 10.0)
+    np.testing.assert_allclose(weights[:, 0], [10 / 11, 1 / 11])
+    np.testing.assert_allclose(weights[:, 1], [0.5, 0.5])
+    paper = np.array([[0.01], [1.0], [2.0]])
+    np.testing.assert_allclose(
+        capped_weights(inverse_error_weights(paper), 0.0)[:, 0],
+        inverse_error_weights(paper)[:, 0],
+    )
+    three = capped_weights(inverse_error_weights(np.array([[0.0], [1.0], [1.0]])), 10.0)
+    np.testing.assert_allclose(three[:, 0], [10 / 12, 1 / 12, 1 / 12])

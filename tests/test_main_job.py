@@ -94,8 +94,8 @@ def test_the_closing_summary_reports_measured_ratios():
     [
         ("strategy='nope'", "strategy"),
         ("strategy=fedbatt", "did you mean 'fedbat'"),  # unquoted, misspelt
-        ("num-server-rounds=-1", "num-server-rounds must be int >= 1"),
-        ("learning-rate=fast", "learning-rate must be float > 0, got 'fast'"),
+        ("num-server-rounds=-1", "num-server-rounds must be int in [1, 100000]"),
+        ("learning-rate=fast", "learning-rate must be float in (0, 100], got 'fast'"),
         ("learnin-rate=0.1", "did you mean 'learning-rate'"),
         ("seed=[1,2]", "seed must be a single value"),
     ],

@@ -104,6 +104,14 @@ MUTATIONS: dict[str, Mutation] = {
     "no tensors": lambda r: with_tensors(r, []),
     "object dtype header": lambda r: with_tensors(r, [object_tensor(), *r.parameters.tensors[1:]]),
     "truncated tensor bytes": truncated_tensor,
+    # Bytes after a valid array's data would be counted as uplink and inflate the run's bpp.
+    "trailing bytes after a valid tensor": lambda r: with_tensors(
+        r, [r.parameters.tensors[0] + b"\0" * 64, *r.parameters.tensors[1:]]
+    ),
+    # Refused by their count, before any of them is decoded.
+    "hundreds of extra arrays": lambda r: with_tensors(
+        r, [*r.parameters.tensors, *([b"not an array"] * 300)]
+    ),
     "one array dropped": lambda r: with_arrays(r, parameters_to_ndarrays(r.parameters)[:-1]),
     "extra array": lambda r: with_arrays(
         r, [*parameters_to_ndarrays(r.parameters), np.zeros(3, np.float32)]
