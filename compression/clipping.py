@@ -13,10 +13,11 @@ ways to choose s, by ``CLIP_METHODS`` (the run-config key ``cuq-clip``):
 
   (Symmetry: -x sits at 1 - f, which g treats alike, so J depends on |x| only.) J has no closed
   form minimiser; it is evaluated on candidates around the model optimum below, then refined
-  by golden-section search. Long rows are summarised first in a histogram of |x|
-  (``search_size``; per bin: count, sum, sum of squares, so the clipping term stays exact and
-  only the rounding term uses the bin's mean position, a bin being a small fraction of a grid
-  step); the model optimum, where the search starts, is taken on the same summary.
+  by golden-section search in the cells of the best few candidates (J can have near-equal
+  minima apart). Long rows are summarised first in a histogram of |x| (``search_size``; per
+  bin: count, sum, sum of squares, so the clipping term stays exact and only the rounding term
+  uses the bin's mean position, a bin being a small fraction of a grid step at every width);
+  the model optimum, where the search starts, is taken on the same summary.
 * ``model``: the fixed point of the error *model* that treats f as uniform (noise
   ``coef * s^2`` per in-range value, ``noise_coefficient``), the OCTAV-style recursion
 
@@ -213,38 +214,28 @@ class MagnitudeSummary:
         return torch.cat(out)
 
 
-def search_size(rows: int) -> tuple[int, int]:
-    """(coarse candidates, histogram bins of a long row). One row (a layer's clip): 48
-    candidates, 16,384 bins. Per-channel rows: 16 candidates, 512 bins, so hundreds of rows
-    stay affordable (measured on resnet18: the exact error at most 0.03% above the brute-force
-    minimum at 2 and 4 bits; at 8 bits, where nearest rounding's realised error is a fine
-    saw-tooth in s, up to 1.7%)."""
+def search_size(rows: int, bits: int) -> tuple[int, int, int]:
+    """(coarse candidates, histogram bins of a long row, cells refined) for ``rows`` rows.
+
+    A bin must be a small fraction of a grid step, or the summary misses the rounding error's
+    saw-tooth in s (nearest rounding at 8 bits): bins grow with the width, ~100 per step of
+    the grid over max|x| (one row: 2^B x 96, at least 4,096, at most 65,536). Per-channel rows
+    (hundreds of them) get a quarter of that and fewer candidates, so they stay affordable.
+    Several cells are refined because J can have near-equal minima in different places."""
+    bins = min(65_536, max(4_096, 96 * 2**bits))
     if rows == 1:
-        return 48, 16384
-    return 16, 512
+        return 64, bins, 3
+    return 24, max(1_024, bins // 4), 2
 
 
-def mse_clip(rows: torch.Tensor, bits: int, rounding: str = "stochastic") -> torch.Tensor:
-    """Per row of ``rows`` (R, n), the clip minimising the exact squared error J (module
-    docstring): candidates on [0.6 s0, min(1.6 s0, max|x|)] around the model optimum s0, then
-    golden-section search between the best candidate's neighbours. float64 clips (R,)."""
-    magnitude = rows.detach().abs().double()
-    if magnitude.dim() != 2 or magnitude.shape[1] == 0:
-        raise ValueError(f"rows must be a non-empty 2-D tensor, got shape {tuple(rows.shape)}")
-    peak = magnitude.max(1).values.clamp_min(TINY_CLIP)
-    candidates_count, bins = search_size(magnitude.shape[0])
-    summary = MagnitudeSummary.of(magnitude, bins)
-    start = summary.model_clip(noise_coefficient(bits, rounding))
-    low = (0.6 * start).clamp_min(TINY_CLIP)
-    high = torch.maximum(torch.minimum(1.6 * start, peak), low)
-    fractions = torch.linspace(0.0, 1.0, candidates_count, dtype=torch.float64)
-    candidates = low.unsqueeze(1) + (high - low).unsqueeze(1) * fractions
-    errors = summary.error(candidates, bits, rounding)
-    best = errors.argmin(1)
-    spacing = (high - low) / (candidates_count - 1)
-    chosen = candidates.gather(1, best.unsqueeze(1)).squeeze(1)
-    left = torch.maximum(chosen - spacing, low)
-    right = torch.minimum(chosen + spacing, high)
+def _golden(
+    summary: MagnitudeSummary,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    bits: int,
+    rounding: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clip, J) of golden-section search of J on [left, right] per row (the best point seen)."""
     ratio = (math.sqrt(5.0) - 1.0) / 2.0
     a, b = right - ratio * (right - left), left + ratio * (right - left)
     error_a = summary.error(a.unsqueeze(1), bits, rounding).squeeze(1)
@@ -261,13 +252,41 @@ def mse_clip(rows: torch.Tensor, bits: int, rounding: str = "stochastic") -> tor
             torch.where(lower, error_new, error_b),
             torch.where(lower, error_a, error_new),
         )
-    # Keep the best point seen: the refinement never ends worse than the coarse search.
-    refined = torch.where(error_a <= error_b, a, b)
-    refined_error = torch.minimum(error_a, error_b)
-    final = torch.where(
-        refined_error <= errors.gather(1, best.unsqueeze(1)).squeeze(1), refined, chosen
-    )
-    return final.clamp(TINY_CLIP, None).minimum(peak)
+    return torch.where(error_a <= error_b, a, b), torch.minimum(error_a, error_b)
+
+
+def mse_clip(rows: torch.Tensor, bits: int, rounding: str = "stochastic") -> torch.Tensor:
+    """Per row of ``rows`` (R, n), the clip minimising the exact squared error J (module
+    docstring): candidates on [0.4 s0, min(2.5 s0, max|x|)] around the model optimum s0, then
+    golden-section search in the cells of the best few candidates (``search_size``), keeping
+    the best point seen. float64 clips (R,). Checked against a brute-force minimiser of J on the
+    raw values by ``benchmarks/clip_search.py`` and ``tests/test_cuq.py``."""
+    magnitude = rows.detach().abs().double()
+    if magnitude.dim() != 2 or magnitude.shape[1] == 0:
+        raise ValueError(f"rows must be a non-empty 2-D tensor, got shape {tuple(rows.shape)}")
+    peak = magnitude.max(1).values.clamp_min(TINY_CLIP)
+    candidates_count, bins, cells = search_size(magnitude.shape[0], bits)
+    summary = MagnitudeSummary.of(magnitude, bins)
+    start = summary.model_clip(noise_coefficient(bits, rounding))
+    low = (0.4 * start).clamp_min(TINY_CLIP).minimum(peak)
+    high = torch.maximum(torch.minimum(2.5 * start, peak), low)
+    fractions = torch.linspace(0.0, 1.0, candidates_count, dtype=torch.float64)
+    candidates = low.unsqueeze(1) + (high - low).unsqueeze(1) * fractions
+    errors = summary.error(candidates, bits, rounding)
+    spacing = (high - low) / (candidates_count - 1)
+    best_index = errors.argmin(1)
+    best_clip = candidates.gather(1, best_index.unsqueeze(1)).squeeze(1)
+    best_error = errors.gather(1, best_index.unsqueeze(1)).squeeze(1)
+    for rank in range(min(cells, candidates_count)):
+        index = errors.topk(rank + 1, dim=1, largest=False).indices[:, rank]
+        chosen = candidates.gather(1, index.unsqueeze(1)).squeeze(1)
+        left = torch.maximum(chosen - spacing, low)
+        right = torch.minimum(chosen + spacing, high)
+        clip, error = _golden(summary, left, right, bits, rounding)
+        better = error < best_error
+        best_clip = torch.where(better, clip, best_clip)
+        best_error = torch.where(better, error, best_error)
+    return best_clip.clamp(TINY_CLIP, None).minimum(peak)
 
 
 def optimal_clip(

@@ -26,6 +26,12 @@ class ClippedUQSettings(Settings):
     """``cuq-*`` keys."""
 
     prefix = "cuq"
+    paper_literal = {
+        "cuq-weight-cap": 0.0,  # the paper's inverse-error weights, unbounded
+        "cuq-clip": "octav",  # the authors' 10 float32 iterations
+        "cuq-qat": True,  # they quantize in every training forward pass
+        "cuq-rounding": "stochastic",
+    }
     bits: int = setting(4, "B: bits per quantized weight (uplink)", choices=(2, 3, 4, 8))
     rounding: str = setting("stochastic", "rounding onto the grid", choices=ROUNDINGS)
     granularity: str = setting("layer", "one clip per layer or per channel", choices=GRANULARITIES)

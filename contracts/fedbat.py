@@ -25,6 +25,7 @@ class FedBATSettings(Settings):
     """``fedbat-*`` keys."""
 
     prefix = "fedbat"
+    paper_literal = {"fedbat-extras-dtype": "float32", "fedbat-warmup-rounding": "floor"}
     rho: float = setting(
         6.0, "rho: pace of the step size a0*exp(rho*a_e) (0: a fixed a0)", min=0.0, max=100.0
     )

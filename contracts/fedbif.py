@@ -30,6 +30,12 @@ class FedBiFSettings(Settings):
     """``fedbif-*`` keys."""
 
     prefix = "fedbif"
+    paper_literal = {
+        "fedbif-ste": "chain",  # dtheta/dv through the step as identity: the chain rule
+        "fedbif-extras-dtype": "float32",  # the paper compresses no BatchNorm or bias
+        "fedbif-server-model": "quantized",  # Eq. 6
+        "fedbif-rounding": "stochastic",  # Eq. 2
+    }
     bits: int = setting(4, "m: bits per quantized weight (downlink)", min=2, max=8)
     active_bits: int = setting(1, "s: bits clients train and send per weight", min=1, max=8)
     selector: str = setting("sequential", "which bits are activated each round", choices=SELECTORS)

@@ -50,6 +50,17 @@ LEGACY_VALUES: dict[str, Scalar] = {
     "downlink-reference": "none",
     "uplink-reference": "none",
 }
+#: The common keys' values that no paper has (this project's defences and wire stages) set back
+#: to what the papers do; every ``experiments/paper-*.toml`` sets them, together with each of its
+#: methods' ``Settings.paper_literal`` (a test checks it), and the README's fidelity section
+#: lists them with why they differ by default.
+PAPER_LITERAL: dict[str, Scalar] = {
+    "update-norm-bound": 0.0,  # no paper scales long updates down
+    "update-norm-reject": 0.0,  # nor rejects them
+    "entropy": "none",  # nominal wire widths, as the papers count bits
+    "downlink-reference": "none",
+    "uplink-reference": "none",
+}
 #: a run name is one path component: no separator, never "." or "..".
 _PLAIN_NAME = re.compile(r"(?!\.\.?$)[A-Za-z0-9._=,+-]+")
 

@@ -123,6 +123,9 @@ class Settings:
 
     #: the keys' name prefix ("fedbif" -> ``fedbif-<field>``); empty for the common keys.
     prefix: ClassVar[str] = ""
+    #: the method keys whose default departs from the method's paper, at the paper's value
+    #: (``experiments/paper-*.toml`` set them; README "Fidelity to the papers" says why).
+    paper_literal: ClassVar[dict[str, Scalar]] = {}
 
     @classmethod
     def key_name(cls, field_name: str) -> str:

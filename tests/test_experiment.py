@@ -683,3 +683,24 @@ def test_wire_keys_each_method_resolves_for_itself_label_no_row():
     off = RunResult({"strategy": "fedpaq", "seed": 1, "entropy": "none"}, {}, [])
     label_runs([on, off, sign])
     assert (on.label, off.label) == ("fedpaq entropy=ans", "fedpaq entropy=none")
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("paper-*.toml")), ids=lambda p: p.name)
+def test_paper_presets_are_paper_literal(path):
+    """Every paper preset sets this project's defences and deviations back to the papers'
+    values: the common ones and those of every method it runs."""
+    from core.config import PAPER_LITERAL
+    from fl_app.methods import METHODS
+
+    experiment = load_experiment(path)
+    strategies = {point.config["strategy"] for point in experiment.points()}
+    literal = dict(PAPER_LITERAL)
+    for strategy in strategies:
+        literal.update(METHODS.get(strategy).settings.paper_literal)
+    wrong = {
+        key: experiment.fixed.get(key)
+        for key, value in literal.items()
+        if experiment.fixed.get(key) != value
+    }
+    assert not wrong, f"{path.name} is not paper-literal in {wrong}"
+    assert "paper-literal" in path.read_text()
