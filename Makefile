@@ -12,6 +12,10 @@ NUM_SUPERNODES ?= 10
 RUN_CONFIG ?=
 FEDERATION_CONFIG ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers for make test/check: one per core, at most 4 (each end-to-end run starts
+# Ray or SuperNodes); TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+PARALLEL := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 RESULTS_DIR ?= $(CURDIR)/results
 
 export FLWR_HOME := $(CURDIR)/.flwr
@@ -58,11 +62,11 @@ run: $(VENV)/.installed
 		--log $(CURDIR)/.flwr/last-run.log
 
 test: $(VENV)/.installed
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PARALLEL) $(PYTEST_ARGS)
 
 # The inner loop: everything but the end-to-end flwr runs, deployments and long runs.
 check: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow and not deploy and not e2e" $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PARALLEL) -m "not slow and not deploy and not e2e" $(PYTEST_ARGS)
 
 # CUDA tests, one flwr run per seed method on CUDA, resnet18 methods benchmark: one table;
 # non-zero on any failure, exit 0 with a message on a machine without CUDA (tools/gpu_check.py)

@@ -29,6 +29,16 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def omp_thread_limit() -> int | None:
+    """``OMP_NUM_THREADS`` when it holds a positive integer: a process started with it (several
+    SuperNodes on one host, a job beside others) was told how many threads it may use."""
+    try:
+        value = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return None
+    return value if value > 0 else None
+
+
 def auto_thread_count(requested: int, given_cpus: float | None) -> int:
     """The thread count a process should run torch at: ``requested`` when > 0 (the run pins it),
     else the CPUs the run gives this process (``given_cpus``, at least 1), else 1.

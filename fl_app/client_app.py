@@ -21,7 +21,13 @@ from flwr.common.logger import log
 from clients.attacks import AttackingClient, attacking_partitions
 from core.config import ConfigError
 from core.node_state import NodeStateError, NodeStateStore
-from core.torch_utils import apply_thread_count, auto_thread_count, available_cpus, select_device
+from core.torch_utils import (
+    apply_thread_count,
+    auto_thread_count,
+    available_cpus,
+    omp_thread_limit,
+    select_device,
+)
 from fl_app.data import DATASETS, load_partition, partition_arguments
 from fl_app.methods import METHODS, load_config
 from fl_app.models import build_model
@@ -97,7 +103,8 @@ def client_fn(context: Context) -> Client:
 def given_cpus(context: Context) -> float | None:
     """The CPUs the run gives this client: its Ray actor's (``client-resources-num-cpus``) in a
     simulation, the node config's ``num-cpus`` where the SuperNode (or the in-process runner)
-    sets it, else the machine's (a SuperNode of a deployment owns its machine)."""
+    sets it, else ``OMP_NUM_THREADS`` where the node's environment sets it, else the machine's
+    (a SuperNode of a deployment owns its machine)."""
     ray = sys.modules.get("ray")  # only a Ray worker has imported it
     if ray is not None and ray.is_initialized():
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
@@ -109,7 +116,8 @@ def given_cpus(context: Context) -> float | None:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"node config num-cpus must be a number, got {value!r}") from None
-    return float(available_cpus())
+    limit = omp_thread_limit()
+    return float(min(limit, available_cpus()) if limit else available_cpus())
 
 
 def node_state_store(context: Context, strategy: str, partition_id: int) -> NodeStateStore | None:

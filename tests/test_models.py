@@ -187,9 +187,7 @@ def test_lbi_table2_bitops_are_reproduced_within_two_percent(
     assert training_bitops(macs, FP32) == pytest.approx(paper_bitops, rel=0.02)
 
 
-@pytest.mark.parametrize(
-    ("name", "blocks", "width"), [("vit-cifar", 6, 512), ("vit-s", 12, 384)]
-)
+@pytest.mark.parametrize(("name", "blocks", "width"), [("vit-cifar", 6, 512), ("vit-s", 12, 384)])
 def test_attention_products_are_counted_apart(name, blocks, width):
     """Attention's Q K^T and weights x V are no layer, so the BitOPs count (linear layers, as
     the paper) leaves them out: 2 x T^2 x width per block with T = 64 patches + the class token

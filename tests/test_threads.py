@@ -96,8 +96,15 @@ def _context(node_config: dict) -> Context:
     return Context(run_id=0, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
 
 
-def test_given_cpus_read_from_the_node_config_else_the_machine():
+def test_given_cpus_read_from_the_node_config_else_the_environment_else_the_machine(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert given_cpus(_context({"num-cpus": 3})) == 3.0
+    assert given_cpus(_context({})) == float(available_cpus())
+    # Several SuperNodes on one host are started with OMP_NUM_THREADS=1 (deploy/local.py).
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert given_cpus(_context({})) == 1.0
+    assert given_cpus(_context({"num-cpus": 3})) == 3.0  # the node config still wins
+    monkeypatch.setenv("OMP_NUM_THREADS", "lots")
     assert given_cpus(_context({})) == float(available_cpus())
     with pytest.raises(ConfigError, match="num-cpus"):
         given_cpus(_context({"num-cpus": "many"}))

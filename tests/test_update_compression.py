@@ -414,7 +414,9 @@ def test_every_baseline_runs_and_sends_what_it_should(tmp_path):
         "dadaquant": (1.9, 2.4),
     }
     for strategy, (low, high) in expected_up.items():
+        # The packed widths before the entropy stage (the auto default codes FedPAQ's levels).
         overrides = {"strategy": strategy, "num-server-rounds": 2, "run-name": strategy}
+        overrides["entropy"] = "none"
         run = run_inprocess({**cfg_for(tmp_path, strategy).as_dict(), **overrides}, 3)
         summary = run.summary()
         assert summary["completed"] and summary["rejected"] == 0 and summary["failures"] == 0
