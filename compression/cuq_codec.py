@@ -13,7 +13,8 @@ Uplink, client -> server (3 arrays, ``CuqCodec`` with ``with_errors``):
        with ``entropy=ans``, one ``compression.entropy`` stream of all d codes over the widest
        width's alphabet (each tensor's codes checked against its own width on receipt);
     1. float32 (c + L,): the c clips s (c = L per layer, or the sum of the output-channel counts
-       per channel, in wire order), then the L per-tensor squared quantization errors;
+       per channel, in wire order; each in (0, ``CLIP_LIMIT``]), then the L per-tensor squared
+       quantization errors (>= 0);
     2. float16 or float32 (e,): the client's trained extras.
 Downlink, server -> client, only when ``cuq-downlink-bits`` B' > 0 (otherwise the fp32 wire
 state): the same three arrays with B' bits, array 1 holding the c clips only (no errors).
@@ -33,6 +34,10 @@ from compression.clipping import num_clips
 from compression.codec import Codec
 from compression.layout import SplitLayout, checked_floats
 from compression.packing import pack_codes, packed_size, unpack_codes
+
+#: the largest clip a message may carry: the grid spans [-clip, clip], and 2 x clip must stay
+#: a finite float32.
+CLIP_LIMIT = float(np.finfo(np.float32).max) / 2
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,11 @@ class CuqCodec(Codec[CuqMessage]):
         clips = side[: layout.num_clips]
         if np.any(clips <= 0):
             raise ValueError("clips must be positive")
+        if clips.size and float(clips.max()) > CLIP_LIMIT:
+            raise ValueError(
+                f"clip {float(clips.max()):.3g} is above {CLIP_LIMIT:.3g}: the grid's span "
+                f"2 x clip would overflow float32"
+            )
         errors = side[layout.num_clips :] if self.with_errors else None
         if errors is not None and np.any(errors < 0):
             raise ValueError("squared errors must be non-negative")

@@ -227,6 +227,12 @@ def decode_uq_codes(
             raise ValueError(f"uq downlink {name} are not finite")
     if (scales < 0).any():
         raise ValueError("uq downlink scales must be >= 0")
+    largest = np.finfo(np.float32).max / np.float32(max(top, 1))
+    if scales.size and float(scales.max()) > largest:
+        raise ValueError(
+            f"uq downlink scale {float(scales.max()):.3g} is above {largest:.3g}: its {top} "
+            f"levels would overflow float32"
+        )
     state: list[np.ndarray | None] = [None] * len(layout.shapes)
     code_at = scale_at = extra_at = 0
     for i in layout.quantized:

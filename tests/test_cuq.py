@@ -29,6 +29,7 @@ from compression.clipping import (
     optimal_clip,
 )
 from compression.cuq_codec import (
+    CLIP_LIMIT,
     CuqCodec,
     CuqLayout,
     CuqMessage,
@@ -279,13 +280,14 @@ def test_malformed_uplinks_raise_payload_errors(tmp_path):
     layers, codes = strategy.up.layout.num_layers, np.zeros(packed_size(d, 4), np.uint8)
     side = np.ones(2 * layers, np.float32)
     extras = np.zeros(e, np.float16)
-    bad_clip, nan_error = side.copy(), side.copy()
-    bad_clip[0], nan_error[-1] = 0.0, np.nan
+    bad_clip, nan_error, huge_clip = side.copy(), side.copy(), side.copy()
+    bad_clip[0], nan_error[-1], huge_clip[0] = 0.0, np.nan, 3e38  # finite; 2 x clip is not
     bad = [
         [codes[:-1], side, extras],
         [codes, side[:-1], extras],
         [codes, side.astype(np.float64), extras],
         [codes, bad_clip, extras],
+        [codes, huge_clip, extras],
         [codes, nan_error, extras],
         [codes, side, np.zeros(e, np.int16)],
         [codes, side],
@@ -316,6 +318,13 @@ def test_codec_round_trip_and_exact_byte_count():
     np.testing.assert_array_equal(message.codes, codes)
     np.testing.assert_array_equal(message.clips, clips)
     np.testing.assert_allclose(message.errors, errors)
+    # The largest clip a message may carry decodes to finite values; one above it is refused.
+    big = CuqMessage(codes, np.full_like(clips, CLIP_LIMIT), errors, extras)
+    assert all(
+        np.isfinite(r).all() for r in dequantize_layers(codec.decode(codec.encode(big)), layout)
+    )
+    with pytest.raises(ValueError, match="overflow float32"):
+        codec.decode(codec.encode(CuqMessage(codes, np.full_like(clips, 3e38), errors, extras)))
     restored = dequantize_layers(message, layout)
     assert [r.shape for r in restored] == [(8, 3, 3, 3), (10, 50)]
     payload = packed_size(split.num_quantized, 3) + 4 * (18 + 2) + 2 * 16

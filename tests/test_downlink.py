@@ -95,10 +95,15 @@ def test_hostile_uq_messages_are_refused():
         "not finite": [codes, np.where(np.arange(scales.size) == 0, np.nan, scales), extras],
         ">= 0": [codes, -scales, extras],
         "code above 14": [np.full_like(codes, 0xFF), scales, extras],
+        # finite, but 7 levels of it overflow float32: refused, never decoded to inf
+        "would overflow float32": [codes, np.full_like(scales, 1e38), extras],
     }
     for reason, arrays in cases.items():
         with pytest.raises(ValueError, match=reason):
             decode_uq([np.asarray(a) for a in arrays], layout, 4)
+    largest = np.full_like(scales, np.finfo(np.float32).max / 7)  # the largest that decodes
+    decoded = decode_uq([codes, largest, extras], layout, 4)[0]
+    assert all(np.isfinite(a).all() for a in decoded)
     stream = encode_uq(state, layout, 4, entropy_mode="ans")[0]
     with pytest.raises(ValueError):
         decode_uq([stream[:-3], scales, extras], layout, 4, entropy_mode="ans")
