@@ -24,12 +24,14 @@ Contract: ``contracts.lbi``.
 
 from __future__ import annotations
 
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.common import ConfigRecord, NDArrays, Scalar
+from flwr.common.logger import log
 
 from clients.base import TrainingClient
 from clients.lbi_agent import (
@@ -37,6 +39,7 @@ from clients.lbi_agent import (
     BitWidthAgent,
     apply_action,
     build_state,
+    provenance_problem,
     valid_actions,
 )
 from compression import lbi_codec, reference
@@ -71,7 +74,11 @@ def load_agent(path: str) -> BitWidthAgent:
     """The agent of ``path`` ('' = the shipped one), loaded once per process."""
     resolved = str(Path(path) if path else DEFAULT_AGENT_PATH)
     if resolved not in _AGENTS:
-        _AGENTS[resolved] = BitWidthAgent.load(resolved)
+        agent = BitWidthAgent.load(resolved)
+        problem = provenance_problem(agent)
+        if problem:
+            log(WARNING, "LBI-FL agent %s is stale: %s", resolved, problem)
+        _AGENTS[resolved] = agent
     return _AGENTS[resolved]
 
 

@@ -33,6 +33,7 @@ The agent is stored as JSON (``BitWidthAgent.save``), because a Flower app bundl
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from compression import lowbit
 from compression.lowbit import KINDS, BitWidths
 
 STATE_SIZE = 10
@@ -231,6 +233,30 @@ class BitWidthAgent:
         return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
+def lowbit_code_hash() -> str:
+    """SHA-256 of ``compression/lowbit.py``, the low-bit training an agent learned its schedule
+    on (its quantizers, Eq. 5 losses and widths); recorded in an agent's metadata when trained."""
+    return hashlib.sha256(Path(lowbit.__file__).read_bytes()).hexdigest()
+
+
+def provenance_problem(agent: BitWidthAgent) -> str | None:
+    """Why ``agent`` was not trained on the low-bit code it now runs with, or ``None``.
+
+    An agent's Q-values encode what raising a width did to the Eq. 5 losses and accuracy under
+    the quantizers of its training: a changed ``lowbit.py`` makes them describe other code.
+    """
+    recorded = agent.metadata.get("lowbit_sha256")
+    if not recorded:
+        return "it records no lowbit_sha256"
+    current = lowbit_code_hash()
+    if recorded != current:
+        return (
+            f"it was trained on compression/lowbit.py {str(recorded)[:8]}, this code is "
+            f"{current[:8]}: retrain it (README, LBI-FL agent)"
+        )
+    return None
+
+
 def load_default_agent() -> BitWidthAgent:
     """The agent shipped next to this module (``clients/lbi_agent.json``)."""
     return BitWidthAgent.load(DEFAULT_AGENT_PATH)
@@ -250,6 +276,8 @@ __all__ = [
     "apply_action",
     "build_state",
     "load_default_agent",
+    "lowbit_code_hash",
+    "provenance_problem",
     "masked_argmax",
     "valid_actions",
 ]

@@ -435,7 +435,7 @@ def brute_force_clip(x: torch.Tensor, bits: int, rounding: str) -> tuple[float, 
 
 @pytest.mark.parametrize("source", ["gaussian", "laplace", "conv"])
 @pytest.mark.parametrize("rounding", ["stochastic", "deterministic"])
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", range(2, 9))
 def test_mse_clip_is_the_brute_force_minimiser_of_the_exact_error(source, rounding, bits):
     if source == "conv":  # a trained digits CNN's second conv layer (64 x 32 x 3 x 3)
         x = torch.from_numpy(np.load(REAL_CONV)).double()
@@ -443,8 +443,12 @@ def test_mse_clip_is_the_brute_force_minimiser_of_the_exact_error(source, roundi
         x = samples(source, 8000, seed=bits)
     clip = float(optimal_clip(x, bits, rounding, "layer", "mse"))
     best_clip, best_error = brute_force_clip(x, bits, rounding)
-    assert clip == pytest.approx(best_clip, rel=0.01)
-    assert exact_error(x, clip, bits, rounding) <= best_error * 1.001
+    error = exact_error(x, clip, bits, rounding)
+    assert error <= best_error * 1.001
+    # J can have near-equal minima apart (nearest rounding's saw-tooth; Laplace at 6 bits: 2.2%
+    # apart, 0.005% in J): where the grid's point is lower, the search must have found its minimum.
+    if error > best_error:
+        assert clip == pytest.approx(best_clip, rel=0.01)
     # The uniform-noise model it starts from is measurably worse at 2 bits.
     if bits == 2:
         model = float(optimal_clip(x, bits, rounding, "layer", "model"))

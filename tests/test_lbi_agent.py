@@ -23,6 +23,8 @@ from clients.lbi_agent import (
     apply_action,
     build_state,
     load_default_agent,
+    lowbit_code_hash,
+    provenance_problem,
     valid_actions,
 )
 from compression.lowbit import FP32, INT4, INT8, KINDS, BitWidths
@@ -306,6 +308,37 @@ def test_shipped_agent_loads_and_acts_validly() -> None:
         action = agent.act(state, widths)
         assert valid_actions(widths)[action]
         apply_action(widths, action)
+
+
+@pytest.mark.parametrize("path", sorted(DEFAULT_AGENT_PATH.parent.glob("lbi_agent*.json")))
+def test_every_shipped_agent_was_trained_on_todays_low_bit_code(path: Path) -> None:
+    """A change to compression/lowbit.py makes every shipped agent stale until it is retrained
+    (README: LBI-FL agent); this fails on that change, not months later."""
+    agent = BitWidthAgent.load(path)
+    assert agent.metadata["lowbit_sha256"] == lowbit_code_hash()
+    assert provenance_problem(agent) is None
+
+
+def test_a_stale_agent_is_named_and_warned_about_at_load(tmp_path, caplog) -> None:
+    from clients import lbi
+
+    payload = json.loads(DEFAULT_AGENT_PATH.read_text())
+    payload["metadata"]["lowbit_sha256"] = "45a8b4be" + "0" * 56  # planted: another lowbit.py
+    stale = tmp_path / "stale.json"
+    stale.write_text(json.dumps(payload))
+    problem = provenance_problem(BitWidthAgent.load(stale))
+    assert problem is not None and "45a8b4be" in problem and lowbit_code_hash()[:8] in problem
+    del payload["metadata"]["lowbit_sha256"]
+    assert "no lowbit_sha256" in str(provenance_problem(BitWidthAgent.from_json(payload)))
+    import logging
+
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.addHandler(caplog.handler)
+    try:
+        lbi.load_agent(str(stale))
+    finally:
+        flwr_logger.removeHandler(caplog.handler)
+    assert any("stale" in r.getMessage() and "45a8b4be" in r.getMessage() for r in caplog.records)
 
 
 # --------------------------------------------------------------------------- environment

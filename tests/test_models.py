@@ -192,7 +192,7 @@ def test_attention_products_are_counted_apart(name, blocks, width):
     """Attention's Q K^T and weights x V are no layer, so the BitOPs count (linear layers, as
     the paper) leaves them out: 2 x T^2 x width per block with T = 64 patches + the class token
     at 32x32; for vit-cifar 26.0 M MACs, 4.2% beside its 615 M in linear layers."""
-    from compression.lowbit import attention_macs
+    from compression.attention_macs import attention_macs
 
     model = build_model(name, in_channels=3, num_classes=10, image_size=32)
     assert attention_macs(model, (3, 32, 32)) == blocks * 2 * 65 * 65 * width

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import itertools
 import json
 import shlex
@@ -51,8 +50,8 @@ from clients.lbi_agent import (
     STATE_SPEC,
     BitWidthAgent,
     QNetwork,
+    lowbit_code_hash,
 )
-from compression import lowbit
 from compression.lowbit import INT8
 from core.seeding import derive_seed
 from tools.lbi_agent.environment import (
@@ -471,7 +470,7 @@ def agent_metadata(
             "changed": "time step of the last raise, -1 if never",
         },
         "environment": {**asdict(envs[0].cfg), "seed": [env.cfg.seed for env in envs]},
-        "lowbit_sha256": hashlib.sha256(Path(lowbit.__file__).read_bytes()).hexdigest(),
+        "lowbit_sha256": lowbit_code_hash(),
         "training": {
             "teacher_episodes": args.teacher_episodes,
             "dqn_episodes": args.dqn_episodes,
