@@ -276,12 +276,11 @@ def mse_clip(rows: torch.Tensor, bits: int, rounding: str = "stochastic") -> tor
     candidates = low.unsqueeze(1) + (high - low).unsqueeze(1) * fractions
     errors = summary.error(candidates, bits, rounding)
     spacing = (high - low) / (candidates_count - 1)
-    best_index = errors.argmin(1)
-    best_clip = candidates.gather(1, best_index.unsqueeze(1)).squeeze(1)
-    best_error = errors.gather(1, best_index.unsqueeze(1)).squeeze(1)
-    for rank in range(min(cells, candidates_count)):
-        index = errors.topk(rank + 1, dim=1, largest=False).indices[:, rank]
-        chosen = candidates.gather(1, index.unsqueeze(1)).squeeze(1)
+    ranked = errors.topk(min(cells, candidates_count), dim=1, largest=False).indices
+    best_clip = candidates.gather(1, ranked[:, :1]).squeeze(1)
+    best_error = errors.gather(1, ranked[:, :1]).squeeze(1)
+    for rank in range(ranked.shape[1]):
+        chosen = candidates.gather(1, ranked[:, rank : rank + 1]).squeeze(1)
         left = torch.maximum(chosen - spacing, low)
         right = torch.minimum(chosen + spacing, high)
         clip, error = _golden(summary, left, right, bits, rounding)

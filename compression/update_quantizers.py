@@ -148,6 +148,11 @@ class QSGDMessage:
     norms: np.ndarray
 
 
+def effective_bucket(bucket: int, count: int) -> int:
+    """The bucket QSGD uses for ``count`` values: one past the vector's end is the whole vector."""
+    return min(bucket, max(count, 1))
+
+
 def quantize_qsgd(
     flat: np.ndarray, levels: int, bucket: int, generator: torch.Generator
 ) -> QSGDMessage:
@@ -155,7 +160,7 @@ def quantize_qsgd(
     qsgd_bits(levels)
     x = torch.from_numpy(np.asarray(flat, dtype=np.float32).reshape(-1))
     count = x.numel()
-    bucket = min(bucket, max(count, 1))  # a bucket past the vector's end is the whole vector
+    bucket = effective_bucket(bucket, count)
     buckets = -(-count // bucket)
     padded = torch.zeros(buckets * bucket, dtype=torch.float32)
     padded[:count] = x
@@ -174,7 +179,7 @@ def dequantize_qsgd(message: QSGDMessage, levels: int, bucket: int) -> np.ndarra
     count = message.signs.size
     sign = message.signs.astype(np.float32) * 2.0 - 1.0
     mags = message.magnitudes.astype(np.float32)
-    per_scalar = np.repeat(message.norms, min(bucket, max(count, 1)))[:count]
+    per_scalar = np.repeat(message.norms, effective_bucket(bucket, count))[:count]
     return (sign * mags * (per_scalar / np.float32(levels))).astype(np.float32)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.common import Scalar
@@ -107,10 +108,12 @@ def mean_metric(updates: Sequence[ClientUpdate], key: str) -> float:
     return sum(v * n for v, n in pairs) / total
 
 
-def lower_median(values: Sequence[float]) -> float:
-    """The lower median: with two values the smaller, so one hostile value never sets it."""
-    ordered = sorted(values)
-    return float(ordered[(len(ordered) - 1) // 2])
+def lower_median(values: Sequence[float] | np.ndarray) -> Any:
+    """The lower median along axis 0 (a float for a sequence, one per column for a matrix):
+    with two values the smaller, so one hostile value never sets it."""
+    ordered = np.sort(np.asarray(values, dtype=np.float64), axis=0)
+    middle = ordered[(ordered.shape[0] - 1) // 2]
+    return float(middle) if middle.ndim == 0 else middle
 
 
 def norms_of(deltas: Sequence[np.ndarray]) -> np.ndarray:

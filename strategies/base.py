@@ -879,9 +879,7 @@ class CommunicationStrategy(Strategy):
         version did not write is "not recorded" (its method default, else NaN)."""
         columns = self.results.columns if self.results is not None else ()
         migrated = []
-        for row in rows:
-            if not isinstance(row, dict) or "round" not in row:
-                raise ValueError("a recorded round is not a row of rounds.csv")
+        for row in rows:  # rows are mappings with a round (``RunProgress.from_meta`` checked)
             filled = {c: self.round_columns.get(c, math.nan) for c in columns if c not in row}
             migrated.append({**row, **filled})
         return migrated

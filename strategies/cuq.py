@@ -34,7 +34,7 @@ from core.config import RunConfig
 from core.seeding import torch_generator
 from core.settings import ConfigError, Settings
 from core.wire_state import quantized_split
-from strategies.aggregation import example_shares, gather_flat, place_flat
+from strategies.aggregation import example_shares, gather_flat, lower_median, place_flat
 from strategies.base import ClientReply, ClientUpdate, CommunicationStrategy
 
 #: salt of the server's downlink rounding seed (clients use their own derived seeds).
@@ -46,9 +46,7 @@ def capped_weights(weights: np.ndarray, cap: float) -> np.ndarray:
     lowered to it, columns renormalised to 1; ``cap`` 0: unchanged."""
     if cap <= 0:
         return weights
-    ordered = np.sort(weights, axis=0)
-    lower_median = ordered[(weights.shape[0] - 1) // 2]
-    bounded = np.minimum(weights, cap * lower_median[None, :])
+    bounded = np.minimum(weights, cap * lower_median(weights)[None, :])
     return bounded / bounded.sum(axis=0, keepdims=True)
 
 
